@@ -1,0 +1,1 @@
+"""c8: a behavioural-monitoring sensor for Linux hosts and containers."""
