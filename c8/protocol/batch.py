@@ -48,16 +48,21 @@ def unpack(frames: list) -> tuple[dict, np.ndarray | None]:
     return header, array
 
 
-def encode_columns(category: str, array: np.ndarray, **extra: Any) -> bytes:
-    """One columnar message for a client: column name -> typed buffer."""
+def columns(category: str, array: np.ndarray, **extra: Any) -> dict:
+    """A batch as a msgpack-able map: column name -> typed buffer, plus types."""
     cols = {}
     types = {}
     for name in array.dtype.names:
         col = np.ascontiguousarray(array[name])
         cols[name] = col.tobytes()
         types[name] = col.dtype.str
-    return msgpack.packb({"type": "batch", "category": category, "n": len(array),
-                          "columns": cols, "dtypes": types, **extra}, use_bin_type=True)
+    return {"type": "batch", "category": category, "n": len(array),
+            "columns": cols, "dtypes": types, **extra}
+
+
+def encode_columns(category: str, array: np.ndarray, **extra: Any) -> bytes:
+    """One columnar message for a client."""
+    return msgpack.packb(columns(category, array, **extra), use_bin_type=True)
 
 
 def decode_columns(msg: dict) -> np.ndarray:

@@ -1,0 +1,278 @@
+"""Which kernel sources feed which event category, and how raw arrays become events.
+
+A *source* (INTERNALS.md) writes raw records; a *builder* turns one raw array
+(sample header + source fields) into schema arrays, with column assignments
+only. The broker asks the collectors for the sources of the categories that
+live subscriptions want, and pushes filters using each source's field map.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from c8 import schema
+from c8.broker import sockaddr
+
+CLONE_THREAD = 0x00010000
+
+# x86_64 syscall numbers of the calls the eBPF families report.
+NR = {
+    "open": 2, "creat": 85, "openat": 257, "openat2": 437,
+    "rename": 82, "renameat": 264, "renameat2": 316, "link": 86, "linkat": 265,
+    "symlink": 88, "symlinkat": 266, "unlink": 87, "unlinkat": 263, "rmdir": 84,
+    "mkdir": 83, "mkdirat": 258, "mknod": 133, "mknodat": 259,
+    "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
+    "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260,
+    "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45, "sendmsg": 46,
+    "recvmsg": 47, "bind": 49, "listen": 50, "accept4": 288, "recvmmsg": 299,
+    "sendmmsg": 307,
+}
+
+FILE_KIND_BY_NR = {
+    **{NR[n]: "DELETE" for n in ("unlink", "unlinkat", "rmdir")},
+    **{NR[n]: "CREATE" for n in ("mkdir", "mkdirat", "mknod", "mknodat")},
+    **{NR[n]: "ATTRIBUTE_CHANGE" for n in ("chmod", "fchmod", "fchmodat", "fchmodat2",
+                                           "chown", "fchown", "lchown", "fchownat")},
+    **{NR[n]: "RENAME" for n in ("rename", "renameat", "renameat2")},
+    **{NR[n]: "LINK" for n in ("link", "linkat")},
+    **{NR[n]: "SYMLINK" for n in ("symlink", "symlinkat")},
+}
+
+NET_KIND_BY_NR = {
+    NR["connect"]: "CONNECT", NR["bind"]: "BIND", NR["listen"]: "LISTEN",
+    NR["accept"]: "ACCEPT", NR["accept4"]: "ACCEPT",
+    NR["sendto"]: "SENDTO", NR["sendmsg"]: "SENDTO", NR["sendmmsg"]: "SENDTO",
+    NR["recvfrom"]: "RECVFROM", NR["recvmsg"]: "RECVFROM", NR["recvmmsg"]: "RECVFROM",
+}
+
+Built = list[tuple[str, np.ndarray]]
+
+
+@dataclass
+class Source:
+    """One kernel source: what it feeds and how its fields map for pushdown."""
+
+    name: str
+    build: Callable[[np.ndarray], Built]
+    # schema field -> tracepoint field, for PERF_EVENT_IOC_SET_FILTER pushdown
+    kernel_fields: dict[str, str] = field(default_factory=dict)
+    # the eBPF family whose string filter the broker configures (bpf sources)
+    bpf_family: str | None = None
+
+
+def base(category: str, raw: np.ndarray, kind: str | np.ndarray) -> np.ndarray:
+    """A schema batch with the sample header copied from a raw array."""
+    out = schema.empty(category, len(raw))
+    out["sensor_monotime_nanos"] = raw["time"]
+    out["cpu"] = raw["cpu"]
+    out["process_pid"] = raw["pid"]
+    out["process_tid"] = raw["tid"]
+    out["kind"] = schema.kind_code(category, kind) if isinstance(kind, str) else kind
+    if raw.dtype.names and "uid" in raw.dtype.names:
+        out["uid"] = raw["uid"]
+        out["gid"] = raw["gid"]
+    return out
+
+
+def split_exit_code(code: np.ndarray, out: np.ndarray, prefix: str = "exit_") -> None:
+    """Raw wait status -> status, signal, core flag (as waitpid(2) decodes it)."""
+    code = code.astype(np.int32)
+    sig = code & 0x7F
+    out[prefix + "code"] = code
+    out[prefix + "signal"] = sig
+    out[prefix + "status"] = np.where(sig == 0, (code >> 8) & 0xFF, 0)
+    if prefix + "core_dumped" in out.dtype.names:
+        out[prefix + "core_dumped"] = (code & 0x80) != 0
+
+
+# -- process -------------------------------------------------------------------
+def build_newtask(raw: np.ndarray) -> Built:
+    out = base("process", raw, "FORK")
+    out["fork_child_pid"] = raw["pid_field"] if "pid_field" in raw.dtype.names else raw["child_pid"]
+    out["fork_clone_flags"] = raw["clone_flags"]
+    out["fork_is_thread"] = (raw["clone_flags"] & CLONE_THREAD) != 0
+    return [("process", out)]
+
+
+def build_exec_bpf(raw: np.ndarray) -> Built:
+    ok = raw[raw["ret"] == 0]
+    out = base("process", ok, "EXEC")
+    out["exec_filename"] = ok["filename"]
+    out["exec_command_line"] = ok["argv"]
+    return [("process", out)]
+
+
+def build_exec_tp(raw: np.ndarray) -> Built:
+    out = base("process", raw, "EXEC")
+    out["exec_filename"] = raw["filename"]
+    return [("process", out)]
+
+
+def build_exit_bpf(raw: np.ndarray) -> Built:
+    whole = raw[raw["group_dead"] != 0]
+    out = base("process", whole, "EXIT")
+    split_exit_code(whole["exit_code"], out)
+    return [("process", out)]
+
+
+def build_exit_tp(raw: np.ndarray) -> Built:
+    whole = raw[raw["group_dead"] != 0] if "group_dead" in raw.dtype.names else raw
+    out = base("process", whole, "EXIT")
+    out["exit_code"] = -1  # unknown without the eBPF exit program
+    out["exit_status"] = -1
+    out["exit_signal"] = -1
+    return [("process", out)]
+
+
+# -- syscall -------------------------------------------------------------------
+def build_sys_enter(raw: np.ndarray) -> Built:
+    out = base("syscall", raw, "ENTER")
+    out["id"] = raw["id"]
+    args = raw["args"]
+    for i in range(6):
+        out[f"arg{i}"] = args[:, i]
+    return [("syscall", out)]
+
+
+def build_sys_exit(raw: np.ndarray) -> Built:
+    out = base("syscall", raw, "EXIT")
+    out["id"] = raw["id"]
+    out["ret"] = raw["ret"]
+    return [("syscall", out)]
+
+
+# -- file ----------------------------------------------------------------------
+def build_open(raw: np.ndarray) -> Built:
+    out = base("file", raw, "OPEN")
+    out["filename"] = raw["filename"]
+    out["open_flags"] = raw["flags"]
+    out["open_mode"] = raw["mode"]
+    out["syscall"] = raw["syscall"]
+    out["ret"] = raw["ret"]
+    return [("file", out)]
+
+
+def _kinds_by_nr(nrs: np.ndarray, table: dict[int, str], category: str) -> np.ndarray:
+    kinds = np.zeros(len(nrs), np.uint8)
+    for nr, name in table.items():
+        kinds[nrs == nr] = schema.kind_code(category, name)
+    return kinds
+
+
+def build_file1(raw: np.ndarray) -> Built:
+    kinds = _kinds_by_nr(raw["syscall"], FILE_KIND_BY_NR, "file")
+    raw, kinds = raw[kinds != 0], kinds[kinds != 0]
+    out = base("file", raw, kinds)
+    out["filename"] = raw["filename"]
+    out["open_mode"] = raw["mode"]
+    out["owner_uid"] = raw["owner_uid"]
+    out["owner_gid"] = raw["owner_gid"]
+    out["syscall"] = raw["syscall"]
+    out["ret"] = raw["ret"]
+    return [("file", out)]
+
+
+def build_file2(raw: np.ndarray) -> Built:
+    kinds = _kinds_by_nr(raw["syscall"], FILE_KIND_BY_NR, "file")
+    raw, kinds = raw[kinds != 0], kinds[kinds != 0]
+    out = base("file", raw, kinds)
+    out["oldname"] = raw["oldname"]
+    out["newname"] = raw["newname"]
+    out["filename"] = raw["newname"]  # the path the operation made, for globs
+    out["syscall"] = raw["syscall"]
+    out["ret"] = raw["ret"]
+    return [("file", out)]
+
+
+# -- network -------------------------------------------------------------------
+def build_sock(raw: np.ndarray) -> Built:
+    """One record per call: an ATTEMPT (at enter time) and a RESULT (at exit)."""
+    op = np.zeros(len(raw), np.uint8)
+    for nr, name in NET_KIND_BY_NR.items():
+        op[raw["syscall"] == nr] = schema.kind_code("network", name + "_ATTEMPT")
+    raw, op = raw[op != 0], op[op != 0]
+    attempt = base("network", raw, op)
+    if "enter_time" in raw.dtype.names:
+        attempt["sensor_monotime_nanos"] = np.where(raw["enter_time"] > 0, raw["enter_time"], raw["time"] - 1)
+    else:
+        attempt["sensor_monotime_nanos"] = raw["time"] - 1
+    attempt["fd"] = raw["fd"]
+    attempt["backlog"] = raw["backlog"]
+    attempt["syscall"] = raw["syscall"]
+    fam, addr, port, port_raw = sockaddr.decode(raw["addr"], raw["addrlen"])
+    attempt["family"] = fam
+    attempt["address"] = addr
+    attempt["port"] = port
+    attempt["port_raw"] = port_raw
+    result = attempt.copy()
+    result["kind"] = op + 1  # *_RESULT follows its *_ATTEMPT in KINDS
+    result["sensor_monotime_nanos"] = raw["time"]
+    result["ret"] = raw["ret"]
+    # accept reports the peer only when it returns; its ATTEMPT carries no address
+    acc = np.isin(raw["syscall"], (NR["accept"], NR["accept4"]))
+    attempt["address"][acc] = b""
+    attempt["port"][acc] = 0
+    attempt["port_raw"][acc] = 0
+    attempt["family"][acc] = 0
+    return [("network", attempt), ("network", result)]
+
+
+# -- container (kernel side; the broker fills identity from ContainerTable) -----
+def build_cgroup(kind: str) -> Callable[[np.ndarray], Built]:
+    def build(raw: np.ndarray) -> Built:
+        # Paths are kept in a side column for the broker's container table.
+        out = base("container", raw, kind)
+        return [("container:" + kind, np.rec.fromarrays([out, raw["path"]], names=["event", "path"]))]
+    return build
+
+
+SOURCES: dict[str, Source] = {
+    "task:task_newtask": Source("task:task_newtask", build_newtask),
+    "bpf:exec": Source("bpf:exec", build_exec_bpf, bpf_family="exec"),
+    "bpf:exit": Source("bpf:exit", build_exit_bpf, bpf_family="exit"),
+    "raw_syscalls:sys_enter": Source("raw_syscalls:sys_enter", build_sys_enter,
+                                     {"id": "id", "process_tid": "common_pid"}),
+    "raw_syscalls:sys_exit": Source("raw_syscalls:sys_exit", build_sys_exit,
+                                    {"id": "id", "ret": "ret", "process_tid": "common_pid"}),
+    "bpf:open": Source("bpf:open", build_open, bpf_family="open"),
+    "bpf:file1": Source("bpf:file1", build_file1, bpf_family="file1"),
+    "bpf:file2": Source("bpf:file2", build_file2, bpf_family="file2"),
+    "bpf:sock": Source("bpf:sock", build_sock, bpf_family="sock"),
+    "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_cgroup("CREATED")),
+    "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_cgroup("DESTROYED")),
+}
+
+# Fallbacks when an eBPF family cannot load on this kernel.
+FALLBACK = {
+    "bpf:exec": "sched:sched_process_exec",
+    "bpf:exit": "sched:sched_process_exit",
+}
+SOURCES["sched:sched_process_exec"] = Source("sched:sched_process_exec", build_exec_tp)
+SOURCES["sched:sched_process_exit"] = Source("sched:sched_process_exit", build_exit_tp)
+
+# Process sources run whenever anything is subscribed: they keep the process table.
+PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit")
+CONTAINER_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir")
+
+
+def sources_for(category: str, kinds: set[str] | None = None) -> list[str]:
+    """The sources a subscription to a category needs (kinds narrow syscalls)."""
+    if category == "process":
+        return list(PROCESS_SOURCES)
+    if category == "syscall":
+        kinds = kinds or {"ENTER", "EXIT"}
+        return [s for k, s in (("ENTER", "raw_syscalls:sys_enter"), ("EXIT", "raw_syscalls:sys_exit")) if k in kinds]
+    if category == "file":
+        return ["bpf:open", "bpf:file1", "bpf:file2"]
+    if category == "network":
+        return ["bpf:sock"]
+    if category == "container":
+        return list(CONTAINER_SOURCES) + list(PROCESS_SOURCES)
+    return []
+
+
+AF_NAMES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}

@@ -1,0 +1,395 @@
+"""The container table: which container each pid runs in, and what it is.
+
+cgroup path -> (runtime, id) -> small index -> (id, name, image id, image name,
+runtime). Events carry the index (0 = host); batch headers carry ``table()``.
+Identity comes from /proc/<pid>/cgroup and from cgroup_mkdir/rmdir paths;
+names and images from the runtimes' own metadata (``c8.broker.runtimes``),
+retried by ``refresh()`` while a runtime has not written it yet.
+
+Only components holding a 64-hex id count as containers, so /user.slice or
+/process_api/<32 hex> never do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .runtimes import Metadata, Roots
+from .runtimes.discovery import discover
+from .runtimes.docker import read_docker, read_docker_api
+from .runtimes.oci import read_containerd, read_crun, read_runc
+from .runtimes.storage import read_storage
+
+# [prefix-]<64 hex>[.scope]; the lazy prefix lets "libpod-conmon-<id>" be seen whole
+_COMPONENT = re.compile(r"^(?:(?P<prefix>[a-z][a-z0-9_.-]*?)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?$")
+_PREFIX_RUNTIME = {"docker": "docker", "libpod": "podman", "cri-containerd": "containerd",
+                   "crio": "cri-o"}
+# monitors that sit beside a container in a cgroup named for it, not inside it
+_NOT_CONTAINER = {"libpod-conmon", "crio-conmon"}
+
+HOST_ROW = ("", "", "", "", "")
+
+
+def _path_of(line: str) -> str:
+    """The path of a /proc/<pid>/cgroup line ("4:memory:/docker/<id>"), or ``line``."""
+    if not line.startswith("/") and line.count(":") >= 2:
+        return line.split(":", 2)[2]
+    return line
+
+
+def _parse(path: str, leaf: bool) -> tuple[str, str] | None:
+    parts = [p for p in _path_of(path.strip()).split("/") if p]
+    positions = [len(parts) - 1] if leaf else range(len(parts) - 1, -1, -1)
+    for i in positions:
+        if i < 0:
+            break
+        m = _COMPONENT.match(parts[i])
+        if not m:
+            continue
+        prefix, cid = m.group("prefix"), m.group("id")
+        if prefix in _NOT_CONTAINER:
+            return None
+        if prefix:
+            return _PREFIX_RUNTIME.get(prefix, "unknown"), cid
+        parents = parts[:i]
+        if parents and parents[-1] == "docker":
+            return "docker", cid
+        if any(p.startswith("kubepods") for p in parents):
+            return "kubernetes", cid  # cgroupfs driver: the runtime is in the metadata
+        if not parents:
+            return "runc", cid  # runc/crun without cgroupsPath: /<id>
+        if len(parents) == 1:
+            return "containerd", cid  # /<namespace>/<id>
+        return "unknown", cid
+    return None
+
+
+def parse_cgroup_path(path: str) -> tuple[str, str] | None:
+    """(runtime, container_id) from a cgroup path or a /proc/<pid>/cgroup line.
+
+    The innermost component holding a 64-hex id names the container (docker in
+    docker gives the inner one). Runtime from the prefix (docker-, libpod-,
+    cri-containerd-, crio-) or the parent (/docker/<id>; kubepods ->
+    "kubernetes"; /<id> -> "runc"; /<ns>/<id> -> "containerd"). Conmon cgroups
+    and paths without such an id give None.
+    """
+    return _parse(path, leaf=False)
+
+
+def container_of_pid(pid: int, proc: str = "/proc") -> tuple[str, str] | None:
+    """(runtime, container_id) of a process from any line of /proc/<pid>/cgroup;
+    None on the host or when the process is gone."""
+    try:
+        with open(f"{proc}/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        found = _parse(line, leaf=False)
+        if found:
+            return found
+    return None
+
+
+def _read_ppid(pid: int, proc: str) -> int | None:
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data[data.rfind(b")") + 2:].split()[1])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass
+class _Entry:
+    container_id: str
+    runtime: str
+    first_seen: float
+    name: str = ""
+    image_id: str = ""
+    image_name: str = ""
+    enriched: bool = False
+    created_seen: bool = False
+    attached_seen: bool = False
+    destroyed_at: float | None = None
+    init_pid: int = 0
+
+    def row(self) -> tuple[str, str, str, str, str]:
+        return (self.container_id, self.name, self.image_id, self.image_name, self.runtime)
+
+
+Reader = Callable[[Roots, str], Metadata | None]
+
+# which metadata sources to try first for a runtime named by the cgroup path
+_READERS: dict[str, Reader] = {
+    "docker": lambda r, cid: read_docker(r.docker, cid),
+    "docker-api": lambda r, cid: read_docker_api(r.docker_sockets, cid),
+    "storage": lambda r, cid: read_storage(r.storage, cid),
+    "containerd": lambda r, cid: read_containerd(r.containerd, cid),
+    "runc": lambda r, cid: read_runc(r.runc, cid),
+    "crun": lambda r, cid: read_crun(r.crun, cid),
+}
+# a runtime the cgroup path names for sure is only looked up in its own metadata
+_ORDER = {
+    "docker": ("docker", "docker-api"),
+    "podman": ("storage",),
+    "cri-o": ("storage",),
+    "containerd": ("containerd",),
+}
+# the path only guesses at these (a kubepods or /<id> path): try every source
+_ALL = ("runc", "crun", "docker", "docker-api", "containerd", "storage")
+
+
+class ContainerTable:
+    """Known containers, each with a small integer index (0 = host).
+
+    Bounded: at most ``max_entries`` containers; a destroyed one is expired
+    ``expire_after`` seconds after its cgroup went, or sooner when the table
+    is full. Metadata missing at first sight is retried by :meth:`refresh` for
+    ``enrich_for`` seconds. Not thread-safe: the broker's loop owns it.
+    """
+
+    def __init__(self, proc: str = "/proc", roots: Roots | None = None, *,
+                 discover_roots: bool = True, max_entries: int = 4096,
+                 expire_after: float = 60.0, enrich_for: float = 120.0,
+                 rediscover_every: float = 5.0, max_pids: int = 1 << 16,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.proc = proc
+        self.roots = roots if roots is not None else Roots()
+        self.discover_roots = discover_roots
+        self.max_entries = max_entries
+        self.expire_after = expire_after
+        self.enrich_for = enrich_for
+        self.rediscover_every = rediscover_every
+        self.max_pids = max_pids
+        self.clock = clock
+        self.overflow = 0  # containers refused because the table was full
+        self._entries: dict[int, _Entry] = {}
+        self._by_id: dict[str, int] = {}
+        self._free: list[int] = []
+        self._next = 1
+        self._pids: dict[int, int] = {}
+        self._last_discovery = float("-inf")
+        if discover_roots:
+            self._discover()
+
+    # -- identity --------------------------------------------------------
+
+    def index_of(self, runtime: str, container_id: str) -> int:
+        """Index of a container, created (and enriched) on first sight;
+        0 if the table is full of live containers."""
+        index = self._by_id.get(container_id)
+        if index is not None:
+            return index
+        if len(self._entries) >= self.max_entries:
+            self._expire(force=True)
+            if len(self._entries) >= self.max_entries:
+                self.overflow += 1
+                return 0
+        index = self._free.pop() if self._free else self._allocate()
+        entry = _Entry(container_id, runtime, self.clock())
+        self._entries[index] = entry
+        self._by_id[container_id] = index
+        self._enrich(entry)
+        return index
+
+    def _allocate(self) -> int:
+        index = self._next
+        self._next += 1
+        return index
+
+    def lookup_pid(self, pid: int) -> int:
+        """Container index of a process (0 = host), cached until :meth:`forget_pid`."""
+        index = self._pids.get(pid)
+        if index is not None:
+            return index
+        try:
+            with open(f"{self.proc}/{pid}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return 0  # gone: do not cache, the pid may be reused
+        found = next(filter(None, (_parse(line, leaf=False) for line in lines)), None)
+        index = self.index_of(*found) if found else 0
+        if len(self._pids) >= self.max_pids:
+            self._pids.clear()  # crude bound; entries are re-read on demand
+        self._pids[pid] = index
+        return index
+
+    def lookup_pids(self, pids: np.ndarray) -> np.ndarray:
+        """Vector form of :meth:`lookup_pid`: one lookup per unique pid."""
+        unique, inverse = np.unique(np.asarray(pids), return_inverse=True)
+        indices = np.fromiter((self.lookup_pid(int(p)) for p in unique), dtype=np.uint32,
+                              count=len(unique))
+        return indices[inverse]
+
+    def forget_pid(self, pid: int) -> None:
+        """Drop a pid from the cache (call on its exit)."""
+        self._pids.pop(pid, None)
+
+    def row(self, index: int) -> tuple[str, str, str, str, str]:
+        """(container_id, container_name, image_id, image_name, runtime); empty for 0."""
+        entry = self._entries.get(index)
+        return entry.row() if entry else HOST_ROW
+
+    def table(self, indices: Iterable[int]) -> dict[int, tuple[str, str, str, str, str]]:
+        """Rows of the given indices (for a batch header)."""
+        return {int(i): self.row(int(i)) for i in set(np.asarray(list(indices)).tolist())}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- lifecycle hints -------------------------------------------------
+
+    def on_cgroup_mkdir(self, path: str) -> tuple[int, str, str] | None:
+        """(index, runtime, id) the first time a container's own cgroup is made
+        (one mkdir per hierarchy: the rest give None); None for other cgroups."""
+        found = _parse(path, leaf=True)
+        if not found:
+            return None
+        index = self.index_of(*found)
+        entry = self._entries.get(index)
+        if entry is None:
+            return None
+        if entry.destroyed_at is not None:  # the id lives again: a new life
+            entry.destroyed_at, entry.created_seen, entry.attached_seen = None, False, False
+            entry.init_pid = 0
+        if entry.created_seen:
+            return None
+        entry.created_seen = True
+        return index, entry.runtime, entry.container_id
+
+    def on_cgroup_rmdir(self, path: str) -> tuple[int, str, str] | None:
+        """(index, runtime, id) the first time a container's cgroup is removed
+        (DESTROYED); None for other cgroups and for later hierarchies."""
+        found = _parse(path, leaf=True)
+        if not found:
+            return None
+        index = self.index_of(*found)
+        entry = self._entries.get(index)
+        if entry is None or entry.destroyed_at is not None:
+            return None
+        entry.destroyed_at = self.clock()
+        return index, entry.runtime, entry.container_id
+
+    def on_cgroup_attach(self, path: str, pid: int) -> tuple[int, str, str] | None:
+        """Record that ``pid`` moved into ``path`` (keeps the pid cache right:
+        runc attaches its own process, whose children become the container).
+        (index, runtime, id) the first time a process enters a container."""
+        found = _parse(path, leaf=False)
+        if not found:
+            self._pids[pid] = 0
+            return None
+        index = self.index_of(*found)
+        self._pids[pid] = index
+        entry = self._entries.get(index)
+        if entry is None or entry.attached_seen:
+            return None
+        entry.attached_seen = True
+        return index, entry.runtime, entry.container_id
+
+    def mark_running(self, index: int, pid: int) -> bool:
+        """Note ``pid`` as the container's init (the first exec inside it);
+        True the first time, when the broker should emit RUNNING."""
+        entry = self._entries.get(index)
+        if entry is None or entry.init_pid:
+            return False
+        entry.init_pid = pid
+        return True
+
+    def init_pid(self, index: int) -> int:
+        """Host pid of the container's init, 0 if unknown."""
+        entry = self._entries.get(index)
+        return entry.init_pid if entry else 0
+
+    def init_of(self, pid: int) -> int:
+        """Index of the container whose init is ``pid`` (EXITED on its exit), else 0."""
+        index = self._pids.get(pid, 0)
+        entry = self._entries.get(index)
+        return index if entry is not None and entry.init_pid == pid else 0
+
+    # -- start-up and housekeeping ----------------------------------------
+
+    def scan(self) -> list[int]:
+        """Find the containers running now from every pid's cgroup (so those
+        started before the sensor are known); their init is the member whose
+        parent is outside. Returns their indices."""
+        if self.discover_roots:
+            self._discover()
+        members: dict[int, list[int]] = {}
+        try:
+            pids = [int(n) for n in os.listdir(self.proc) if n.isdigit()]
+        except OSError:
+            return []
+        for pid in pids:
+            self._pids.pop(pid, None)
+            index = self.lookup_pid(pid)
+            if index:
+                members.setdefault(index, []).append(pid)
+        for index, group in members.items():
+            entry = self._entries[index]
+            entry.created_seen = entry.attached_seen = True
+            if not entry.init_pid:
+                inside = set(group)
+                for pid in sorted(group):
+                    ppid = _read_ppid(pid, self.proc)
+                    if ppid is not None and ppid not in inside:
+                        entry.init_pid = pid
+                        break
+        return sorted(members)
+
+    def refresh(self) -> list[int]:
+        """Retry metadata for containers not enriched yet, expire destroyed
+        ones; returns the indices enriched by this call."""
+        now = self.clock()
+        pending = [(i, e) for i, e in self._entries.items()
+                   if not e.enriched and now - e.first_seen < self.enrich_for]
+        if pending and self.discover_roots and now - self._last_discovery >= self.rediscover_every:
+            self._discover()
+        done = [i for i, e in pending if self._enrich(e)]
+        self._expire(force=False)
+        return done
+
+    def _discover(self) -> None:
+        self._last_discovery = self.clock()
+        discover(self.roots, self.proc)
+
+    def _enrich(self, entry: _Entry) -> bool:
+        certain = entry.runtime in _ORDER
+        for source in _ORDER.get(entry.runtime, _ALL):
+            meta = _READERS[source](self.roots, entry.container_id)
+            if meta is None:
+                continue
+            entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name
+            if not certain:
+                entry.runtime = meta.runtime
+            entry.enriched = True
+            return True
+        return False
+
+    def _expire(self, force: bool) -> None:
+        now = self.clock()
+        gone = sorted((e.destroyed_at, i) for i, e in self._entries.items()
+                      if e.destroyed_at is not None)
+        if not force:
+            gone = [(t, i) for t, i in gone if now - t >= self.expire_after]
+        elif gone:
+            gone = gone[: max(1, len(gone) // 4)]  # make room, keep the newest
+        if not gone:
+            return
+        freed = {i for _, i in gone}
+        for index in freed:
+            entry = self._entries.pop(index)
+            del self._by_id[entry.container_id]
+            self._free.append(index)
+        # a freed index will be reused: no pid may still point at it
+        for pid in [p for p, i in self._pids.items() if i in freed]:
+            del self._pids[pid]

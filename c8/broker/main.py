@@ -1,0 +1,397 @@
+"""The broker process: ingest -> build -> merge -> enrich -> filter -> publish.
+
+It owns subscriptions, tells the collectors what to collect (the plan: the
+union of what live subscriptions need), turns raw per-source arrays into
+schema events, orders them across CPUs, stamps identity (process table,
+container table) and publishes each subscription's events on its connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import zmq
+
+from c8 import schema
+from c8.broker import catalog
+from c8.broker.containers import ContainerTable
+from c8.broker.merge import Merger
+from c8.broker.plan import Planner
+from c8.broker.processes import ProcessTable
+from c8.broker.publish import Publisher
+from c8.broker.subscriptions import Subscription, parse_spec
+from c8.protocol import batch as wire
+from c8.protocol import control, errors, paths
+
+log = logging.getLogger("c8.broker")
+
+TICK_SECONDS = 0.005
+PLAN_REPUBLISH_SECONDS = 1.0
+EXIT_LIMITER = 78  # the supervisor stops the sensor with status 1 on this
+
+
+def sensor_id(path: str | None) -> str:
+    """Stable per host: kept in sensor_id_file, else derived from /etc/machine-id."""
+    if path:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+                if value:
+                    return value
+        except OSError:
+            pass
+    try:
+        with open("/etc/machine-id") as f:
+            value = hashlib.sha256(f.read().strip().encode()).hexdigest()
+    except OSError:
+        value = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
+    if path:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(value + "\n")
+        except OSError as exc:
+            log.warning("cannot keep sensor id in %s: %s", path, exc)
+    return value
+
+
+class Broker:
+    def __init__(self, config: dict):
+        self.config = config
+        self.run_dir = paths.run_dir(config.get("run_dir"))
+        self.sensor_id = sensor_id(config.get("sensor_id_file"))
+        self.ctx = zmq.Context.instance()
+        self.processes = ProcessTable()
+        self.containers = ContainerTable()
+        self.merger = Merger(int(float(config.get("merge_holdback", 0.05)) * 1e9))
+        self.planner = Planner(self)
+        self.publisher = Publisher(self)
+        self.subscriptions: dict[str, Subscription] = {}
+        self.collectors: dict[int, dict] = {}  # cpu -> latest stats
+        self.counts = {"received": 0, "published": 0, "lost_kernel": 0, "bad_messages": 0}
+        self.own_pids: set[int] = {os.getpid(), os.getppid()}
+        self.running = True
+        self.exit_status = 0
+        self.limiter = self._make_limiter()
+        self.dormant = False
+
+    # -- set-up -------------------------------------------------------------------
+    def _make_limiter(self):
+        lim = self.config.get("limiter") or {}
+        if not lim.get("enabled"):
+            return None
+        from c8.broker.limiter import EventLimiter
+        return EventLimiter(float(lim.get("events_per_second", 3500)), float(lim.get("duration", 30)),
+                            int(lim.get("max_retries", 3)), float(lim.get("group_request_duration", 1)))
+
+    def bind(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.SNDHWM, int(self.config.get("subscriber_queue", 64)))
+        self.control.setsockopt(zmq.LINGER, 0)
+        self._bind_ipc(self.control, paths.control(self.run_dir), 0o660)
+        self.ingest = self.ctx.socket(zmq.PULL)
+        self.ingest.setsockopt(zmq.RCVHWM, 10000)
+        self.ingest.setsockopt(zmq.LINGER, 0)
+        self._bind_ipc(self.ingest, paths.ingest(self.run_dir), 0o600)
+        self.plan_pub = self.ctx.socket(zmq.PUB)
+        self.plan_pub.setsockopt(zmq.LINGER, 0)
+        self._bind_ipc(self.plan_pub, paths.plan(self.run_dir), 0o600)
+        if self.config.get("listen_tcp"):
+            from c8.broker.remote import bind_tcp
+            bind_tcp(self.control, self.config)
+
+    def _bind_ipc(self, sock: zmq.Socket, path: str, mode: int) -> None:
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket of a dead broker
+        sock.bind(paths.ipc(path))
+        os.chmod(path, mode)
+
+    # -- main loop ------------------------------------------------------------------
+    def run(self) -> int:
+        self.bind()
+        self.processes.seed()
+        try:
+            self.containers.scan()
+        except Exception as exc:  # a runtime's odd metadata must not stop the sensor
+            log.warning("container scan failed: %s", exc)
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.ingest, zmq.POLLIN)
+        next_tick = next_plan = next_second = time.monotonic()
+        while self.running:
+            for sock, _ in poller.poll(int(TICK_SECONDS * 1000)):
+                if sock is self.ingest:
+                    self._drain_ingest()
+                else:
+                    self._drain_control()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_SECONDS
+                self._release(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            if now >= next_plan:
+                next_plan = now + PLAN_REPUBLISH_SECONDS
+                self.planner.publish()
+            if now >= next_second:
+                next_second = now + 1.0
+                self._every_second(now)
+        self._release(time.clock_gettime_ns(time.CLOCK_MONOTONIC), flush=True)
+        self.planner.clear()
+        self.publisher.end_all("sensor stopping")
+        return self.exit_status
+
+    def stop(self, *_args) -> None:
+        self.running = False
+
+    # -- ingest -----------------------------------------------------------------------
+    def _drain_ingest(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.ingest.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._ingest([f.buffer for f in frames])
+            except Exception:
+                self.counts["bad_messages"] += 1
+                log.exception("bad collector message")
+
+    def _ingest(self, frames: list) -> None:
+        header, raw = wire.unpack(frames)
+        kind = header.get("kind")
+        if kind == "samples" and raw is not None and len(raw):
+            self.counts["received"] += len(raw)
+            if self.dormant:
+                return
+            self._build(header["source"], raw)
+        elif kind == "lost":
+            self._lost("kernel", int(header.get("cpu", -1)), int(header["count"]),
+                       int(header.get("time") or time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+        elif kind == "stats":
+            cpu = int(header.get("cpu", -1))
+            self.collectors[cpu] = header
+            if header.get("pid"):
+                self.own_pids.add(int(header["pid"]))
+            self.planner.on_stats(header)
+
+    def _build(self, source: str, raw: np.ndarray) -> None:
+        if source in catalog.CGROUP_SOURCES:
+            for category, out in self._container_cgroup(source, raw):
+                self.merger.add(category, out)
+            return
+        src = catalog.SOURCES.get(source) or self.planner.probe_source(source)
+        if src is None:
+            return
+        for category, out in src.build(raw):
+            self.merger.add(category, out)
+
+    def _lost(self, source: str, cpu: int, count: int, when: int) -> None:
+        self.counts["lost_kernel" if source == "kernel" else "lost_" + source] = (
+            self.counts.get("lost_" + source, 0) + count)
+        out = schema.empty("lost", 1)
+        out["kind"] = 1
+        out["cpu"] = max(cpu, 0)
+        out["sensor_monotime_nanos"] = when
+        out["source"] = source.encode()
+        out["count"] = count
+        self.merger.add("lost", out)
+
+    # -- containers ---------------------------------------------------------------------
+    def _container_cgroup(self, source: str, raw: np.ndarray):
+        """CREATED / DESTROYED from cgroup mkdir/rmdir of a container's cgroup."""
+        created = source == "cgroup:cgroup_mkdir"
+        rows = []
+        for i, path in enumerate(raw["path"].tolist()):
+            hit = (self.containers.on_cgroup_mkdir if created else self.containers.on_cgroup_rmdir)(
+                path.decode(errors="replace"))
+            if hit is not None:
+                rows.append((i, hit))
+        if not rows:
+            return []
+        out = schema.empty("container", len(rows))
+        idx = np.array([i for i, _ in rows])
+        sub = raw[idx]
+        out["sensor_monotime_nanos"] = sub["time"]
+        out["cpu"] = sub["cpu"]
+        out["process_pid"] = sub["pid"]
+        out["process_tid"] = sub["tid"]
+        out["kind"] = schema.kind_code("container", "CREATED" if created else "DESTROYED")
+        out["container"] = [hit[0] for _, hit in rows]
+        out["runtime"] = [hit[1].encode() for _, hit in rows]
+        return [("container", out)]
+
+    # -- release: the per-window pipeline ----------------------------------------------
+    def _release(self, now_ns: int, flush: bool = False) -> None:
+        window = self.merger.release(now_ns, flush)
+        if not window:
+            return
+        proc = window.get("process")
+        if proc is not None:
+            extra = self.planner.track_processes(proc)
+            if extra is not None and len(extra):
+                window["container"] = (np.concatenate([window["container"], extra])
+                                       if "container" in window else extra)
+        for category, batch in list(window.items()):
+            if category not in ("lost", "limiter"):
+                if category != "container":
+                    batch["container"] = self.planner.container_indices(batch)
+                self.processes.fill(batch)
+                keep = ~np.isin(batch["process_pid"], np.fromiter(self.own_pids, np.int32))
+                if not keep.all():
+                    window[category] = batch = batch[keep]
+        total = sum(len(b) for c, b in window.items() if c not in ("lost", "limiter"))
+        if self.limiter is not None:
+            self.limiter.count(total)
+        self.counts["published"] += total
+        self.publisher.publish(window)
+        self.processes.end_window()
+
+    # -- control ----------------------------------------------------------------------------
+    def _drain_control(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        peer = frames[0]
+        # REQ clients put an empty delimiter frame before the payload; DEALERs don't.
+        envelope = [peer, b""] if len(frames) >= 3 and frames[1] == b"" else [peer]
+        payload = frames[len(envelope)] if len(frames) > len(envelope) else b""
+        req_id = None
+        try:
+            req = control.parse_request(payload)
+            req_id = req["id"]
+            reply = self._command(peer, req)
+        except errors.ProtocolError as exc:
+            reply = control.error(req_id, exc.code, exc.reason)
+        except Exception as exc:
+            log.exception("control request failed")
+            reply = control.error(req_id, errors.INTERNAL, f"internal error: {type(exc).__name__}")
+        self.publisher.send(envelope, reply)
+
+    def _command(self, peer: bytes, req: dict) -> bytes:
+        cmd, props, rid = req["command"], req["properties"], req["id"]
+        if cmd == "subscribe":
+            sub = parse_spec(props, peer, self.planner.validate_probe)
+            self.subscriptions[sub.sub_id] = sub
+            self.planner.update()
+            log.info("subscription %s from %s: %s", sub.sub_id, peer.hex(), json.dumps(props, default=str))
+            return control.ok(rid, type="reply", subscription=sub.sub_id, sensor_id=self.sensor_id,
+                              wire_version=schema.WIRE_VERSION)
+        if cmd == "unsubscribe":
+            sid = props.get("subscription")
+            if sid not in self.subscriptions:
+                raise errors.ProtocolError(errors.NO_SUCH_SUBSCRIPTION, f"no subscription {sid!r}")
+            self.end_subscription(sid, "unsubscribed", notify=True)
+            return control.ok(rid, type="reply", subscription=sid)
+        if cmd == "list":
+            return control.ok(rid, type="reply", subscriptions=[s.describe() for s in self.subscriptions.values()])
+        if cmd == "status":
+            return control.ok(rid, type="reply", **self.status())
+        if cmd == "probes":
+            return control.ok(rid, type="reply", probes=self.planner.probe_status())
+        if cmd == "heartbeat":
+            return control.ok(rid, type="reply")
+        raise errors.ProtocolError(errors.UNKNOWN_COMMAND, cmd)
+
+    def end_subscription(self, sid: str, reason: str, notify: bool = False) -> None:
+        sub = self.subscriptions.pop(sid, None)
+        if sub is None:
+            return
+        if notify:
+            self.publisher.send([sub.peer], msgpack.packb({"type": "end", "subscription": sid, "reason": reason}))
+        log.info("subscription %s ended: %s", sid, reason)
+        self.planner.update()
+
+    def status(self) -> dict:
+        sup = {}
+        try:
+            with open(paths.supervisor_status(self.run_dir)) as f:
+                sup = json.load(f)
+        except (OSError, ValueError):
+            pass
+        return {
+            "sensor_id": self.sensor_id,
+            "broker_pid": os.getpid(),
+            "supervisor": sup,
+            "subscriptions": [s.describe() for s in self.subscriptions.values()],
+            "plan": self.planner.plan,
+            "collectors": {str(cpu): {k: v for k, v in st.items() if k != "kind"} for cpu, st in self.collectors.items()},
+            "counts": dict(self.counts, late=self.merger.late),
+            "processes": len(self.processes.by_pid),
+            "dormant": self.dormant,
+        }
+
+    # -- periodic -----------------------------------------------------------------------------
+    def _every_second(self, now: float) -> None:
+        self.publisher.tick()
+        self._refresh_own_pids()
+        try:
+            self.containers.refresh()
+        except Exception as exc:
+            log.warning("container refresh failed: %s", exc)
+        if self.limiter is not None:
+            self._limiter_poll()
+
+    def _refresh_own_pids(self) -> None:
+        try:
+            with open(paths.supervisor_status(self.run_dir)) as f:
+                sup = json.load(f)
+        except (OSError, ValueError):
+            return
+        pids = {int(c["pid"]) for c in sup.get("children", []) if c.get("pid")}
+        if sup.get("pid"):
+            pids.add(int(sup["pid"]))
+        self.own_pids |= pids
+
+    def _limiter_poll(self) -> None:
+        t = self.limiter.poll()
+        if t is None:
+            return
+        name = t.kind if hasattr(t, "kind") else str(t)
+        dormancy = float(getattr(t, "dormancy", 0) or 0)
+        out = schema.empty("limiter", 1)
+        out["kind"] = schema.kind_code("limiter", name)
+        out["sensor_monotime_nanos"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out["dormancy_nanos"] = int(dormancy * 1e9)
+        out["trips"] = int(getattr(t, "trips", 0) or 0)
+        if name == "TRIPPED":
+            log.warning("event limiter tripped: collection dormant for %.0fs", dormancy)
+            self.dormant = True
+        elif name == "RESUMED":
+            log.warning("event limiter: collection resumes")
+            self.dormant = False
+        elif name == "EXITING":
+            log.error("event limiter tripped after max_retries dormancies: the sensor exits")
+            self.exit_status = EXIT_LIMITER
+            self.running = False
+        self.planner.update()
+        self.merger.add("limiter", out)
+
+
+def run(config: dict) -> None:
+    """Entry point of the c8-broker child process."""
+    try:
+        from setproctitle import setproctitle
+        setproctitle("c8-broker")
+    except ImportError:
+        pass
+    logging.basicConfig(level=config.get("log_level", "INFO").upper() if isinstance(config.get("log_level"), str) else "INFO",
+                        format="%(asctime)s c8-broker %(levelname)s %(message)s", stream=sys.stderr)
+    broker = Broker(config)
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    sys.exit(broker.run())

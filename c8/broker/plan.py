@@ -1,0 +1,270 @@
+"""The probe plan: what the collectors must collect for the live subscriptions.
+
+Sources are the union of what subscriptions need (reference counting is
+recomputing that union on every change: with no subscription the plan is
+empty and every perf event is closed). Filters are pushed down as the OR of
+the subscriptions' filters that the kernel can express; the broker still
+evaluates every full expression, so pushdown only removes unwanted events.
+It also keeps the process and container tables in step with process events.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import msgpack
+import numpy as np
+
+from c8 import expr, schema
+from c8.broker import catalog
+from c8.protocol import errors
+
+log = logging.getLogger("c8.broker.plan")
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+class Planner:
+    def __init__(self, broker):
+        self.broker = broker
+        self.generation = 0
+        self.plan: dict = {"generation": 0, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {}}
+        self.failed_bpf: dict[str, str] = {}      # family -> error, from collector cpu0's stats
+        self.filter_errors: dict[str, str] = {}   # source -> kernel's refusal
+        self.probe_sources: dict[str, catalog.Source] = {}
+        self.probe_errors: dict[str, str] = {}
+        self.running_containers: dict[int, int] = {}  # container index -> host pid of init
+
+    # -- computing the plan -----------------------------------------------------------------
+    def update(self) -> None:
+        subs = list(self.broker.subscriptions.values())
+        wanted: dict[str, list] = {}  # source -> expression nodes (None = everything)
+        probes: dict[str, str] = {}
+        for sub in subs:
+            for category, filters in sub.categories.items():
+                for cf in filters:
+                    if cf.probe is not None:
+                        d = cf.probe["definition"]
+                        probes[d.name] = d.line
+                        wanted.setdefault(d.source, []).append(cf.node)
+                        continue
+                    for src in catalog.sources_for(category, cf.kinds):
+                        # process sources feed the tables: never filter them
+                        node = None if src in catalog.PROCESS_SOURCES else cf.node
+                        wanted.setdefault(src, []).append(node)
+        if subs:
+            for src in catalog.PROCESS_SOURCES:
+                wanted.setdefault(src, []).append(None)
+        tracepoints: dict[str, dict] = {}
+        bpf: dict[str, dict] = {}
+        ignore = sorted(self.broker.own_pids)
+        for src, nodes in wanted.items():
+            src = self._fallback(src)
+            source = catalog.SOURCES.get(src)
+            if src.startswith("bpf:"):
+                family = src[4:]
+                flt: dict = {"ignore_tgids": ignore}
+                if source is not None and family in ("open", "file1", "file2"):
+                    bound = self._string_bound(nodes)
+                    if bound:
+                        flt.update(bound)
+                bpf[family] = {"filter": flt}
+            else:
+                fmap = source.kernel_fields if source else {}
+                kf = None
+                if fmap and all(n is not None for n in nodes) and src not in self.filter_errors:
+                    try:
+                        kf = expr.kernel_filter_any(nodes, fmap)
+                    except Exception as exc:
+                        log.warning("no kernel filter for %s: %s", src, exc)
+                tracepoints[src] = {"filter": kf}
+        plan = {"enabled": bool(subs) and not self.broker.dormant, "tracepoints": tracepoints,
+                "probes": probes, "bpf": bpf}
+        if {k: v for k, v in self.plan.items() if k != "generation"} != plan:
+            self.generation += 1
+            self.plan = dict(plan, generation=self.generation)
+            log.info("plan %d: %s", self.generation, sorted(tracepoints) + ["bpf:" + f for f in bpf])
+            self.publish()
+
+    def _string_bound(self, nodes: list) -> dict | None:
+        """eBPF prefix/exact filter covering every subscription's filename filter."""
+        prefixes: set[str] = set()
+        exact: set[str] = set()
+        for node in nodes:
+            if node is None:
+                return None
+            bound = expr.prefix_filter(node, "filename")
+            if bound is None:
+                return None
+            prefixes.update(bound.get("prefixes", []))
+            exact.update(bound.get("exact", []))
+        if len(prefixes) + len(exact) > 8:
+            return None  # more than the program's slots: collect everything
+        return {"prefixes": sorted(prefixes), "exact": sorted(exact)}
+
+    def _fallback(self, src: str) -> str:
+        family = src[4:] if src.startswith("bpf:") else None
+        if family and family in self.failed_bpf and src in catalog.FALLBACK:
+            return catalog.FALLBACK[src]
+        return src
+
+    def publish(self) -> None:
+        self.broker.plan_pub.send(msgpack.packb(self.plan))
+
+    def clear(self) -> None:
+        self.generation += 1
+        self.plan = {"generation": self.generation, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {}}
+        self.publish()
+
+    def on_stats(self, stats: dict) -> None:
+        changed = False
+        for family, st in (stats.get("bpf") or {}).items():
+            if isinstance(st, dict) and st.get("error") and family not in self.failed_bpf:
+                log.error("eBPF family %s failed on cpu %s: %s", family, stats.get("cpu"), st["error"])
+                self.failed_bpf[family] = st["error"]
+                changed = True
+        for src, st in (stats.get("filters") or {}).items():
+            if isinstance(st, dict) and st.get("error") and src not in self.filter_errors:
+                log.warning("kernel refused filter on %s (%s): the broker filters it", src, st["error"])
+                self.filter_errors[src] = st["error"]
+                changed = True
+        for name, err in (stats.get("probes") or {}).items():
+            if err:
+                self.probe_errors[name] = err
+        if changed:
+            self.update()
+
+    # -- probes ------------------------------------------------------------------------------
+    def validate_probe(self, category: str, probe: dict):
+        """A ProbeDefinition for a kernel_call/user_call request, or a clear error."""
+        try:
+            from c8 import probes
+        except ImportError as exc:
+            raise errors.ProtocolError(errors.UNSUPPORTED, f"probes unavailable: {exc}") from None
+        bad = set(probe) - {"symbol", "executable", "fetchargs", "return", "filter"}
+        if bad:
+            raise errors.ProtocolError(errors.BAD_SPEC, f"{category}: unknown probe keys {sorted(bad)}")
+        if not isinstance(probe.get("symbol"), str):
+            raise errors.ProtocolError(errors.BAD_SPEC, f"{category}: 'symbol' is required")
+        try:
+            if category == "kernel_call":
+                if not os.path.exists(os.path.join(TRACEFS, "kprobe_events")):
+                    raise errors.ProtocolError(errors.UNSUPPORTED, probes.NO_KPROBES_MESSAGE)
+                return probes.kernel_call(probe["symbol"], probe.get("fetchargs", ""), bool(probe.get("return")))
+            if not isinstance(probe.get("executable"), str):
+                raise errors.ProtocolError(errors.BAD_SPEC, "user_call: 'executable' is required")
+            return probes.user_call(probe["executable"], probe["symbol"], probe.get("fetchargs", ""),
+                                    bool(probe.get("return")))
+        except errors.ProtocolError:
+            raise
+        except Exception as exc:
+            raise errors.ProtocolError(errors.UNSUPPORTED if "kprobe" in str(exc) else errors.BAD_SPEC,
+                                       f"{category} {probe.get('symbol')!r}: {exc}") from None
+
+    def probe_source(self, name: str) -> catalog.Source | None:
+        if not name.startswith("c8probes:"):
+            return None
+        src = self.probe_sources.get(name)
+        if src is None:
+            src = self.probe_sources[name] = catalog.Source(name, _probe_builder(self, name))
+        return src
+
+    def probe_for(self, name: str):
+        for sub in self.broker.subscriptions.values():
+            for filters in sub.categories.values():
+                for cf in filters:
+                    if cf.probe is not None and cf.probe["definition"].source == name:
+                        return cf.probe["definition"], cf.category
+        return None, None
+
+    def probe_status(self) -> dict:
+        return {name: {"definition": line, "error": self.probe_errors.get(name)}
+                for name, line in self.plan["probes"].items()}
+
+    # -- process and container tables -------------------------------------------------------
+    def track_processes(self, batch: np.ndarray) -> np.ndarray | None:
+        """Apply FORK/EXEC/EXIT to the tables in time order; container RUNNING/EXITED."""
+        pt, ct = self.broker.processes, self.broker.containers
+        fork, exe, exit_ = (schema.kind_code("process", k) for k in ("FORK", "EXEC", "EXIT"))
+        extra = []
+        kinds = batch["kind"]
+        for i in np.flatnonzero((kinds == fork) | (kinds == exe) | (kinds == exit_)).tolist():
+            ev = batch[i]
+            pid = int(ev["process_pid"])
+            k = int(ev["kind"])
+            if k == fork:
+                batch["fork_child_id"][i] = pt.on_fork(pid, int(ev["fork_child_pid"]), bool(ev["fork_is_thread"]))
+            elif k == exe:
+                pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"),
+                           ev["exec_command_line"].decode(errors="replace"))
+                idx = ct.lookup_pid(pid)
+                if idx and idx not in self.running_containers:
+                    self.running_containers[idx] = pid
+                    extra.append(self._container_event(ev, "RUNNING", idx, host_pid=pid))
+            else:
+                idx = ct.lookup_pid(pid)
+                if idx and self.running_containers.get(idx) == pid:
+                    extra.append(self._container_event(ev, "EXITED", idx, code=int(ev["exit_code"])))
+                pt.on_exit(pid)
+                ct.forget_pid(pid)
+        if not extra:
+            return None
+        return np.concatenate(extra)
+
+    def _container_event(self, ev, kind: str, idx: int, host_pid: int = 0, code: int = 0) -> np.ndarray:
+        out = schema.empty("container", 1)
+        for name in ("sensor_monotime_nanos", "cpu", "process_pid", "process_tid"):
+            out[name] = ev[name]
+        out["kind"] = schema.kind_code("container", kind)
+        out["container"] = idx
+        out["host_pid"] = host_pid
+        out["runtime"] = ct_runtime(self.broker.containers, idx)
+        if kind == "EXITED":
+            catalog.split_exit_code(np.array([code]), out)
+        return out
+
+    def container_indices(self, batch: np.ndarray) -> np.ndarray:
+        """The container index of each event, looked up per unique pid."""
+        if len(batch) == 0:
+            return np.zeros(0, np.uint32)
+        pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
+        ct = self.broker.containers
+        idx = np.array([ct.lookup_pid(p) if p > 0 else 0 for p in pids.tolist()], np.uint32)
+        return idx[inverse]
+
+
+def ct_runtime(table, idx: int) -> bytes:
+    row = table.row(idx)
+    return (row[4] or "").encode() if row else b""
+
+
+def _probe_builder(planner: Planner, name: str):
+    """kernel_call/user_call events from a probe's raw array: arg_<name> columns."""
+    header = {"time", "cpu", "pid", "tid", "__probe_ip", "__probe_func", "__probe_ret_ip"}
+
+    def build(raw: np.ndarray):
+        definition, category = planner.probe_for(name)
+        if definition is None:
+            return []
+        args = [f for f in raw.dtype.names if f not in header and not f.startswith("common_")]
+        base_dt = schema.dtype(category)
+        dt = np.dtype(base_dt.descr + [(schema.ARGUMENT_PREFIX + a, raw.dtype[a]) for a in args])
+        out = np.zeros(len(raw), dt)
+        tmp = schema.empty(category, len(raw))
+        for f in base_dt.names:
+            out[f] = tmp[f]
+        out["sensor_monotime_nanos"] = raw["time"]
+        out["cpu"] = raw["cpu"]
+        out["process_pid"] = raw["pid"]
+        out["process_tid"] = raw["tid"]
+        out["kind"] = 2 if getattr(definition, "is_return", False) else 1
+        out["symbol"] = definition.symbol.encode()
+        out["probe"] = name.encode()
+        if category == "user_call":
+            out["executable"] = (definition.executable or "").encode()
+        for a in args:
+            out[schema.ARGUMENT_PREFIX + a] = raw[a]
+        return [(category + ":" + name, out)]
+
+    return build

@@ -1,0 +1,206 @@
+"""The process table: who each pid is, so every event carries its identity.
+
+Seeded from /proc at start, kept by FORK/EXEC/EXIT events in time order.
+Lookups are per *unique* pid of a batch (np.unique), never per event.
+A process is (boot id, tgid, start time): ``process_id`` is a 16-hex-digit
+hash of the three, so pid reuse gives a new id (psutil's lesson).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CREDENTIALS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def make_process_id(boot: str, pid: int, start_ticks: int) -> bytes:
+    """16 hex digits naming one process for the life of the boot."""
+    return hashlib.blake2b(f"{boot}-{pid}-{start_ticks}".encode(), digest_size=8).hexdigest().encode()
+
+
+def read_stat(pid: int, proc: str = "/proc") -> tuple[int, int, str] | None:
+    """(start time in clock ticks since boot, parent pid, comm) or None if gone."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: split after the last ')'
+    close = data.rfind(b")")
+    comm = data[data.find(b"(") + 1:close].decode(errors="replace")
+    rest = data[close + 2:].split()
+    return int(rest[19]), int(rest[1]), comm
+
+
+def read_credentials(pid: int, proc: str = "/proc") -> dict[str, int]:
+    creds: dict[str, int] = {}
+    try:
+        with open(f"{proc}/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    creds.update(zip(("uid", "euid", "suid", "fsuid"), map(int, line.split()[1:5]), strict=True))
+                elif line.startswith("Gid:"):
+                    creds.update(zip(("gid", "egid", "sgid", "fsgid"), map(int, line.split()[1:5]), strict=True))
+                    break
+    except (OSError, ValueError):
+        pass
+    return creds
+
+
+def read_cmdline(pid: int, proc: str = "/proc") -> tuple[str, str]:
+    """(exe path, command line) from /proc; empty strings when unreadable."""
+    try:
+        exe = os.readlink(f"{proc}/{pid}/exe")
+    except OSError:
+        exe = ""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        cmd = ""
+    return exe, cmd
+
+
+@dataclass
+class Process:
+    pid: int
+    process_id: bytes
+    ppid: int = 0
+    exec_filename: str = ""
+    command_line: str = ""
+    creds: dict[str, int] = field(default_factory=dict)
+    exited: bool = False
+
+
+class ProcessTable:
+    """tgid -> Process, bounded, with vectorised identity fill for batches."""
+
+    def __init__(self, proc: str = "/proc", max_entries: int = 65536):
+        self.proc = proc
+        self.boot = boot_id()
+        self.max_entries = max_entries
+        self.by_pid: dict[int, Process] = {}
+        self._dead: list[int] = []
+
+    # -- building -------------------------------------------------------------
+    def seed(self) -> int:
+        """Learn every live process from /proc (start-up)."""
+        for name in os.listdir(self.proc):
+            if name.isdigit():
+                self._from_proc(int(name))
+        return len(self.by_pid)
+
+    def _from_proc(self, pid: int) -> Process | None:
+        stat = read_stat(pid, self.proc)
+        if stat is None:
+            return None
+        start, ppid, _comm = stat
+        exe, cmd = read_cmdline(pid, self.proc)
+        p = Process(pid, make_process_id(self.boot, pid, start), ppid, exe, cmd,
+                    read_credentials(pid, self.proc))
+        self._put(p)
+        return p
+
+    def _put(self, p: Process) -> None:
+        if len(self.by_pid) >= self.max_entries and p.pid not in self.by_pid:
+            self._evict()
+        self.by_pid[p.pid] = p
+
+    def _evict(self) -> None:
+        # Drop exited processes first, then the oldest quarter of entries.
+        for pid in [k for k, v in self.by_pid.items() if v.exited]:
+            del self.by_pid[pid]
+        if len(self.by_pid) >= self.max_entries:
+            for pid in list(self.by_pid)[: self.max_entries // 4]:
+                del self.by_pid[pid]
+
+    def get(self, pid: int) -> Process | None:
+        """The process of a tgid, learnt from /proc on a miss."""
+        p = self.by_pid.get(pid)
+        if p is None:
+            p = self._from_proc(pid)
+        return p
+
+    def on_fork(self, parent: int, child: int, is_thread: bool) -> bytes:
+        """Record a new process; returns the child's process_id (the parent's for threads)."""
+        if is_thread:
+            p = self.get(parent)
+            return p.process_id if p else b""
+        stat = read_stat(child, self.proc)
+        if stat is not None and stat[1] == parent:
+            start = stat[0]
+        else:
+            # The child is already gone: its start time is "now" in ticks since boot.
+            start = int(time_since_boot() * CLK_TCK)
+        par = self.get(parent)
+        p = Process(child, make_process_id(self.boot, child, start), parent,
+                    par.exec_filename if par else "", par.command_line if par else "",
+                    dict(par.creds) if par else {})
+        self._put(p)
+        return p.process_id
+
+    def on_exec(self, pid: int, filename: str, command_line: str) -> None:
+        p = self.get(pid)
+        if p is None:
+            p = Process(pid, make_process_id(self.boot, pid, int(time_since_boot() * CLK_TCK)))
+            self._put(p)
+        p.exec_filename, p.command_line = filename, command_line
+        creds = read_credentials(pid, self.proc)  # setuid binaries change them at exec
+        if creds:
+            p.creds = creds
+
+    def on_exit(self, pid: int) -> None:
+        """Mark exited; the entry lives until the end of the current window."""
+        p = self.by_pid.get(pid)
+        if p is not None:
+            p.exited = True
+            self._dead.append(pid)
+
+    def end_window(self) -> None:
+        """Forget processes that exited in the window just published."""
+        for pid in self._dead:
+            p = self.by_pid.get(pid)
+            if p is not None and p.exited:
+                del self.by_pid[pid]
+        self._dead.clear()
+
+    # -- enrichment -------------------------------------------------------------
+    def fill(self, batch: np.ndarray) -> None:
+        """Set process_id and unknown credentials of a batch, per unique pid."""
+        if len(batch) == 0:
+            return
+        pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
+        ids = np.empty(len(pids), "S16")
+        creds = np.full((len(CREDENTIALS), len(pids)), -1, np.int32)
+        for i, pid in enumerate(pids.tolist()):
+            p = self.get(pid) if pid > 0 else None
+            if p is None:
+                ids[i] = b""
+                continue
+            ids[i] = p.process_id
+            for j, name in enumerate(CREDENTIALS):
+                creds[j, i] = p.creds.get(name, -1)
+        batch["process_id"] = ids[inverse]
+        for j, name in enumerate(CREDENTIALS):
+            col = batch[name]
+            unknown = col == -1
+            if unknown.any():
+                col[unknown] = creds[j][inverse][unknown]
+
+
+def time_since_boot() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)

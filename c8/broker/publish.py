@@ -1,0 +1,144 @@
+"""Publishing a released window to every subscription, none slowing another.
+
+Each subscription gets one message per window holding a columnar batch per
+category it wants. Sends never block: a subscriber whose queue is full loses
+that message (counted, and told with a ``lost`` batch before its next one);
+a subscriber that has gone away ends its subscription.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from c8 import schema
+from c8.protocol import batch as wire
+
+log = logging.getLogger("c8.broker.publish")
+
+
+class Publisher:
+    def __init__(self, broker):
+        self.broker = broker
+
+    def send(self, envelope: list[bytes], payload: bytes) -> bool:
+        """Non-blocking send to one peer; False when it could not take it."""
+        try:
+            self.broker.control.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                self._gone(envelope[0])
+            return False
+
+    def _gone(self, peer: bytes) -> None:
+        for sid in [s.sub_id for s in self.broker.subscriptions.values() if s.peer == peer]:
+            self.broker.end_subscription(sid, "client disconnected")
+
+    def publish(self, window: dict[str, np.ndarray]) -> None:
+        now = time.monotonic()
+        for sub in list(self.broker.subscriptions.values()):
+            batches = []
+            selected = 0
+            for key, batch in window.items():
+                category, _, probe = key.partition(":")
+                for part in self._select(sub, category, probe, batch):
+                    batches.append((category, part))
+                    selected += len(part)
+            if not batches:
+                continue
+            admitted = sub.admit(selected, now)
+            if admitted < selected:
+                if sub.rate is not None:  # events past a total cap are not losses: the end is
+                    sub.lose("rate_cap", selected - admitted)
+                batches = _truncate(batches, admitted)
+            self._deliver(sub, batches)
+            if sub.finished:
+                self.broker.end_subscription(sub.sub_id, f"limit of {sub.limit} events reached", notify=True)
+
+    def _select(self, sub, category: str, probe: str, batch: np.ndarray):
+        if category in ("lost", "limiter"):
+            yield batch  # every subscriber hears of kernel losses and the limiter
+            return
+        for cf in sub.categories.get(category, ()):
+            if probe and (cf.probe is None or cf.probe["definition"].source != probe):
+                continue
+            mask = None
+            if cf.kinds:
+                codes = [schema.kind_code(category, k) for k in cf.kinds]
+                mask = np.isin(batch["kind"], codes)
+            if cf.mask is not None:
+                m = cf.mask(batch, self.broker.containers.table(np.unique(batch["container"])))
+                mask = m if mask is None else mask & m
+            cm = sub.container_mask(batch, self.broker.containers.table(np.unique(batch["container"])))
+            if cm is not None:
+                mask = cm if mask is None else mask & cm
+            part = batch if mask is None else batch[mask]
+            if len(part):
+                yield part
+
+    def _deliver(self, sub, batches: list[tuple[str, np.ndarray]]) -> None:
+        msgs = []
+        if sub.lost_pending:
+            for source, count in sub.lost_pending.items():
+                lost = schema.empty("lost", 1)
+                lost["kind"] = 1
+                lost["sensor_monotime_nanos"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                lost["source"] = source.encode()
+                lost["count"] = count
+                msgs.append(("lost", lost))
+        msgs.extend(batches)
+        payload = self._encode(sub, msgs)
+        n = sum(len(b) for c, b in batches if c != "lost")
+        if self.send([sub.peer], payload):
+            sub.lost_pending.clear()
+            sub.sent += n
+        elif sub.sub_id in self.broker.subscriptions:
+            sub.lose("subscriber", n)
+
+    def _encode(self, sub, batches: list[tuple[str, np.ndarray]]) -> bytes:
+        out = []
+        ct = self.broker.containers
+        for category, arr in batches:
+            extra = {}
+            if category in ("kernel_call", "user_call"):
+                extra["arguments"] = [n[len(schema.ARGUMENT_PREFIX):] for n in arr.dtype.names
+                                      if n.startswith(schema.ARGUMENT_PREFIX)]
+            idx = np.unique(arr["container"]) if "container" in arr.dtype.names else []
+            table = ct.table(idx) if len(idx) else {}
+            out.append(wire.columns(category, arr, containers={int(k): list(v) for k, v in table.items()}, **extra))
+        return msgpack.packb({"type": "batches", "subscription": sub.sub_id,
+                              "sensor_id": self.broker.sensor_id, "batches": out}, use_bin_type=True)
+
+    def tick(self) -> None:
+        """A heartbeat to every subscriber: keeps idle ones alive, finds gone ones."""
+        seen = set()
+        for sub in list(self.broker.subscriptions.values()):
+            if sub.peer not in seen:
+                seen.add(sub.peer)
+                self.send([sub.peer], msgpack.packb({"type": "tick"}))
+
+    def end_all(self, reason: str) -> None:
+        for sub in list(self.broker.subscriptions.values()):
+            self.broker.end_subscription(sub.sub_id, reason, notify=True)
+
+
+def _truncate(batches, admitted: int):
+    out = []
+    left = admitted
+    for category, b in batches:
+        if category in ("lost", "limiter"):
+            out.append((category, b))
+            continue
+        if left <= 0:
+            continue
+        out.append((category, b[:left]))
+        left -= min(left, len(b))
+    return out

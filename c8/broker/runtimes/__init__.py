@@ -1,0 +1,57 @@
+"""Container runtime metadata: where each runtime keeps it, and how to read it.
+
+cgroup path -> (runtime, id) is ``c8.broker.containers``; this package turns an
+id into a name and an image, reading the files each runtime leaves on disk
+(or docker's API on its unix socket). Readers never raise on missing or
+malformed data: they return None, and the table retries later.
+
+    roots (defaults + running daemons' command lines) -> readers -> Metadata
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What a runtime knows about one container. ``runtime`` may refine the
+    cgroup's guess (a kubepods path names no runtime; /<id> may be runc or crun)."""
+
+    runtime: str
+    name: str = ""
+    image_id: str = ""
+    image_name: str = ""
+
+
+def _default(*paths: str):
+    return field(default_factory=lambda: list(paths))
+
+
+@dataclass
+class Roots:
+    """Where to look for runtime metadata. Every list is searched in order;
+    :func:`c8.broker.runtimes.discovery.discover` adds the roots that running
+    daemons were started with."""
+
+    docker: list[str] = _default("/var/lib/docker")
+    """docker data roots (``--data-root``): containers/<id>/config.v2.json"""
+    docker_sockets: list[str] = _default("/var/run/docker.sock")
+    """docker API sockets (``-H unix://...``): GET /containers/<id>/json"""
+    storage: list[str] = _default("/var/lib/containers/storage", "/run/containers/storage")
+    """containers/storage graph roots and run roots (podman, cri-o)"""
+    runc: list[str] = _default("/run/runc", "/run/docker/runtime-runc/moby")
+    """runc state roots (``runc --root``): <root>/<id>/state.json"""
+    crun: list[str] = _default("/run/crun")
+    """crun state roots: <root>/<id>/status"""
+    containerd: list[str] = _default("/run/containerd")
+    """containerd state dirs: io.containerd.runtime.v2.task/<ns>/<id>/config.json"""
+
+    def add(self, kind: str, path: str) -> bool:
+        """Add ``path`` to the ``kind`` list unless present; True if added."""
+        paths: list[str] = getattr(self, kind)
+        path = path.rstrip("/") or "/"
+        if path in paths:
+            return False
+        paths.append(path)
+        return True

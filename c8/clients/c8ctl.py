@@ -1,0 +1,181 @@
+"""c8ctl: manage subscriptions and look at a running sensor.
+
+    c8ctl status                      children, subscriptions, collection, losses
+    c8ctl subscribe --events process  stream events as JSON lines until interrupted
+    c8ctl subscriptions               list live subscriptions
+    c8ctl unsubscribe ID              end one
+    c8ctl probes                      kernel/user probes in use
+    c8ctl fields [CATEGORY]           the event field table
+
+The sensor is found through run_dir: --run-dir, else CAPSULE8_RUN_DIR, else the
+config file's run_dir, else /var/run/capsule8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from c8 import schema
+from c8.clients.client import Client, SensorError, SensorUnavailable
+
+
+def find_run_dir(explicit: str | None) -> str | None:
+    """run_dir the way the service finds it: flag, env, config file."""
+    if explicit:
+        return explicit
+    if os.environ.get("CAPSULE8_RUN_DIR"):
+        return os.environ["CAPSULE8_RUN_DIR"]
+    path = os.environ.get("CAPSULE8_CONFIG", "/etc/capsule8/capsule8-sensor.yaml")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if isinstance(data, dict) and isinstance(data.get("run_dir"), str):
+            return data["run_dir"]
+    except (OSError, yaml.YAMLError):
+        pass
+    return None
+
+
+def build_spec(args: argparse.Namespace) -> dict:
+    """A subscription spec from --spec FILE and/or --events/--filter/--image flags."""
+    spec: dict = {}
+    if args.spec:
+        with open(args.spec) as f:
+            spec = yaml.safe_load(f) or {}
+    events = spec.setdefault("events", {})
+    for item in (args.events or "").split(","):
+        item = item.strip()
+        if item:
+            events.setdefault(item, {})
+    if args.filter:
+        for category in list(events):
+            if category not in ("kernel_call", "user_call"):
+                events[category] = dict(events[category] or {}, filter=args.filter)
+    if args.image:
+        spec.setdefault("containers", {})["image"] = args.image
+    mods = {k: v for k, v in (("rate", args.rate), ("limit", args.limit)) if v}
+    if mods:
+        spec.setdefault("modifiers", {}).update(mods)
+    return spec
+
+
+def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
+    spec = build_spec(args)
+    if not spec.get("events"):
+        print("c8ctl subscribe: name event types with --events or --spec", file=sys.stderr)
+        return 2
+    with client.subscribe(spec) as sub:
+        print(json.dumps({"subscription": sub.id}), file=sys.stderr)
+        try:
+            for ev in sub.events(timeout=args.timeout):
+                sys.stdout.write(json.dumps(ev, default=str) + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        if sub.ended:
+            print(json.dumps({"ended": sub.ended}), file=sys.stderr)
+    return 0
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    st = client.status()
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    sup = st.get("supervisor") or {}
+    print(f"sensor {st.get('sensor_id', '')[:16]}  broker pid {st.get('broker_pid')}  supervisor pid {sup.get('pid', '?')}")
+    for child in sup.get("children", []):
+        print(f"  {child.get('name', '?'):24} pid {child.get('pid')}  {child.get('state', '')}  restarts {child.get('restarts', 0)}")
+    plan = st.get("plan") or {}
+    print(f"collection {'enabled' if plan.get('enabled') else 'idle'} (plan {plan.get('generation')}), dormant={st.get('dormant')}")
+    for tp, opts in sorted((plan.get("tracepoints") or {}).items()):
+        print(f"  tracepoint {tp}" + (f"  filter: {opts['filter']}" if opts.get("filter") else ""))
+    for fam in sorted(plan.get("bpf") or {}):
+        print(f"  ebpf {fam}")
+    for name, line in sorted((plan.get("probes") or {}).items()):
+        print(f"  probe {name}: {line}")
+    for cpu, c in sorted((st.get("collectors") or {}).items(), key=lambda kv: int(kv[0])):
+        received = sum((c.get("received") or {}).values())
+        print(f"  cpu{cpu}: pid {c.get('pid')} received {received} lost {c.get('lost', 0)}")
+    print(f"counts: {st.get('counts')}")
+    print(f"subscriptions: {len(st.get('subscriptions', []))}")
+    for s in st.get("subscriptions", []):
+        print(f"  {s['subscription']}: sent {s['sent']} lost {s['lost']} events {sorted(s['spec'].get('events', {}))}")
+    return 0
+
+
+def cmd_subscriptions(client: Client, args: argparse.Namespace) -> int:
+    for s in client.subscriptions():
+        print(json.dumps(s, default=str))
+    return 0
+
+
+def cmd_unsubscribe(client: Client, args: argparse.Namespace) -> int:
+    client.unsubscribe(args.id)
+    return 0
+
+
+def cmd_probes(client: Client, args: argparse.Namespace) -> int:
+    print(json.dumps(client.request("probes").get("probes", {}), indent=2))
+    return 0
+
+
+def cmd_fields(_client, args: argparse.Namespace) -> int:
+    cats = [args.category] if args.category else list(schema.CATEGORIES)
+    for c in cats:
+        print(f"{c}: kinds {', '.join(schema.KINDS[c])}")
+        for f in schema.fields(c):
+            print(f"  {f.name:26} {f.dtype:6} {f.description}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="c8ctl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", help="the sensor's run_dir (default: from CAPSULE8_RUN_DIR or the config)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("subscribe", help="stream events as JSON lines")
+    s.add_argument("--events", help="comma-separated event types: process,file,syscall,network,container")
+    s.add_argument("--filter", help="filter expression applied to each event type")
+    s.add_argument("--image", help="only containers whose image name matches this glob")
+    s.add_argument("--spec", help="YAML/JSON file with a full subscription spec")
+    s.add_argument("--rate", type=float, help="at most this many events per second")
+    s.add_argument("--limit", type=int, help="end after this many events")
+    s.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
+    s.set_defaults(fn=cmd_subscribe)
+    st = sub.add_parser("status", help="children, subscriptions, collection, losses")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+    sub.add_parser("subscriptions", help="list live subscriptions").set_defaults(fn=cmd_subscriptions)
+    u = sub.add_parser("unsubscribe", help="end a subscription")
+    u.add_argument("id")
+    u.set_defaults(fn=cmd_unsubscribe)
+    sub.add_parser("probes", help="kernel and user probes in use").set_defaults(fn=cmd_probes)
+    f = sub.add_parser("fields", help="the event field table")
+    f.add_argument("category", nargs="?", choices=schema.CATEGORIES)
+    f.set_defaults(fn=cmd_fields)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    client = Client(find_run_dir(args.run_dir), timeout=3.0)
+    try:
+        return args.fn(client, args)
+    except SensorUnavailable as exc:
+        print(f"c8ctl: the sensor is not running: {exc}", file=sys.stderr)
+        return 1
+    except SensorError as exc:
+        print(f"c8ctl: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"c8ctl: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The Python client library: subscribe, iterate batches or events, unsubscribe.
+
+    with Client() as c, c.subscribe({"events": {"process": {}}}) as sub:
+        for event in sub.events():
+            print(event["type"], event["kind"], event["process_pid"])
+
+Batches are numpy structured arrays straight off the wire; ``events()`` makes
+one dict per event only when asked. Closing a subscription's connection ends
+it in the broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from c8 import schema
+from c8.protocol import batch as wire
+from c8.protocol import control, paths
+
+
+
+class SensorError(Exception):
+    """The broker refused a request; ``code`` is from c8.protocol.errors."""
+
+    def __init__(self, reply: dict):
+        super().__init__(f"{reply.get('error', 'ERROR')}: {reply.get('reason', '')}")
+        self.code = reply.get("code")
+        self.reason = reply.get("reason", "")
+
+
+class SensorUnavailable(Exception):
+    """No broker answered on the control socket."""
+
+
+class Client:
+    """A connection factory for one sensor, found through run_dir."""
+
+    def __init__(self, run_dir: str | None = None, endpoint: str | None = None, timeout: float = 5.0):
+        self.run_dir = paths.run_dir(run_dir)
+        self.endpoint = endpoint or paths.ipc(paths.control(self.run_dir))
+        self.timeout = timeout
+        self.ctx = zmq.Context.instance()
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def _socket(self, rcvhwm: int = 1000) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.connect(self.endpoint)
+        return sock
+
+    def request(self, command: str, properties: dict | None = None) -> dict:
+        """One control request (status, list, unsubscribe, probes); raises on error."""
+        sock = self._socket()
+        try:
+            rid = next(self._ids)
+            sock.send(control.request(command, properties, rid))
+            return _await_reply(sock, rid, self.timeout)
+        finally:
+            sock.close()
+
+    def status(self) -> dict:
+        return self.request("status")
+
+    def subscriptions(self) -> list[dict]:
+        return self.request("list")["subscriptions"]
+
+    def unsubscribe(self, subscription_id: str) -> dict:
+        return self.request("unsubscribe", {"subscription": subscription_id})
+
+    def subscribe(self, spec: dict, queue: int = 64) -> Subscription:
+        """Start a subscription; its events flow until close() or disconnect.
+
+        ``queue`` is how many messages this client buffers before the broker
+        starts dropping (and counting) for it.
+        """
+        sock = self._socket(rcvhwm=queue)
+        rid = next(self._ids)
+        sock.send(control.request("subscribe", spec, rid))
+        try:
+            reply = _await_reply(sock, rid, self.timeout)
+        except Exception:
+            sock.close()
+            raise
+        return Subscription(sock, reply["subscription"], reply.get("sensor_id", ""))
+
+
+def _await_reply(sock: zmq.Socket, rid: Any, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000)):
+            raise SensorUnavailable(f"no reply from the sensor at {sock.getsockopt(zmq.LAST_ENDPOINT).decode() or 'its socket'} within {timeout}s")
+        msg = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
+        if msg.get("id") != rid or "status" not in msg:
+            continue
+        if msg["status"] != "ok":
+            raise SensorError(msg)
+        return msg
+
+
+class Subscription:
+    """A live subscription: iterate ``batches()`` or ``events()``; ``close()`` ends it."""
+
+    def __init__(self, sock: zmq.Socket, sub_id: str, sensor_id: str):
+        self.sock = sock
+        self.id = sub_id
+        self.sensor_id = sensor_id
+        self.ended: str | None = None
+        self.lost: dict[str, int] = {}
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.sock.closed:
+            self.sock.close()
+
+    def messages(self, timeout: float | None = None) -> Iterator[dict]:
+        """Raw decoded messages; stops at the end of the subscription or after
+        ``timeout`` seconds without any message (ticks count as messages)."""
+        while self.ended is None and not self.sock.closed:
+            if not self.sock.poll(None if timeout is None else int(timeout * 1000)):
+                return
+            msg = msgpack.unpackb(self.sock.recv(), raw=False, strict_map_key=False)
+            t = msg.get("type")
+            if t == "end":
+                self.ended = msg.get("reason", "ended")
+                return
+            yield msg
+
+    def batches(self, timeout: float | None = None, idle: float | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """(category, structured array, container table) per batch.
+
+        ``timeout`` bounds the wait for any message; ``idle`` ends the iteration
+        when no events have come for that many seconds (ticks don't count).
+        """
+        last = time.monotonic()
+        for msg in self.messages(timeout):
+            if msg.get("type") == "batches":
+                for b in msg["batches"]:
+                    arr = wire.decode_columns(b)
+                    if b["category"] == "lost":
+                        for src, count in zip(arr["source"].tolist(), arr["count"].tolist(), strict=True):
+                            key = src.decode()
+                            self.lost[key] = self.lost.get(key, 0) + int(count)
+                    table = {int(k): tuple(v) for k, v in (b.get("containers") or {}).items()}
+                    last = time.monotonic()
+                    yield b["category"], arr, table
+            if idle is not None and time.monotonic() - last > idle:
+                return
+
+    def events(self, timeout: float | None = None, idle: float | None = None) -> Iterator[dict]:
+        """One dict per event, in sensor sequence order within each message."""
+        pending: list[dict] = []
+        for category, arr, table in self.batches(timeout, idle):
+            pending.extend(to_dicts(category, arr, table, self.sensor_id))
+            pending.sort(key=lambda e: e["sensor_sequence_number"])
+            yield from pending
+            pending.clear()
+
+
+def event_id(sensor_id: str, seq: int, monotime: int) -> str:
+    """The event id Capsule8 used: sha256 of sensor id, sequence number and time."""
+    return hashlib.sha256(f"{sensor_id}{seq}{monotime}".encode()).hexdigest()
+
+
+def to_dicts(category: str, arr: np.ndarray, table: dict, sensor_id: str = "") -> list[dict]:
+    """Per-event dicts for a batch: strings decoded, kinds named, containers expanded."""
+    names = arr.dtype.names
+    cols = {n: arr[n].tolist() for n in names}
+    out = []
+    kinds = schema.KINDS.get(category, ())
+    arg_names = [n for n in names if n.startswith(schema.ARGUMENT_PREFIX)]
+    for i in range(len(arr)):
+        ev: dict[str, Any] = {"type": category}
+        for n in names:
+            if n in arg_names:
+                continue
+            v = cols[n][i]
+            ev[n] = v.decode(errors="replace") if isinstance(v, bytes) else v
+        ev["kind"] = kinds[ev["kind"] - 1] if 0 < ev.get("kind", 0) <= len(kinds) else str(ev.get("kind"))
+        row = table.get(ev.get("container", 0)) or ("", "", "", "", "")
+        ev["container_id"], ev["container_name"], ev["image_id"], ev["image_name"] = row[:4]
+        if category == "container":
+            ev["name"], ev["image_id"], ev["image_name"] = row[1], row[2], row[3]
+        ev["sensor_id"] = sensor_id
+        ev["id"] = event_id(sensor_id, ev.get("sensor_sequence_number", 0), ev.get("sensor_monotime_nanos", 0))
+        if arg_names:
+            ev["arguments"] = {n[len(schema.ARGUMENT_PREFIX):]: _plain(cols[n][i]) for n in arg_names}
+        out.append(ev)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    return v.decode(errors="replace") if isinstance(v, bytes) else v

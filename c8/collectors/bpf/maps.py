@@ -1,0 +1,101 @@
+"""The sensor's eBPF maps: creation helpers and typed accessors.
+
+- PERF_EVENT_ARRAY (cpu -> BPF-output perf fd), one per sensor, sized to the
+  possible CPUs; collectors store their ring's event in it (:func:`perf_array_set`).
+- HASH keyed by pid_tgid: a syscall's record between its enter and its exit.
+- PERCPU_ARRAY of one entry: scratch for building a record (larger than the
+  512-byte stack).
+- ARRAY of one entry: a family's filter configuration, written by the manager.
+- HASH u32 -> u8: a set of tgids whose activity is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from c8.collectors.bpf import syscalls as sc
+
+PENDING_ENTRIES = 16384  # syscalls in flight at once, all threads
+IGNORE_ENTRIES = 1024
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """Number of possible CPUs (highest id + 1), from a list such as ``0-3,5``."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    top = 0
+    for part in text.split(","):
+        if part:
+            top = max(top, int(part.split("-")[-1]))
+    return top + 1
+
+
+def create_perf_array(n_cpus: int | None = None, name: str = "c8_events") -> int:
+    """A PERF_EVENT_ARRAY with one slot per possible CPU."""
+    n = n_cpus or possible_cpus()
+    return sc.map_create(sc.MAP_TYPE_PERF_EVENT_ARRAY, 4, 4, n, name)
+
+
+def perf_array_set(map_fd: int, cpu: int, perf_fd: int) -> None:
+    """Make ``perf_fd`` (a PERF_COUNT_SW_BPF_OUTPUT event on ``cpu``) the output of ``cpu``."""
+    sc.map_update(map_fd, struct.pack("<I", cpu), struct.pack("<I", perf_fd))
+
+
+def perf_array_clear(map_fd: int, cpu: int) -> bool:
+    """Remove ``cpu``'s output; records of that CPU are then dropped in the kernel."""
+    return sc.map_delete(map_fd, struct.pack("<I", cpu))
+
+
+def create_pending(value_size: int, name: str) -> int:
+    """HASH pid_tgid (u64) -> record: a syscall between enter and exit."""
+    return sc.map_create(sc.MAP_TYPE_HASH, 8, value_size, PENDING_ENTRIES, name)
+
+
+def create_scratch(value_size: int, name: str) -> int:
+    """PERCPU_ARRAY of one ``value_size`` buffer."""
+    return sc.map_create(sc.MAP_TYPE_PERCPU_ARRAY, 4, value_size, 1, name)
+
+
+def create_config(value_size: int, name: str) -> int:
+    """ARRAY of one filter configuration (zero: pass everything)."""
+    return sc.map_create(sc.MAP_TYPE_ARRAY, 4, value_size, 1, name)
+
+
+def create_tgid_set(name: str) -> int:
+    """HASH u32 tgid -> u8: membership only."""
+    return sc.map_create(sc.MAP_TYPE_HASH, 4, 1, IGNORE_ENTRIES, name)
+
+
+def config_write(map_fd: int, value: bytes) -> None:
+    sc.map_update(map_fd, struct.pack("<I", 0), value)
+
+
+def tgid_set_replace(map_fd: int, old: set[int], new: set[int]) -> None:
+    """Make the set hold exactly ``new`` given that it holds ``old``."""
+    for tgid in old - new:
+        sc.map_delete(map_fd, struct.pack("<I", tgid))
+    for tgid in new - old:
+        sc.map_update(map_fd, struct.pack("<I", tgid), b"\x01")
+
+
+def pending_count(map_fd: int, value_size: int) -> int:
+    """Entries in a pending map (walks the keys; for tests and stats)."""
+    import ctypes
+    n = 0
+    key = None
+    while True:
+        k = ctypes.create_string_buffer(key or b"\0" * 8, 8)
+        nk = ctypes.create_string_buffer(8)
+        attr = ctypes.create_string_buffer(sc.ATTR_SIZE)
+        struct.pack_into("<IIQQ", attr, 0, map_fd, 0,
+                         ctypes.addressof(k) if key is not None else 0, ctypes.addressof(nk))
+        try:
+            sc.bpf(4, attr, "BPF_MAP_GET_NEXT_KEY")  # BPF_MAP_GET_NEXT_KEY
+        except sc.BpfError:
+            return n
+        n += 1
+        key = nk.raw

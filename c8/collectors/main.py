@@ -1,0 +1,340 @@
+"""The collector process of one CPU: plan in, perf ring read, batches out.
+
+    broker plan (SUB) -> open/close/filter perf events -> ring -> walk -> decode
+    -> samples / lost / stats (PUSH, never blocking) -> broker ingest
+
+All events of the CPU write into one ring, owned by a disabled dummy software
+event so the ring outlives any source. An error in one source is logged with
+its name and reported in stats; the collector carries on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from c8.collectors import perf, ring, tracefs
+from c8.collectors.decode import DEFAULT_STRING_WIDTH, Decoder
+from c8.protocol import batch, paths
+
+POLL_MS = 15
+STATS_PERIOD = 1.0
+PERF_COUNT_SW_DUMMY = 9
+BPF_OUTPUT = "bpf-output"
+
+
+def log(msg: str) -> None:
+    print(f"c8-collector[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Source:
+    """One open perf event writing into this CPU's ring."""
+
+    name: str
+    fd: int
+    sample_id: int
+    filter: str | None = None
+    filter_error: str | None = None
+    enabled: bool = False
+
+
+@dataclass
+class State:
+    generation: int = -1
+    enabled: bool = False
+    received: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
+    collector_lost: int = 0      # dropped because the broker was not reading
+    unsent_collector_lost: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+    bpf: dict = field(default_factory=dict)
+    probes: dict = field(default_factory=dict)
+    watermark: int = 0
+
+
+class Collector:
+    """Owns the perf events and ring of one CPU, and the sockets to the broker."""
+
+    def __init__(self, config: dict, cpu: int, ctx: zmq.Context | None = None):
+        self.cpu = cpu
+        self.run_dir = paths.run_dir(config.get("run_dir"))
+        self.pages = perf.ring_pages(config.get("ring_pages", perf.DEFAULT_RING_PAGES))
+        self.decoder = Decoder(int(config.get("string_width") or DEFAULT_STRING_WIDTH))
+        self.tracefs = tracefs.find_tracefs()
+        self.sources: dict[str, Source] = {}
+        self.state = State()
+        self.watermark_bytes = max(perf.PAGE_SIZE, self.pages * perf.PAGE_SIZE // 4)
+        attr = perf.make_attr(perf.PERF_TYPE_SOFTWARE, PERF_COUNT_SW_DUMMY,
+                              wakeup_watermark=self.watermark_bytes)
+        self.ring_fd = perf.perf_event_open(attr, -1, cpu, f"ring owner cpu{cpu}")
+        self.ring = ring.Ring(perf.mmap_ring(self.ring_fd, self.pages, f"ring cpu{cpu}"))
+        self.ctx = ctx or zmq.Context.instance()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(paths.ipc(paths.plan(self.run_dir)))
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDHWM, 1000)
+        self.push.connect(paths.ipc(paths.ingest(self.run_dir)))
+        self.bpf_mgr = None
+        self.bpf_map_fd: int | None = None
+        self.bpf_served = False
+        self.probe_defs: dict[str, str] | None = None
+        self.stop = False
+        self._closed_ids: list[int] = []
+
+    # ---- plan ------------------------------------------------------------
+    def apply_plan(self, plan: dict) -> None:
+        """Make the open events match the plan (never raises for one source)."""
+        self.state.generation = int(plan.get("generation", -1))
+        self.state.enabled = bool(plan.get("enabled", True))
+        probes = plan.get("probes") or {}
+        if self.cpu == 0:
+            self._ensure_probes(probes)
+        wanted: dict[str, str | None] = {}
+        for name, spec in (plan.get("tracepoints") or {}).items():
+            wanted[name] = (spec or {}).get("filter")
+        for name, spec in probes.items():
+            if os.path.isdir(tracefs.event_dir(name, self.tracefs)):  # created by cpu0
+                wanted[name] = (spec or {}).get("filter")
+        for name in list(self.sources):
+            if name != BPF_OUTPUT and name not in wanted:
+                self._close(name)
+        for name, flt in wanted.items():
+            src = self.sources.get(name)
+            if src is not None and src.filter != flt:
+                self._close(name)  # the kernel sets a filter once: reopen to change it
+            if name not in self.sources:
+                self._open(name, flt)
+        self._apply_bpf(plan.get("bpf") or {})
+        for src in self.sources.values():
+            self._set_enabled(src, self.state.enabled)
+
+    def _open(self, name: str, flt: str | None) -> None:
+        try:
+            fmt = tracefs.read_format(name, self.tracefs)
+            fd = perf.open_tracepoint(fmt.id, self.cpu, name, wakeup_watermark=self.watermark_bytes)
+        except (OSError, ValueError) as exc:
+            self._error(name, str(exc))
+            return
+        try:
+            perf.set_output(fd, self.ring_fd, name)
+            sid = perf.event_id(fd, name)
+        except OSError as exc:
+            os.close(fd)
+            self._error(name, str(exc))
+            return
+        src = Source(name, fd, sid, flt)
+        if flt:
+            try:
+                perf.set_filter(fd, flt, name)
+            except OSError as exc:  # runs unfiltered; the broker filters anyway
+                src.filter_error = exc.strerror or str(exc)
+                log(f"{name}: kernel refused filter {flt!r}: {exc}; running unfiltered")
+        self.decoder.add_tracepoint(sid, fmt, name)
+        self.sources[name] = src
+        self.state.errors.pop(name, None)
+
+    def _close(self, name: str) -> None:
+        src = self.sources.pop(name)
+        try:
+            perf.disable(src.fd, name)
+        except OSError as exc:
+            log(f"{name}: {exc}")
+        os.close(src.fd)
+        # Records already in the ring still decode; the id is dropped after the next read.
+        self._closed_ids.append(src.sample_id)
+
+    def _set_enabled(self, src: Source, on: bool) -> None:
+        if src.enabled == on:
+            return
+        try:
+            (perf.enable if on else perf.disable)(src.fd, src.name)
+            src.enabled = on
+        except OSError as exc:
+            self._error(src.name, str(exc))
+
+    def _error(self, name: str, msg: str) -> None:
+        if self.state.errors.get(name) != msg:
+            log(f"{name}: {msg}")
+        self.state.errors[name] = msg
+
+    def _ensure_probes(self, probes: dict) -> None:
+        defs = {n: (s or {}).get("definition", "") for n, s in probes.items()}
+        if defs == self.probe_defs:
+            return
+        self.probe_defs = defs
+        try:
+            from c8.probes.tracefs import ensure
+        except Exception as exc:  # optional package
+            if defs:
+                self._error("probes", f"c8.probes unavailable: {exc}")
+            return
+        try:
+            self.state.probes = ensure(defs)
+        except Exception as exc:
+            self._error("probes", f"ensure failed: {exc}")
+            self.probe_defs = None  # retry on the next plan
+
+    def _apply_bpf(self, programs: dict) -> None:
+        try:
+            if self.cpu == 0 and (programs or self.bpf_mgr is not None):
+                if self.bpf_mgr is None:
+                    from c8.collectors.bpf.manager import BpfManager
+                    self.bpf_mgr = BpfManager(self.run_dir)
+                self.state.bpf = self.bpf_mgr.apply(programs)
+                self.bpf_map_fd = self.bpf_mgr.map_fd
+                if not self.bpf_served:
+                    self.bpf_mgr.serve()
+                    self.bpf_served = True
+            if not programs:
+                if BPF_OUTPUT in self.sources:
+                    self._close(BPF_OUTPUT)
+                return
+            if self.bpf_map_fd is None:
+                from c8.collectors.bpf.manager import fetch_map_fd
+                self.bpf_map_fd = fetch_map_fd(self.run_dir)
+            if BPF_OUTPUT not in self.sources:
+                from c8.collectors.bpf.maps import perf_array_set
+                fd = perf.open_bpf_output(self.cpu, wakeup_watermark=self.watermark_bytes)
+                try:
+                    perf.set_output(fd, self.ring_fd, BPF_OUTPUT)
+                    sid = perf.event_id(fd, BPF_OUTPUT)
+                    perf_array_set(self.bpf_map_fd, self.cpu, fd)
+                except Exception:
+                    os.close(fd)
+                    raise
+                self.decoder.add_bpf_output(sid)
+                self.sources[BPF_OUTPUT] = Source(BPF_OUTPUT, fd, sid)
+            self.state.errors.pop("bpf", None)
+        except Exception as exc:  # the eBPF layer is optional: tracepoints go on
+            self._error("bpf", f"{type(exc).__name__}: {exc}")
+
+    # ---- data ------------------------------------------------------------
+    def _send(self, frames: list, n_events: int) -> bool:
+        try:
+            self.push.send_multipart(frames, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.state.collector_lost += n_events
+            self.state.unsent_collector_lost += n_events
+            return False
+
+    def _send_header(self, header: dict) -> bool:
+        return self._send([msgpack.packb(header)], 0)
+
+    def drain(self) -> int:
+        """Read and ship everything in the ring; returns samples decoded."""
+        self.state.watermark = perf.monotonic_ns()
+        buf = self.ring.read()
+        if not len(buf):
+            self._forget_closed()
+            return 0
+        recs = ring.walk(buf)
+        total = 0
+        if recs.lost:
+            self.state.lost += recs.lost
+            self._send_header({"kind": "lost", "cpu": self.cpu, "count": recs.lost,
+                               "source": "kernel", "time": self.state.watermark})
+        for source, arr in self.decoder.decode(buf, recs.samples):
+            n = len(arr)
+            total += n
+            self.state.received[source] = self.state.received.get(source, 0) + n
+            self._send(batch.pack({"kind": "samples", "cpu": self.cpu, "source": source}, arr), n)
+        if self.state.unsent_collector_lost and self._send_header(
+                {"kind": "lost", "cpu": self.cpu, "count": self.state.unsent_collector_lost,
+                 "source": "collector", "time": self.state.watermark}):
+            self.state.unsent_collector_lost = 0
+        self._forget_closed()
+        return total
+
+    def _forget_closed(self) -> None:
+        while self._closed_ids:
+            sid = self._closed_ids.pop()
+            if sid not in {s.sample_id for s in self.sources.values()}:
+                self.decoder.remove(sid)
+
+    def stats(self) -> dict:
+        return {"kind": "stats", "cpu": self.cpu, "pid": os.getpid(),
+                "received": dict(self.state.received), "lost": self.state.lost,
+                "collector_lost": self.state.collector_lost,
+                "watermark": self.state.watermark,
+                "filters": {s.name: {"filter": s.filter, "error": s.filter_error}
+                            for s in self.sources.values() if s.filter},
+                "errors": dict(self.state.errors), "bpf": self.state.bpf,
+                "probes": self.state.probes, "generation": self.state.generation,
+                "unknown_samples": self.decoder.unknown}
+
+    def loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.ring_fd, zmq.POLLIN)
+        next_stats = time.monotonic()
+        while not self.stop:
+            events = dict(poller.poll(POLL_MS))
+            if self.sub in events:
+                plan = None
+                while True:  # only the newest plan matters
+                    try:
+                        plan = self.sub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                try:
+                    self.apply_plan(msgpack.unpackb(plan, raw=False, strict_map_key=False))
+                except Exception as exc:
+                    log(f"plan: {type(exc).__name__}: {exc}")
+            try:
+                self.drain()
+            except Exception as exc:  # a decode bug must not stop collection
+                log(f"ring: {type(exc).__name__}: {exc}")
+            now = time.monotonic()
+            if now >= next_stats:
+                self._send_header(self.stats())
+                next_stats = now + STATS_PERIOD
+
+    def close(self) -> None:
+        """Disable and close every event, then the ring and sockets."""
+        for name in list(self.sources):
+            try:
+                self._close(name)
+            except Exception as exc:
+                log(f"{name}: close: {exc}")
+        if self.bpf_mgr is not None:
+            try:
+                self.bpf_mgr.apply({})
+            except Exception as exc:
+                log(f"bpf: {exc}")
+        self.ring.close()
+        os.close(self.ring_fd)
+        self.sub.close(0)
+        self.push.close(0)
+
+
+def run(config: dict, cpu: int) -> None:
+    """Entry point of the collector process of ``cpu`` (returns on SIGTERM)."""
+    try:
+        from setproctitle import setproctitle
+        setproctitle(f"c8-collector cpu{cpu}")
+    except ImportError:
+        pass
+    col = Collector(config, cpu)
+
+    def on_signal(signum, frame):  # only flag: the loop acts
+        col.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        col.loop()
+    finally:
+        col.close()
+
+
+__all__ = ["run", "Collector"]

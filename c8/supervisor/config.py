@@ -1,0 +1,255 @@
+"""The sensor's configuration: one YAML file, every key also an environment variable.
+
+Precedence: environment beats file, file beats default. The file is
+/etc/capsule8/capsule8-sensor.yaml unless CAPSULE8_CONFIG (or the `path`
+argument) names another; a missing default file means all defaults, a missing
+named file is an error. Every key's environment variable is CAPSULE8_ plus the
+key upper-cased with dots as underscores, except the documented limiter.*
+keys, which are CAPSULE8_EVENT_LIMITER_*. An unknown key or a bad value raises
+ConfigError naming the key, the value and where it came from.
+
+    cfg = load()                   # Config, frozen; cfg.limiter.enabled
+    child_config = cfg.as_dict()   # plain nested dict for the children
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from c8.supervisor import converters as cv
+
+DEFAULT_PATH = "/etc/capsule8/capsule8-sensor.yaml"
+CONFIG_ENV = "CAPSULE8_CONFIG"
+ENV_PREFIX = "CAPSULE8_"
+# The package's own rules, shipped as data of c8.detections.
+PACKAGE_RULES_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "detections", "default_rules"
+)
+
+
+class ConfigError(Exception):
+    """A configuration that stops start-up; the message names key, value and source."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its default (raw, as a user would write it) and converter."""
+
+    name: str
+    default: Any
+    convert: Callable[[Any], Any]
+
+    @property
+    def env(self) -> str:
+        """The environment variable bound to this key."""
+        if self.name.startswith("limiter."):
+            return ENV_PREFIX + "EVENT_LIMITER_" + self.name.split(".", 1)[1].upper()
+        return ENV_PREFIX + self.name.upper().replace(".", "_")
+
+
+KEYS: dict[str, Key] = {
+    k.name: k
+    for k in (
+        Key("use_supervisor", False, cv.boolean),
+        Key("use_resource_limits", False, cv.boolean),
+        Key("memory_limit", "1024M", cv.byte_size),
+        Key("cpu_limit", 5, cv.percent),
+        Key("sensor_user", "capsule8", cv.user_name),
+        Key("log_cgroup_metrics", False, cv.boolean),
+        Key("cgroup_metrics_interval", "2m", cv.positive_duration),
+        Key("limiter.enabled", False, cv.boolean),
+        Key("limiter.events_per_second", 3500, cv.positive_int),
+        Key("limiter.duration", "30s", cv.positive_duration),
+        Key("limiter.max_retries", 3, cv.count),
+        Key("limiter.group_request_duration", "1s", cv.positive_duration),
+        Key("alert_output.outputs", [{"type": "stdout", "enabled": True}], cv.alert_outputs),
+        Key("run_dir", "/var/run/capsule8", cv.path),
+        Key("ring_pages", 256, cv.power_of_two),
+        Key("string_width", 256, cv.positive_int),
+        Key("merge_holdback", "50ms", cv.duration),
+        Key("subscriber_queue", 64, cv.positive_int),
+        Key("detections.enabled", False, cv.boolean),
+        Key("detections.rules", ["/etc/capsule8/rules", PACKAGE_RULES_DIR], cv.string_list),
+        Key("listen_tcp", None, cv.host_port),
+        Key("curve_server_secret_key_file", None, cv.optional_path),
+        Key("curve_authorized_keys_dir", None, cv.optional_path),
+        Key("sensor_id_file", "/var/lib/capsule8/sensor_id", cv.path),
+        Key("log_level", "info", cv.log_level),
+    )
+}
+ENV_TO_KEY = {k.env: k.name for k in KEYS.values()}
+_SECTIONS = {name.split(".", 1)[0] for name in KEYS if "." in name}
+
+
+@dataclass(frozen=True)
+class LimiterConfig:
+    """limiter.*: the event limiter (circuit breaker) applied by the broker."""
+
+    enabled: bool
+    events_per_second: int
+    duration: float
+    max_retries: int
+    group_request_duration: float
+
+
+@dataclass(frozen=True)
+class AlertOutputConfig:
+    """alert_output.*: where the detector sends alerts, each output with its limiter."""
+
+    outputs: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class DetectionsConfig:
+    """detections.*: whether the detector runs, and its rule files or directories."""
+
+    enabled: bool
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration. Durations are seconds, sizes bytes."""
+
+    use_supervisor: bool
+    use_resource_limits: bool
+    memory_limit: int
+    cpu_limit: int
+    sensor_user: str
+    log_cgroup_metrics: bool
+    cgroup_metrics_interval: float
+    limiter: LimiterConfig
+    alert_output: AlertOutputConfig
+    run_dir: str
+    ring_pages: int
+    string_width: int
+    merge_holdback: float
+    subscriber_queue: int
+    detections: DetectionsConfig
+    listen_tcp: str | None
+    curve_server_secret_key_file: str | None
+    curve_authorized_keys_dir: str | None
+    sensor_id_file: str
+    log_level: str
+    # The file the values came from (None: defaults and environment only).
+    config_path: str | None = field(default=None, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain nested dict (lists, not tuples) safe to hand to a child."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple | list):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    def get(self, dotted: str) -> Any:
+        """A value by its dotted key name, e.g. get("limiter.enabled")."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    @property
+    def resource_limits_active(self) -> bool:
+        """Cgroups are made only when both use_supervisor and use_resource_limits are on."""
+        return self.use_supervisor and self.use_resource_limits
+
+
+def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """YAML maps -> {dotted key: raw value}; unknown keys raise ConfigError."""
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        name = f"{prefix}{k}"
+        if name in KEYS:
+            flat[name] = v
+        elif not prefix and k in _SECTIONS and isinstance(v, dict):
+            flat.update(_flatten(v, source, prefix=f"{k}."))
+        else:
+            raise ConfigError(f"{name}: unknown key in {source}")
+    return flat
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The raw flat values of one YAML file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a map of keys to values")
+    return _flatten(data, path)
+
+
+def read_environ(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """{key: (raw value, env var name)} from CAPSULE8_* variables; unknown names raise."""
+    found = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = ENV_TO_KEY.get(name)
+        if key is None:
+            raise ConfigError(f"{name}: unknown key from the environment "
+                              "(no configuration key maps to it)")
+        found[key] = (value, name)
+    return found
+
+
+def _convert(key: Key, raw: Any, source: str) -> Any:
+    try:
+        return key.convert(raw)
+    except cv.ConvertError as e:
+        raise ConfigError(f"{key.name}: {e.value!r} from {source}: {e.reason}") from None
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration (see the module docstring for precedence)."""
+    env = os.environ if environ is None else environ
+    explicit = path or env.get(CONFIG_ENV) or None
+    file_path = explicit or DEFAULT_PATH
+    raw: dict[str, tuple[Any, str]] = {n: (k.default, "default") for n, k in KEYS.items()}
+    used_path = None
+    if explicit is not None or os.path.exists(file_path):
+        if explicit is not None and not os.path.exists(file_path):
+            raise ConfigError(f"configuration file {file_path} does not exist")
+        raw.update({k: (v, file_path) for k, v in read_file(file_path).items()})
+        used_path = file_path
+    raw.update(read_environ(env))
+    values = {n: _convert(KEYS[n], v, src) for n, (v, src) in raw.items()}
+
+    if values["listen_tcp"] is not None:
+        for need in ("curve_server_secret_key_file", "curve_authorized_keys_dir"):
+            if values[need] is None:
+                v, src = raw["listen_tcp"]
+                raise ConfigError(f"listen_tcp: {v!r} from {src}: needs {need} "
+                                  "(remote clients must use ZeroMQ CURVE)")
+
+    def section(cls: type, prefix: str) -> Any:
+        kwargs = {f.name: values[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls)}
+        for k, v in kwargs.items():
+            if isinstance(v, list):
+                kwargs[k] = tuple(v)
+        return cls(**kwargs)
+
+    top = {n: v for n, v in values.items() if "." not in n}
+    return Config(
+        **top,
+        limiter=section(LimiterConfig, "limiter"),
+        alert_output=section(AlertOutputConfig, "alert_output"),
+        detections=section(DetectionsConfig, "detections"),
+        config_path=used_path,
+    )
