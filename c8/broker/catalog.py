@@ -8,7 +8,6 @@ live subscriptions want, and pushes filters using each source's field map.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,7 +91,7 @@ def split_exit_code(code: np.ndarray, out: np.ndarray, prefix: str = "exit_") ->
 # -- process -------------------------------------------------------------------
 def build_newtask(raw: np.ndarray) -> Built:
     out = base("process", raw, "FORK")
-    out["fork_child_pid"] = raw["pid_field"] if "pid_field" in raw.dtype.names else raw["child_pid"]
+    out["fork_child_pid"] = raw["tp_pid"]
     out["fork_clone_flags"] = raw["clone_flags"]
     out["fork_is_thread"] = (raw["clone_flags"] & CLONE_THREAD) != 0
     return [("process", out)]
@@ -151,7 +150,7 @@ def build_open(raw: np.ndarray) -> Built:
     out["filename"] = raw["filename"]
     out["open_flags"] = raw["flags"]
     out["open_mode"] = raw["mode"]
-    out["syscall"] = raw["syscall"]
+    out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]
     return [("file", out)]
 
@@ -164,26 +163,26 @@ def _kinds_by_nr(nrs: np.ndarray, table: dict[int, str], category: str) -> np.nd
 
 
 def build_file1(raw: np.ndarray) -> Built:
-    kinds = _kinds_by_nr(raw["syscall"], FILE_KIND_BY_NR, "file")
+    kinds = _kinds_by_nr(raw["nr"], FILE_KIND_BY_NR, "file")
     raw, kinds = raw[kinds != 0], kinds[kinds != 0]
     out = base("file", raw, kinds)
     out["filename"] = raw["filename"]
     out["open_mode"] = raw["mode"]
     out["owner_uid"] = raw["owner_uid"]
     out["owner_gid"] = raw["owner_gid"]
-    out["syscall"] = raw["syscall"]
+    out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]
     return [("file", out)]
 
 
 def build_file2(raw: np.ndarray) -> Built:
-    kinds = _kinds_by_nr(raw["syscall"], FILE_KIND_BY_NR, "file")
+    kinds = _kinds_by_nr(raw["nr"], FILE_KIND_BY_NR, "file")
     raw, kinds = raw[kinds != 0], kinds[kinds != 0]
     out = base("file", raw, kinds)
     out["oldname"] = raw["oldname"]
     out["newname"] = raw["newname"]
     out["filename"] = raw["newname"]  # the path the operation made, for globs
-    out["syscall"] = raw["syscall"]
+    out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]
     return [("file", out)]
 
@@ -193,16 +192,14 @@ def build_sock(raw: np.ndarray) -> Built:
     """One record per call: an ATTEMPT (at enter time) and a RESULT (at exit)."""
     op = np.zeros(len(raw), np.uint8)
     for nr, name in NET_KIND_BY_NR.items():
-        op[raw["syscall"] == nr] = schema.kind_code("network", name + "_ATTEMPT")
+        op[raw["nr"] == nr] = schema.kind_code("network", name + "_ATTEMPT")
     raw, op = raw[op != 0], op[op != 0]
     attempt = base("network", raw, op)
-    if "enter_time" in raw.dtype.names:
-        attempt["sensor_monotime_nanos"] = np.where(raw["enter_time"] > 0, raw["enter_time"], raw["time"] - 1)
-    else:
-        attempt["sensor_monotime_nanos"] = raw["time"] - 1
+    # The record is written at exit; the attempt is stamped just before its result.
+    attempt["sensor_monotime_nanos"] = raw["time"] - 1
     attempt["fd"] = raw["fd"]
     attempt["backlog"] = raw["backlog"]
-    attempt["syscall"] = raw["syscall"]
+    attempt["syscall"] = raw["nr"]
     fam, addr, port, port_raw = sockaddr.decode(raw["addr"], raw["addrlen"])
     attempt["family"] = fam
     attempt["address"] = addr
@@ -213,7 +210,7 @@ def build_sock(raw: np.ndarray) -> Built:
     result["sensor_monotime_nanos"] = raw["time"]
     result["ret"] = raw["ret"]
     # accept reports the peer only when it returns; its ATTEMPT carries no address
-    acc = np.isin(raw["syscall"], (NR["accept"], NR["accept4"]))
+    acc = np.isin(raw["nr"], (NR["accept"], NR["accept4"]))
     attempt["address"][acc] = b""
     attempt["port"][acc] = 0
     attempt["port_raw"][acc] = 0
@@ -221,13 +218,10 @@ def build_sock(raw: np.ndarray) -> Built:
     return [("network", attempt), ("network", result)]
 
 
-# -- container (kernel side; the broker fills identity from ContainerTable) -----
-def build_cgroup(kind: str) -> Callable[[np.ndarray], Built]:
-    def build(raw: np.ndarray) -> Built:
-        # Paths are kept in a side column for the broker's container table.
-        out = base("container", raw, kind)
-        return [("container:" + kind, np.rec.fromarrays([out, raw["path"]], names=["event", "path"]))]
-    return build
+# -- container: cgroup mkdir/rmdir need the container table, so the broker handles
+# them itself (Broker._container_cgroup); they are listed here as sources only.
+def build_nothing(raw: np.ndarray) -> Built:
+    return []
 
 
 SOURCES: dict[str, Source] = {
@@ -242,8 +236,8 @@ SOURCES: dict[str, Source] = {
     "bpf:file1": Source("bpf:file1", build_file1, bpf_family="file1"),
     "bpf:file2": Source("bpf:file2", build_file2, bpf_family="file2"),
     "bpf:sock": Source("bpf:sock", build_sock, bpf_family="sock"),
-    "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_cgroup("CREATED")),
-    "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_cgroup("DESTROYED")),
+    "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_nothing),
+    "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_nothing),
 }
 
 # Fallbacks when an eBPF family cannot load on this kernel.
@@ -256,7 +250,7 @@ SOURCES["sched:sched_process_exit"] = Source("sched:sched_process_exit", build_e
 
 # Process sources run whenever anything is subscribed: they keep the process table.
 PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit")
-CONTAINER_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir")
+CGROUP_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir")
 
 
 def sources_for(category: str, kinds: set[str] | None = None) -> list[str]:
@@ -271,8 +265,6 @@ def sources_for(category: str, kinds: set[str] | None = None) -> list[str]:
     if category == "network":
         return ["bpf:sock"]
     if category == "container":
-        return list(CONTAINER_SOURCES) + list(PROCESS_SOURCES)
+        return list(CGROUP_SOURCES) + list(PROCESS_SOURCES)
     return []
 
-
-AF_NAMES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}

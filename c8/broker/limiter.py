@@ -61,6 +61,11 @@ class Transition:
     at: float
 
     @property
+    def dormancy(self) -> float:
+        """Same as dormancy_s (seconds)."""
+        return self.dormancy_s
+
+    @property
     def dormancy_nanos(self) -> int:
         return int(self.dormancy_s * 1e9)
 

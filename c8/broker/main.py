@@ -83,6 +83,8 @@ class Broker:
         self.exit_status = 0
         self.limiter = self._make_limiter()
         self.dormant = False
+        # subscribe replies wait until every collector runs the plan that serves them
+        self.pending_replies: list[tuple[list[bytes], bytes, int, float]] = []
 
     # -- set-up -------------------------------------------------------------------
     def _make_limiter(self):
@@ -138,6 +140,8 @@ class Broker:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
+                if self.pending_replies:
+                    self._send_ready_replies(now)
                 self._release(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
             if now >= next_plan:
                 next_plan = now + PLAN_REPUBLISH_SECONDS
@@ -175,10 +179,11 @@ class Broker:
                 return
             self._build(header["source"], raw)
         elif kind == "lost":
-            self._lost("kernel", int(header.get("cpu", -1)), int(header["count"]),
+            self._lost(str(header.get("source", "kernel")), int(header.get("cpu", -1)), int(header["count"]),
                        int(header.get("time") or time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
         elif kind == "stats":
             cpu = int(header.get("cpu", -1))
+            header["_seen"] = time.monotonic()
             self.collectors[cpu] = header
             if header.get("pid"):
                 self.own_pids.add(int(header["pid"]))
@@ -196,8 +201,7 @@ class Broker:
             self.merger.add(category, out)
 
     def _lost(self, source: str, cpu: int, count: int, when: int) -> None:
-        self.counts["lost_kernel" if source == "kernel" else "lost_" + source] = (
-            self.counts.get("lost_" + source, 0) + count)
+        self.counts["lost_" + source] = self.counts.get("lost_" + source, 0) + count
         out = schema.empty("lost", 1)
         out["kind"] = 1
         out["cpu"] = max(cpu, 0)
@@ -275,6 +279,9 @@ class Broker:
             req = control.parse_request(payload)
             req_id = req["id"]
             reply = self._command(peer, req)
+            if req["command"] == "subscribe":
+                self.pending_replies.append((envelope, reply, self.planner.generation, time.monotonic() + 5.0))
+                return
         except errors.ProtocolError as exc:
             reply = control.error(req_id, exc.code, exc.reason)
         except Exception as exc:
@@ -329,13 +336,29 @@ class Broker:
             "supervisor": sup,
             "subscriptions": [s.describe() for s in self.subscriptions.values()],
             "plan": self.planner.plan,
-            "collectors": {str(cpu): {k: v for k, v in st.items() if k != "kind"} for cpu, st in self.collectors.items()},
+            "collectors": {str(cpu): {k: v for k, v in st.items() if k not in ("kind", "_seen")}
+                           for cpu, st in self.collectors.items()},
             "counts": dict(self.counts, late=self.merger.late),
             "processes": len(self.processes.by_pid),
             "dormant": self.dormant,
         }
 
     # -- periodic -----------------------------------------------------------------------------
+    def _collecting(self, generation: int, now: float) -> bool:
+        """True when every live collector reports running this plan generation or later."""
+        live = [st for st in self.collectors.values() if now - st.get("_seen", 0) < 3]
+        return len(live) >= len(os.sched_getaffinity(0)) and all(
+            st.get("generation", -1) >= generation for st in live)
+
+    def _send_ready_replies(self, now: float) -> None:
+        waiting = []
+        for envelope, payload, generation, deadline in self.pending_replies:
+            if self._collecting(generation, now) or now >= deadline:
+                self.publisher.send(envelope, payload)
+            else:
+                waiting.append((envelope, payload, generation, deadline))
+        self.pending_replies = waiting
+
     def _every_second(self, now: float) -> None:
         self.publisher.tick()
         self._refresh_own_pids()

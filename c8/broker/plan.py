@@ -11,7 +11,6 @@ It also keeps the process and container tables in step with process events.
 from __future__ import annotations
 
 import logging
-import os
 
 import msgpack
 import numpy as np
@@ -22,14 +21,13 @@ from c8.protocol import errors
 
 log = logging.getLogger("c8.broker.plan")
 
-TRACEFS = "/sys/kernel/tracing"
-
 
 class Planner:
     def __init__(self, broker):
         self.broker = broker
         self.generation = 0
-        self.plan: dict = {"generation": 0, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {}}
+        self.plan: dict = {"generation": 0, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {},
+                           "bpf_owner": None}
         self.failed_bpf: dict[str, str] = {}      # family -> error, from collector cpu0's stats
         self.filter_errors: dict[str, str] = {}   # source -> kernel's refusal
         self.probe_sources: dict[str, catalog.Source] = {}
@@ -79,8 +77,11 @@ class Planner:
                     except Exception as exc:
                         log.warning("no kernel filter for %s: %s", src, exc)
                 tracepoints[src] = {"filter": kf}
+        # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
+        # the new map and plug their rings into it again.
+        owner = self.broker.collectors.get(0, {}).get("pid") if bpf else None
         plan = {"enabled": bool(subs) and not self.broker.dormant, "tracepoints": tracepoints,
-                "probes": probes, "bpf": bpf}
+                "probes": probes, "bpf": bpf, "bpf_owner": owner}
         if {k: v for k, v in self.plan.items() if k != "generation"} != plan:
             self.generation += 1
             self.plan = dict(plan, generation=self.generation)
@@ -114,11 +115,12 @@ class Planner:
 
     def clear(self) -> None:
         self.generation += 1
-        self.plan = {"generation": self.generation, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {}}
+        self.plan = {"generation": self.generation, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {},
+                     "bpf_owner": None}
         self.publish()
 
     def on_stats(self, stats: dict) -> None:
-        changed = False
+        changed = stats.get("cpu") == 0 and self.plan["bpf"] and stats.get("pid") != self.plan.get("bpf_owner")
         for family, st in (stats.get("bpf") or {}).items():
             if isinstance(st, dict) and st.get("error") and family not in self.failed_bpf:
                 log.error("eBPF family %s failed on cpu %s: %s", family, stats.get("cpu"), st["error"])
@@ -138,29 +140,26 @@ class Planner:
     # -- probes ------------------------------------------------------------------------------
     def validate_probe(self, category: str, probe: dict):
         """A ProbeDefinition for a kernel_call/user_call request, or a clear error."""
-        try:
-            from c8 import probes
-        except ImportError as exc:
-            raise errors.ProtocolError(errors.UNSUPPORTED, f"probes unavailable: {exc}") from None
+        from c8 import probes
+
         bad = set(probe) - {"symbol", "executable", "fetchargs", "return", "filter"}
         if bad:
             raise errors.ProtocolError(errors.BAD_SPEC, f"{category}: unknown probe keys {sorted(bad)}")
         if not isinstance(probe.get("symbol"), str):
             raise errors.ProtocolError(errors.BAD_SPEC, f"{category}: 'symbol' is required")
+        if not isinstance(probe.get("fetchargs", ""), str):
+            raise errors.ProtocolError(errors.BAD_SPEC, f"{category}: 'fetchargs' must be a string")
         try:
             if category == "kernel_call":
-                if not os.path.exists(os.path.join(TRACEFS, "kprobe_events")):
-                    raise errors.ProtocolError(errors.UNSUPPORTED, probes.NO_KPROBES_MESSAGE)
-                return probes.kernel_call(probe["symbol"], probe.get("fetchargs", ""), bool(probe.get("return")))
+                return probes.kernel_probe(probe["symbol"], probe.get("fetchargs", ""), bool(probe.get("return")))
             if not isinstance(probe.get("executable"), str):
                 raise errors.ProtocolError(errors.BAD_SPEC, "user_call: 'executable' is required")
-            return probes.user_call(probe["executable"], probe["symbol"], probe.get("fetchargs", ""),
-                                    bool(probe.get("return")))
-        except errors.ProtocolError:
-            raise
-        except Exception as exc:
-            raise errors.ProtocolError(errors.UNSUPPORTED if "kprobe" in str(exc) else errors.BAD_SPEC,
-                                       f"{category} {probe.get('symbol')!r}: {exc}") from None
+            return probes.user_probe(probe["executable"], probe["symbol"], probe.get("fetchargs", ""),
+                                     bool(probe.get("return")))
+        except probes.KprobesUnavailable as exc:
+            raise errors.ProtocolError(errors.UNSUPPORTED, str(exc)) from None
+        except probes.ProbeError as exc:
+            raise errors.ProtocolError(errors.BAD_SPEC, f"{category} {probe['symbol']!r}: {exc}") from None
 
     def probe_source(self, name: str) -> catalog.Source | None:
         if not name.startswith("c8probes:"):
@@ -198,6 +197,12 @@ class Planner:
             elif k == exe:
                 pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"),
                            ev["exec_command_line"].decode(errors="replace"))
+                me = pt.get(pid)
+                parent = pt.get(me.ppid) if me is not None and me.ppid > 0 else None
+                if parent is not None:
+                    batch["parent_pid"][i] = parent.pid
+                    batch["parent_process_id"][i] = parent.process_id
+                    batch["parent_exec_filename"][i] = parent.exec_filename.encode()
                 idx = ct.lookup_pid(pid)
                 if idx and idx not in self.running_containers:
                     self.running_containers[idx] = pid

@@ -195,6 +195,10 @@ class ProcessTable:
             for j, name in enumerate(CREDENTIALS):
                 creds[j, i] = p.creds.get(name, -1)
         batch["process_id"] = ids[inverse]
+        if "process_exec_filename" in batch.dtype.names:
+            exes = np.array([(self.by_pid[p].exec_filename.encode() if p in self.by_pid else b"")
+                             for p in pids.tolist()], "S256")
+            batch["process_exec_filename"] = exes[inverse]
         for j, name in enumerate(CREDENTIALS):
             col = batch[name]
             unknown = col == -1

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import msgpack
+import numpy as np
 import zmq
 
 from c8.collectors import perf, ring, tracefs
@@ -27,6 +28,15 @@ POLL_MS = 15
 STATS_PERIOD = 1.0
 PERF_COUNT_SW_DUMMY = 9
 BPF_OUTPUT = "bpf-output"
+
+
+def exec_text(arr: np.ndarray) -> np.ndarray:
+    """exec records carry argv NUL-separated: make it the command line here, per CPU."""
+    from c8.collectors.bpf.records import argv_text
+
+    arr = arr.copy()
+    arr["argv"] = argv_text(arr["argv"])
+    return arr
 
 
 def log(msg: str) -> None:
@@ -71,10 +81,10 @@ class Collector:
         self.sources: dict[str, Source] = {}
         self.state = State()
         self.watermark_bytes = max(perf.PAGE_SIZE, self.pages * perf.PAGE_SIZE // 4)
-        attr = perf.make_attr(perf.PERF_TYPE_SOFTWARE, PERF_COUNT_SW_DUMMY,
-                              wakeup_watermark=self.watermark_bytes)
-        self.ring_fd = perf.perf_event_open(attr, -1, cpu, f"ring owner cpu{cpu}")
-        self.ring = ring.Ring(perf.mmap_ring(self.ring_fd, self.pages, f"ring cpu{cpu}"))
+        # The ring exists only while something is collected: an idle sensor holds
+        # no perf event and no ring memory.
+        self.ring_fd: int | None = None
+        self.ring: ring.Ring | None = None
         self.ctx = ctx or zmq.Context.instance()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -86,9 +96,37 @@ class Collector:
         self.bpf_mgr = None
         self.bpf_map_fd: int | None = None
         self.bpf_served = False
+        self.bpf_owner: int | None = None
         self.probe_defs: dict[str, str] | None = None
         self.stop = False
         self._closed_ids: list[int] = []
+        try:  # registers the eBPF record layouts with the decoder; optional
+            import c8.collectors.bpf.records  # noqa: F401
+        except Exception as exc:
+            log(f"bpf records unavailable: {type(exc).__name__}: {exc}")
+
+    # ---- ring ------------------------------------------------------------
+    def _ensure_ring(self) -> None:
+        if self.ring_fd is None:
+            attr = perf.make_attr(perf.PERF_TYPE_SOFTWARE, PERF_COUNT_SW_DUMMY,
+                                  wakeup_watermark=self.watermark_bytes)
+            fd = perf.perf_event_open(attr, -1, self.cpu, f"ring owner cpu{self.cpu}")
+            try:
+                self.ring = ring.Ring(perf.mmap_ring(fd, self.pages, f"ring cpu{self.cpu}"))
+            except Exception:
+                os.close(fd)
+                raise
+            self.ring_fd = fd
+
+    def _release_ring(self) -> None:
+        if self.ring_fd is not None and not self.sources:
+            try:
+                self.drain()
+            except Exception as exc:
+                log(f"ring: {type(exc).__name__}: {exc}")
+            self.ring.close()
+            os.close(self.ring_fd)
+            self.ring_fd, self.ring = None, None
 
     # ---- plan ------------------------------------------------------------
     def apply_plan(self, plan: dict) -> None:
@@ -107,15 +145,27 @@ class Collector:
         for name in list(self.sources):
             if name != BPF_OUTPUT and name not in wanted:
                 self._close(name)
+        if wanted or plan.get("bpf"):
+            self._ensure_ring()
         for name, flt in wanted.items():
             src = self.sources.get(name)
             if src is not None and src.filter != flt:
                 self._close(name)  # the kernel sets a filter once: reopen to change it
             if name not in self.sources:
                 self._open(name, flt)
+        owner = plan.get("bpf_owner")
+        if self.cpu != 0 and owner != self.bpf_owner:
+            # cpu0's collector restarted with new maps: plug this ring into them
+            if BPF_OUTPUT in self.sources:
+                self._close(BPF_OUTPUT)
+            if self.bpf_map_fd is not None:
+                os.close(self.bpf_map_fd)
+            self.bpf_map_fd = None
+            self.bpf_owner = owner
         self._apply_bpf(plan.get("bpf") or {})
         for src in self.sources.values():
             self._set_enabled(src, self.state.enabled)
+        self._release_ring()
 
     def _open(self, name: str, flt: str | None) -> None:
         try:
@@ -197,6 +247,9 @@ class Collector:
             if not programs:
                 if BPF_OUTPUT in self.sources:
                     self._close(BPF_OUTPUT)
+                    if self.bpf_map_fd is not None:
+                        from c8.collectors.bpf.maps import perf_array_clear
+                        perf_array_clear(self.bpf_map_fd, self.cpu)
                 return
             if self.bpf_map_fd is None:
                 from c8.collectors.bpf.manager import fetch_map_fd
@@ -233,6 +286,8 @@ class Collector:
     def drain(self) -> int:
         """Read and ship everything in the ring; returns samples decoded."""
         self.state.watermark = perf.monotonic_ns()
+        if self.ring is None:
+            return 0
         buf = self.ring.read()
         if not len(buf):
             self._forget_closed()
@@ -244,6 +299,8 @@ class Collector:
             self._send_header({"kind": "lost", "cpu": self.cpu, "count": recs.lost,
                                "source": "kernel", "time": self.state.watermark})
         for source, arr in self.decoder.decode(buf, recs.samples):
+            if source == "bpf:exec":
+                arr = exec_text(arr)
             n = len(arr)
             total += n
             self.state.received[source] = self.state.received.get(source, 0) + n
@@ -275,7 +332,7 @@ class Collector:
     def loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
-        poller.register(self.ring_fd, zmq.POLLIN)
+        polled_ring = None
         next_stats = time.monotonic()
         while not self.stop:
             events = dict(poller.poll(POLL_MS))
@@ -286,10 +343,19 @@ class Collector:
                         plan = self.sub.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                before = self.state.generation
                 try:
                     self.apply_plan(msgpack.unpackb(plan, raw=False, strict_map_key=False))
                 except Exception as exc:
                     log(f"plan: {type(exc).__name__}: {exc}")
+                if self.state.generation != before:
+                    next_stats = 0.0  # tell the broker at once: subscribers wait on it
+                if polled_ring != self.ring_fd:
+                    if polled_ring is not None:
+                        poller.unregister(polled_ring)
+                    if self.ring_fd is not None:
+                        poller.register(self.ring_fd, zmq.POLLIN)
+                    polled_ring = self.ring_fd
             try:
                 self.drain()
             except Exception as exc:  # a decode bug must not stop collection
@@ -311,8 +377,7 @@ class Collector:
                 self.bpf_mgr.apply({})
             except Exception as exc:
                 log(f"bpf: {exc}")
-        self.ring.close()
-        os.close(self.ring_fd)
+        self._release_ring()
         self.sub.close(0)
         self.push.close(0)
 

@@ -31,6 +31,7 @@ DATA_OFFSET_OFF = 1040
 DATA_SIZE_OFF = 1048
 
 _MAX_TYPE = 64  # record types the kernel defines are far below this
+_COARSE_MASK = np.uint64(0x0007_0000_0000_0000 | (0xFFFFFFFF & ~(_MAX_TYPE - 1)))
 
 
 @dataclass
@@ -104,12 +105,13 @@ def walk(buf: np.ndarray) -> Records:
         return Records(np.empty(0, np.int64), 0, 0, 0)
     u64 = buf[:end].view("<u8")
     nslots = len(u64)
-    size = buf[:end].view("<u2")[3::4]  # the u16 size of each slot read as a header
-    # Coarse test on the size alone, on u16s, keeps the following work small.
-    cand = np.flatnonzero(((size & 7) == 0) & (size != 0))
-    csize = size[cand].astype(np.int64)
-    ctype = u64[cand] & np.uint64(0xFFFFFFFF)
-    ok = (ctype > 0) & (ctype < _MAX_TYPE) & (cand * 8 + csize <= end)
+    # One pass over the slots, on whole u64s: size (bits 48..63) a nonzero
+    # multiple of 8, type (bits 0..31) below _MAX_TYPE.
+    cand = np.flatnonzero(((u64 & _COARSE_MASK) == 0) & (u64 >= np.uint64(8 << 48)))
+    head = u64[cand]
+    csize = (head >> np.uint64(48)).astype(np.int64)
+    ctype = head & np.uint64(0xFFFFFFFF)
+    ok = (ctype > 0) & (cand * 8 + csize <= end)
     raw_slot = cand + perf.SAMPLE_RAW_SIZE_OFF // 8
     raw = u64[np.minimum(raw_slot, nslots - 1)] & np.uint64(0xFFFFFFFF)
     is_sample = ctype == perf.RECORD_SAMPLE
@@ -127,11 +129,13 @@ def walk(buf: np.ndarray) -> Records:
             pieces.append(cand[i:j + 1])
             pos = int(nxt[j])
         else:  # a header we did not expect: step over it the slow way
-            s = int(size[pos])
+            s = int(u64[pos] >> np.uint64(48))
             if s < 8 or s & 7 or pos * 8 + s > end:
                 break  # corrupt: stop rather than misparse
             pieces.append(np.array([pos], np.int64))
             pos += s >> 3
+    if not pieces:
+        return Records(np.empty(0, np.int64), 0, 0, 0)
     slots = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
     types = u64[slots] & np.uint64(0xFFFFFFFF)
     is_sample = types == perf.RECORD_SAMPLE

@@ -28,7 +28,7 @@ def check(node: Node, category: str, extra_fields: dict[str, str] | None = None)
     while stack:
         n = stack.pop()
         if isinstance(n, And | Or):
-            stack += [n.left, n.right]
+            stack += [n.right, n.left]  # report the leftmost problem first
         elif isinstance(n, Not):
             stack.append(n.operand)
         else:

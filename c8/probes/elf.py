@@ -20,7 +20,9 @@ LIBRARY_DIRS = (
     "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
     "/lib", "/usr/lib", "/usr/local/lib",
 )
-_FUNC_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
+# pyelftools names STT_GNU_IFUNC (10) STT_LOOS.
+_IFUNC_TYPES = ("STT_GNU_IFUNC", "STT_LOOS")
+_FUNC_TYPES = ("STT_FUNC", *_IFUNC_TYPES)
 
 
 def resolve_executable(executable: str) -> str:
@@ -131,7 +133,7 @@ def symbol_file_offset(path: str, symbol: str) -> int:
                 wanted = f"{name}@{version}" if version else name
                 raise ProbeError(f"function {wanted!r} not found in {path}: {what} in .symtab/.dynsym")
             sym = found[0]
-            if sym["st_info"]["type"] == "STT_GNU_IFUNC":
+            if sym["st_info"]["type"] in _IFUNC_TYPES:
                 raise ProbeError(
                     f"{symbol!r} in {path} is an IFUNC resolver, called once at load time: "
                     "probe the implementation it selects instead"

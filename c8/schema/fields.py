@@ -95,7 +95,10 @@ VIRTUAL: tuple[Field, ...] = (
     Field("image_name", "S128", "image name; empty on the host", "container table"),
 )
 
-ADDRESS = "S108"  # text form of an IPv4/IPv6 address, or a unix socket path
+ADDRESS = "S108"
+# The executable of the acting process, on the categories where rules need it
+# (not on syscall events: their volume makes every byte count).
+PROCESS_EXEC = Field("process_exec_filename", "S256", "executable of the acting process", "process table")  # text form of an IPv4/IPv6 address, or a unix socket path
 
 PAYLOAD: dict[str, tuple[Field, ...]] = {
     "process": (
@@ -109,6 +112,10 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("exit_status", "i4", "EXIT: exit status when exited normally", "derived"),
         Field("exit_signal", "i4", "EXIT: terminating signal, 0 if none", "derived"),
         Field("exit_core_dumped", "u1", "EXIT: 1 when a core was dumped", "derived"),
+        Field("parent_pid", "i4", "pid of the parent process", "process table"),
+        Field("parent_process_id", "S16", "process_id of the parent", "process table"),
+        Field("parent_exec_filename", "S256", "executable of the parent", "process table"),
+        PROCESS_EXEC,
     ),
     "syscall": (
         Field("id", "i8", "syscall number", "raw_syscalls"),
@@ -130,6 +137,7 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("owner_gid", "i4", "ATTRIBUTE_CHANGE: new group (-1 unchanged)", "eBPF"),
         Field("syscall", "i4", "syscall number that made the event", "eBPF"),
         Field("ret", "i8", "result: fd or 0 on success, -errno on failure", "sys_exit"),
+        PROCESS_EXEC,
     ),
     "network": (
         Field("fd", "i4", "socket file descriptor", "eBPF"),
@@ -140,6 +148,7 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("backlog", "i4", "LISTEN: backlog", "eBPF"),
         Field("syscall", "i4", "syscall number that made the event", "eBPF"),
         Field("ret", "i8", "RESULT: return value", "sys_exit"),
+        PROCESS_EXEC,
     ),
     "kernel_call": (
         Field("symbol", "S128", "kernel function probed", "kprobe"),

@@ -54,6 +54,7 @@ NEEDED = (
     "CAP_SYSLOG",           # kernel addresses in /proc/kallsyms for kprobes (Capsule8's list)
 )
 
+PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
@@ -175,3 +176,9 @@ def drop_privileges(uid: int, gid: int) -> int:
         raise PrivilegeError(f"capabilities after the drop are CapEff={got['CapEff']:#x} "
                              f"CapAmb={got['CapAmb']:#x}, expected {want:#x}")
     return want
+
+
+def die_with_parent(sig: int) -> None:
+    """Get `sig` when the parent (the supervisor) dies. Call after the uid change,
+    which clears the setting."""
+    _check(_prctl(PR_SET_PDEATHSIG, sig), "prctl(PR_SET_PDEATHSIG)")

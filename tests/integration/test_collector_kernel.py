@@ -152,8 +152,18 @@ def test_main_run_follows_the_plan(tmp_path):
             return sorted(got) == sorted(pids)
 
         wait_for(exec_batch)
+        # eBPF programs asked for: loaded, or refused with a reason; tracepoints go on
         gen = 1
-        wait_for(lambda h, a: h["kind"] == "stats" and h["generation"] == 1, plan={})
+        bpf_plan = {"generation": gen, "enabled": True, "probes": {},
+                    "tracepoints": plan, "bpf": {"no_such_program": {}}}
+        pub.send(msgpack.packb(bpf_plan))
+        h, _ = wait_for(lambda h, a: h["kind"] == "stats" and h["generation"] == 1)
+        assert "bpf" in h["errors"] or "no_such_program" in h["bpf"]
+        got.clear()
+        pids = run_pinned(["/bin/true"], 2)
+        wait_for(exec_batch)
+        gen = 2
+        wait_for(lambda h, a: h["kind"] == "stats" and h["generation"] == 2, plan={})
         late = run_pinned(["/bin/true"], 2)
         deadline = time.monotonic() + 1.5  # stats every second: two stats without exec samples
         stats_seen = 0

@@ -219,3 +219,34 @@ format:
     data = sample(77, 1, 1, 1, 0, raw)
     [(src, arr)] = d.decode(buf_of(data), check_walk(data).samples)
     assert src == "t:rel_test" and arr["name"][0] == b"hello" and arr["x"][0] == 42
+
+
+def test_unexpected_record_type_is_stepped_over():
+    odd = struct.pack("<IHH", 1000, 0, 16) + b"\xff" * 8  # not a type the fast scan expects
+    recs = [sample(ENTER_ID, 1, 1, i, 0, enter_raw(i, (0,) * 6)) for i in range(4)]
+    r = check_walk(b"".join(recs[:2]) + odd + b"".join(recs[2:]))
+    assert r.n == 4 and r.other == 1
+
+
+def test_corrupt_and_empty_buffers_stop_cleanly():
+    assert ring.walk(buf_of(b"")).n == 0
+    assert ring.walk(buf_of(b"\0" * 64)).n == 0
+    good = sample(ENTER_ID, 1, 1, 1, 0, enter_raw(1, (0,) * 6))
+    assert ring.walk(buf_of(good + b"\0" * 16)).n == 1
+
+
+def test_long_same_size_runs_are_viewed_and_match_gathering(monkeypatch):
+    data = b"".join(sample(ENTER_ID, 3, 4, i, 1, enter_raw(i, (i, 0, 0, 0, 0, 7))) for i in range(100))
+    data += sample(EXEC_ID, 5, 5, 100, 1, exec_raw(b"/bin/sh", 5)) + lost(2)
+    data += b"".join(sample(ENTER_ID, 3, 4, i, 1, enter_raw(i, (i, 0, 0, 0, 0, 7))) for i in range(100, 200))
+    b = buf_of(data)
+    r = check_walk(data)
+    runs = decode.records(b, np.delete(r.samples, 100), tracefs.parse_format(SYS_ENTER_FORMAT).raw_dtype())
+    assert [len(v) for v in runs] == [100, 100] and all(np.shares_memory(v, b) for v in runs)
+    viewed = dict(make_decoder().decode(b, r.samples))
+    monkeypatch.setattr(decode, "_MIN_RUN", 10**9)  # force the gather path
+    gathered = dict(make_decoder().decode(b, r.samples))
+    for src in viewed:
+        assert viewed[src].tobytes() == gathered[src].tobytes()
+    assert viewed["raw_syscalls:sys_enter"]["id"].tolist() == list(range(200))
+    assert viewed["sched:sched_process_exec"]["filename"][0] == b"/bin/sh"

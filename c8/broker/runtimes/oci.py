@@ -20,7 +20,6 @@ NAME_KEYS = (
     "io.kubernetes.cri.container-name",
     "io.kubernetes.container.name",
     "nerdctl/name",
-    "org.opencontainers.container.name",
 )
 IMAGE_NAME_KEYS = (
     "io.kubernetes.cri.image-name",

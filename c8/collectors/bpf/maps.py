@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 
@@ -82,9 +83,8 @@ def tgid_set_replace(map_fd: int, old: set[int], new: set[int]) -> None:
         sc.map_update(map_fd, struct.pack("<I", tgid), b"\x01")
 
 
-def pending_count(map_fd: int, value_size: int) -> int:
+def pending_count(map_fd: int) -> int:
     """Entries in a pending map (walks the keys; for tests and stats)."""
-    import ctypes
     n = 0
     key = None
     while True:
@@ -94,7 +94,7 @@ def pending_count(map_fd: int, value_size: int) -> int:
         struct.pack_into("<IIQQ", attr, 0, map_fd, 0,
                          ctypes.addressof(k) if key is not None else 0, ctypes.addressof(nk))
         try:
-            sc.bpf(4, attr, "BPF_MAP_GET_NEXT_KEY")  # BPF_MAP_GET_NEXT_KEY
+            sc.bpf(sc.MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
         except sc.BpfError:
             return n
         n += 1

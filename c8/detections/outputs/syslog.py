@@ -91,12 +91,14 @@ class SyslogOutput(Output):
 
     type = "syslog"
 
-    def __init__(self, address: str = "/dev/log", protocol: str = "unix", facility="local0",
+    def __init__(self, address: str | None = None, protocol: str = "udp", facility="daemon",
                  app_name: str = "c8", timeout: float = 5.0, name: str | None = None):
         super().__init__(name)
         if protocol not in ("udp", "tcp", "unix"):
             raise ValueError(f"syslog protocol must be udp, tcp or unix, got {protocol!r}")
         self.protocol = protocol
+        if address is None:
+            address = "/dev/log" if protocol == "unix" else "127.0.0.1:514"
         self.address = parse_address(address, protocol)
         self.facility = facility_code(facility)
         self.app_name = app_name

@@ -1,0 +1,285 @@
+"""Load, attach, filter and unload the sensor's eBPF program families.
+
+One :class:`BpfManager` (collector cpu0) owns the PERF_EVENT_ARRAY every
+program writes to, and each family's programs and maps. ``apply(plan["bpf"])``
+converges to the families listed: it loads new ones, rewrites filter maps,
+and unloads those no longer listed. A family that fails (the verifier refuses
+a program, BTF is missing) is reported with its error; the others keep
+working. Other collectors get the PERF_EVENT_ARRAY's fd over ``bpf.sock``
+(:meth:`BpfManager.serve`, :func:`fetch_map_fd`) and store their CPU's
+BPF-output event in it (:func:`c8.collectors.bpf.maps.perf_array_set`).
+
+Tracepoint events for attachment come from :mod:`c8.collectors.tracefs` and
+:mod:`c8.collectors.perf`: one event per tracepoint on one CPU with
+PERF_EVENT_IOC_SET_BPF serves every CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from c8.collectors import perf, tracefs
+from c8.collectors.bpf import btf, maps, programs
+from c8.collectors.bpf import filters as flt
+from c8.collectors.bpf import records as rec
+from c8.collectors.bpf import syscalls as sc
+from c8.protocol import paths
+
+log = logging.getLogger(__name__)
+
+
+class FamilyError(Exception):
+    """A family could not be loaded; the message names the program and why."""
+
+
+@dataclass
+class _Family:
+    name: str
+    maps: programs.MapFds
+    progs: list[int] = field(default_factory=list)
+    events: list[int] = field(default_factory=list)
+    ignored: set[int] = field(default_factory=set)
+    config: bytes = b""
+    skipped: list[str] = field(default_factory=list)  # syscalls this kernel lacks
+
+    def close(self) -> None:
+        # closing the perf events detaches the programs
+        for fd in self.events + self.progs:
+            _close(fd)
+        for fd in (self.maps.pending, self.maps.scratch, self.maps.config, self.maps.ignore):
+            _close(fd)
+        self.events.clear()
+        self.progs.clear()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class BpfManager:
+    """Owner of the eBPF programs and maps of one sensor (see the module docstring)."""
+
+    def __init__(self, run_dir: str, attach_cpu: int = 0, n_cpus: int | None = None):
+        self.run_dir = run_dir
+        self.attach_cpu = attach_cpu
+        self._perf_map = maps.create_perf_array(n_cpus)
+        self._families: dict[str, _Family] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._server: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def map_fd(self) -> int:
+        """The PERF_EVENT_ARRAY (cpu -> BPF-output event) every program writes to."""
+        return self._perf_map
+
+    @property
+    def families(self) -> list[str]:
+        """Families loaded now."""
+        return list(self._families)
+
+    def family_maps(self, family: str) -> programs.MapFds:
+        """The maps of a loaded family (for tests and stats)."""
+        return self._families[family].maps
+
+    # -- plan -------------------------------------------------------------------
+    def apply(self, spec: dict) -> dict:
+        """Converge to ``spec`` = {family: {"filter": {...}}}; returns {family: {"loaded", "error"}}.
+
+        A family that failed is not retried until it leaves the spec and comes back.
+        """
+        spec = spec or {}
+        status: dict[str, dict] = {}
+        with self._lock:
+            for name in list(self._families):
+                if name not in spec:
+                    self._families.pop(name).close()
+                    log.info("bpf family %s unloaded", name)
+            for name in list(self._failed):
+                if name not in spec:
+                    del self._failed[name]
+            for name, entry in spec.items():
+                if name in self._failed:
+                    status[name] = {"loaded": False, "error": self._failed[name]}
+                    continue
+                try:
+                    fil = flt.encode((entry or {}).get("filter"))
+                    fam = self._families.get(name)
+                    if fam is None:
+                        fam = self._load(name)
+                        self._families[name] = fam
+                        log.info("bpf family %s loaded (%d programs)", name, len(fam.progs))
+                    self._set_filter(fam, fil)
+                    status[name] = {"loaded": True, "error": None}
+                except (FamilyError, sc.BpfError, btf.BtfError, tracefs.TracefsError,
+                        perf.PerfError, OSError, ValueError) as exc:
+                    msg = str(exc)
+                    log.warning("bpf family %s failed: %s", name, msg)
+                    self._failed[name] = msg
+                    status[name] = {"loaded": False, "error": msg}
+        return status
+
+    def _set_filter(self, fam: _Family, fil: flt.Filter) -> None:
+        if fil.config != fam.config:
+            maps.config_write(fam.maps.config, fil.config)
+            fam.config = fil.config
+        if fil.ignore_tgids != fam.ignored:
+            maps.tgid_set_replace(fam.maps.ignore, fam.ignored, fil.ignore_tgids)
+            fam.ignored = set(fil.ignore_tgids)
+
+    def _load(self, name: str) -> _Family:
+        if name not in rec.RECORDS:
+            raise FamilyError(f"unknown bpf family {name!r}; known: {', '.join(rec.RECORDS)}")
+        dt = rec.RECORDS[name][1]
+        short = name[:6]
+        fds: list[int] = []
+        try:
+            fds.append(maps.create_pending(dt.itemsize, f"c8_{short}_pend"))
+            fds.append(maps.create_scratch(programs.scratch_size(name), f"c8_{short}_scr"))
+            fds.append(maps.create_config(flt.CONFIG_SIZE, f"c8_{short}_cfg"))
+            fds.append(maps.create_tgid_set(f"c8_{short}_ign"))
+        except sc.BpfError:
+            for fd in fds:
+                _close(fd)
+            raise
+        fam = _Family(name, programs.MapFds(self._perf_map, *fds))
+        try:
+            maps.config_write(fam.maps.config, bytes(flt.CONFIG_SIZE))
+            if name == programs.EXIT_FAMILY:
+                self._load_sched_exit(fam)
+            else:
+                self._load_syscalls(fam)
+        except BaseException:
+            fam.close()
+            raise
+        return fam
+
+    def _attach(self, fam: _Family, prog: programs.Program, tracepoint: str) -> None:
+        try:
+            prog_fd = sc.prog_load(prog.name, prog.assemble())
+        except sc.VerifierError as exc:
+            raise FamilyError(f"program {prog.name} ({tracepoint}): {exc}") from exc
+        fam.progs.append(prog_fd)
+        ev = perf.open_tracepoint(tracefs.event_id(tracepoint), self.attach_cpu, tracepoint)
+        fam.events.append(ev)
+        perf.set_bpf(ev, prog_fd, tracepoint)
+        perf.enable(ev, tracepoint)
+
+    def _load_syscalls(self, fam: _Family) -> None:
+        for syscall in programs.FAMILIES[fam.name]:
+            enter, exit_ = (f"syscalls:sys_enter_{syscall.name}", f"syscalls:sys_exit_{syscall.name}")
+            try:
+                tracefs.event_id(enter)
+            except tracefs.TracefsError:
+                fam.skipped.append(syscall.name)  # not on this kernel/arch
+                continue
+            # exit first: an enter without its exit would leave entries behind
+            self._attach(fam, programs.exit_program(fam.name, syscall, fam.maps), exit_)
+            self._attach(fam, programs.enter_program(fam.name, syscall, fam.maps), enter)
+        if not fam.events:
+            raise FamilyError(f"no tracepoint of family {fam.name!r} exists on this kernel")
+
+    def _load_sched_exit(self, fam: _Family) -> None:
+        off = btf.member_offset("task_struct", "exit_code")
+        fmt = tracefs.read_format(programs.EXIT_TRACEPOINT)
+        gd = {f.name: f.offset for f in fmt.fields}.get("group_dead")
+        if gd is None:
+            raise FamilyError(f"{programs.EXIT_TRACEPOINT} has no group_dead field")
+        prog = programs.sched_exit_program(fam.maps, off, group_dead_offset=gd)
+        self._attach(fam, prog, programs.EXIT_TRACEPOINT)
+
+    # -- fd passing ----------------------------------------------------------------
+    def serve(self) -> str:
+        """Hand the PERF_EVENT_ARRAY fd to every peer connecting to ``bpf.sock`` (background thread)."""
+        path = paths.bpf(self.run_dir)
+        if self._server is not None:
+            return path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            srv.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        srv.listen(16)
+        srv.settimeout(0.2)  # lets close() stop the thread
+        self._server = srv
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name="c8-bpf-fd", daemon=True)
+        self._thread.start()
+        return path
+
+    def _serve(self) -> None:
+        srv = self._server
+        while srv is not None and not self._stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    socket.send_fds(conn, [b"bpf"], [self._perf_map])
+                except OSError as exc:
+                    log.warning("bpf.sock: sending the map fd failed: %s", exc)
+
+    def close(self) -> None:
+        """Stop serving, unload every family, close the PERF_EVENT_ARRAY."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            try:
+                os.unlink(paths.bpf(self.run_dir))
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            for fam in self._families.values():
+                fam.close()
+            self._families.clear()
+        if self._perf_map >= 0:
+            _close(self._perf_map)
+            self._perf_map = -1
+
+    def __enter__(self) -> BpfManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fetch_map_fd(run_dir: str, timeout: float = 5.0) -> int:
+    """The PERF_EVENT_ARRAY fd served on ``bpf.sock``, waiting up to ``timeout`` for the server."""
+    path = paths.bpf(run_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                s.connect(path)
+                _msg, fds, _flags, _addr = socket.recv_fds(s, 16, 1)
+            if not fds:
+                raise OSError(f"{path}: peer sent no file descriptor")
+            return fds[0]
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no bpf map server on {path} after {timeout}s") from None
+            time.sleep(0.05)  # the server is not up yet: retry until the deadline

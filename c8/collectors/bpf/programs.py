@@ -1,0 +1,474 @@
+"""The sensor's eBPF programs, built with :mod:`c8.collectors.bpf.asm`.
+
+Each syscall of a family gets two tracepoint programs:
+
+- ``sys_enter_<name>``: drop ignored tgids; build the record in the per-CPU
+  scratch buffer (header, arguments, strings and sockaddrs read from user
+  memory); apply the family's filter; save the record in the pending HASH
+  keyed by pid_tgid. A filtered-out call leaves no entry, so nothing follows.
+- ``sys_exit_<name>``: find the pending record of this thread, check it is
+  this syscall's, set ``ret`` (and read what the kernel wrote back: accept's
+  peer, recvfrom's source, recvmsg's msg_name), write it into this CPU's
+  perf ring with bpf_perf_event_output and delete the entry.
+
+Family ``exit`` has one program on sched:sched_process_exit that reads the
+raw wait status from ``current->exit_code`` (offset from BTF) and outputs at
+once. A user string that cannot be read (page not present) leaves its field
+empty; the record is kept, and such a name is not filtered (the filter widens).
+
+Register conventions: r6 ctx, r8 record, r9 filter config (enter programs).
+Stack: fp-8 u32 zero key, fp-16 pid_tgid, fp-24 tgid, fp-48..fp-33 scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from c8.collectors.bpf import filters as flt
+from c8.collectors.bpf import records as rec
+from c8.collectors.bpf.asm import (
+    BPF_ANY,
+    BPF_F_CURRENT_CPU,
+    DW,
+    FP,
+    GET_CURRENT_PID_TGID,
+    GET_CURRENT_TASK,
+    GET_CURRENT_UID_GID,
+    MAP_DELETE_ELEM,
+    MAP_LOOKUP_ELEM,
+    MAP_UPDATE_ELEM,
+    PERF_EVENT_OUTPUT,
+    PROBE_READ_KERNEL,
+    PROBE_READ_USER,
+    PROBE_READ_USER_STR,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R5,
+    R6,
+    R7,
+    R8,
+    R9,
+    SIZE_OF,
+    B,
+    Program,
+    W,
+)
+
+AT_FDCWD = rec.AT_FDCWD
+O_CREAT_WRONLY_TRUNC = 0o1101
+AT_SYMLINK_NOFOLLOW = 0x100
+MAX_ARGS = 64
+
+KEY0, PID_TGID, TGID, TMP = -8, -16, -24, -48
+
+
+def arg(i: int) -> int:
+    """ctx offset of syscall argument ``i`` in a sys_enter record."""
+    return 16 + 8 * i
+
+
+RET_OFF = 16  # sys_exit ctx: long ret
+NR_OFF = 8  # __syscall_nr
+
+
+# -- field sources ------------------------------------------------------------
+@dataclass(frozen=True)
+class Arg:
+    """Copy syscall argument ``index`` into the field."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int
+
+
+@dataclass(frozen=True)
+class Str:
+    """Read a user string whose pointer is argument ``index``; names are filtered."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class OpenHow:
+    """openat2: flags and mode from the struct open_how argument ``index`` points to."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Argv:
+    index: int
+
+
+@dataclass(frozen=True)
+class SockAddr:
+    """A sockaddr: ``how`` is ``enter`` (pointer arg, length arg), ``exit_len``
+    (pointer arg, int* length arg, read at exit), ``msg_enter``/``msg_exit``
+    (a struct msghdr pointer arg; msg_name/msg_namelen)."""
+
+    how: str
+    ptr: int
+    length: int = -1
+
+
+@dataclass(frozen=True)
+class Syscall:
+    name: str
+    fields: dict = field(default_factory=dict)
+
+
+def _s(name: str, **fields) -> Syscall:
+    return Syscall(name, fields)
+
+
+FAMILIES: dict[str, list[Syscall]] = {
+    "open": [
+        _s("open", filename=Str(0), flags=Arg(1), mode=Arg(2), dirfd=Const(AT_FDCWD)),
+        _s("openat", dirfd=Arg(0), filename=Str(1), flags=Arg(2), mode=Arg(3)),
+        _s("openat2", dirfd=Arg(0), filename=Str(1), flags=OpenHow(2)),
+        _s("creat", filename=Str(0), mode=Arg(1), flags=Const(O_CREAT_WRONLY_TRUNC),
+           dirfd=Const(AT_FDCWD)),
+    ],
+    "file1": [
+        _s("unlink", filename=Str(0)),
+        _s("unlinkat", dirfd=Arg(0), filename=Str(1), flags=Arg(2)),
+        _s("rmdir", filename=Str(0)),
+        _s("mkdir", filename=Str(0), mode=Arg(1)),
+        _s("mkdirat", dirfd=Arg(0), filename=Str(1), mode=Arg(2)),
+        _s("mknod", filename=Str(0), mode=Arg(1)),
+        _s("mknodat", dirfd=Arg(0), filename=Str(1), mode=Arg(2)),
+        _s("chmod", filename=Str(0), mode=Arg(1)),
+        _s("fchmodat", dirfd=Arg(0), filename=Str(1), mode=Arg(2)),
+        _s("fchmodat2", dirfd=Arg(0), filename=Str(1), mode=Arg(2), flags=Arg(3)),
+        _s("chown", filename=Str(0), owner_uid=Arg(1), owner_gid=Arg(2)),
+        _s("lchown", filename=Str(0), owner_uid=Arg(1), owner_gid=Arg(2),
+           flags=Const(AT_SYMLINK_NOFOLLOW)),
+        _s("fchownat", dirfd=Arg(0), filename=Str(1), owner_uid=Arg(2), owner_gid=Arg(3),
+           flags=Arg(4)),
+        _s("fchmod", dirfd=Arg(0), mode=Arg(1)),
+        _s("fchown", dirfd=Arg(0), owner_uid=Arg(1), owner_gid=Arg(2)),
+    ],
+    "file2": [
+        _s("rename", oldname=Str(0), newname=Str(1)),
+        _s("renameat", olddirfd=Arg(0), oldname=Str(1), newdirfd=Arg(2), newname=Str(3)),
+        _s("renameat2", olddirfd=Arg(0), oldname=Str(1), newdirfd=Arg(2), newname=Str(3),
+           flags=Arg(4)),
+        _s("link", oldname=Str(0), newname=Str(1)),
+        _s("linkat", olddirfd=Arg(0), oldname=Str(1), newdirfd=Arg(2), newname=Str(3),
+           flags=Arg(4)),
+        _s("symlink", oldname=Str(0), newname=Str(1)),
+        _s("symlinkat", oldname=Str(0), newdirfd=Arg(1), newname=Str(2)),
+    ],
+    "exec": [
+        _s("execve", filename=Str(0), argv=Argv(1), dirfd=Const(AT_FDCWD)),
+        _s("execveat", dirfd=Arg(0), filename=Str(1), argv=Argv(2), flags=Arg(4)),
+    ],
+    "sock": [
+        _s("connect", fd=Arg(0), addr=SockAddr("enter", 1, 2)),
+        _s("bind", fd=Arg(0), addr=SockAddr("enter", 1, 2)),
+        _s("listen", fd=Arg(0), backlog=Arg(1)),
+        _s("accept", fd=Arg(0), addr=SockAddr("exit_len", 1, 2)),
+        _s("accept4", fd=Arg(0), addr=SockAddr("exit_len", 1, 2), flags=Arg(3)),
+        _s("sendto", fd=Arg(0), flags=Arg(3), addr=SockAddr("enter", 4, 5)),
+        _s("recvfrom", fd=Arg(0), flags=Arg(3), addr=SockAddr("exit_len", 4, 5)),
+        _s("sendmsg", fd=Arg(0), flags=Arg(2), addr=SockAddr("msg_enter", 1)),
+        _s("recvmsg", fd=Arg(0), flags=Arg(2), addr=SockAddr("msg_exit", 1)),
+        _s("sendmmsg", fd=Arg(0), flags=Arg(3), addr=SockAddr("msg_enter", 1)),
+        _s("recvmmsg", fd=Arg(0), flags=Arg(3), addr=SockAddr("msg_exit", 1)),
+    ],
+}
+
+# fields preset to "not applicable" before the syscall's own fields
+DEFAULTS = {"dirfd": AT_FDCWD, "olddirfd": AT_FDCWD, "newdirfd": AT_FDCWD,
+            "owner_uid": rec.NO_ID, "owner_gid": rec.NO_ID, "fd": -1}
+
+EXIT_FAMILY = "exit"
+EXIT_TRACEPOINT = "sched:sched_process_exit"
+
+
+def family_names() -> list[str]:
+    return [*FAMILIES, EXIT_FAMILY]
+
+
+def scratch_size(family: str) -> int:
+    """Per-CPU scratch bytes: the record, plus slack for exec's bounded argv writes."""
+    dt = rec.RECORDS[family][1]
+    return dt.itemsize + (rec.ARGV_LEN if family == "exec" else 0)
+
+
+@dataclass
+class MapFds:
+    """The maps one family's programs use."""
+
+    perf: int
+    pending: int
+    scratch: int
+    config: int
+    ignore: int
+
+
+# -- building blocks ----------------------------------------------------------
+def _lookup(p: Program, map_fd: int, key_off: int, miss: str) -> None:
+    """r0 = lookup(map, fp+key_off); goto miss if absent."""
+    p.ld_map_fd(R1, map_fd).mov(R2, FP).addi(R2, key_off).call(MAP_LOOKUP_ELEM)
+    p.jmp("jeq", R0, None, 0, miss)
+
+
+def _zero(p: Program, reg: int, size: int) -> None:
+    for off in range(0, size, 8):
+        p.st(DW, reg, off, 0)
+
+
+def _header(p: Program, tag: int, nr_from_ctx: bool) -> None:
+    """tag, nr, uid/gid into the record at r8; leaves uid_gid in r0."""
+    p.st(W, R8, 0, tag)
+    if nr_from_ctx:
+        p.ldx(W, R1, R6, NR_OFF).stx(W, R8, 4, R1)
+    else:
+        p.st(W, R8, 4, -1)
+    p.call(GET_CURRENT_UID_GID).stx(DW, R8, 8, R0)  # uid low, gid high: one store
+
+
+def _ignore_check(p: Program, ignore_fd: int, out: str) -> None:
+    """pid_tgid -> fp-16, tgid -> fp-24; goto out if the tgid is ignored. Leaves pid_tgid in r7."""
+    p.call(GET_CURRENT_PID_TGID).mov(R7, R0).stx(DW, FP, PID_TGID, R0)
+    p.mov(R1, R0).rshi(R1, 32).stx(W, FP, TGID, R1)
+    p.ld_map_fd(R1, ignore_fd).mov(R2, FP).addi(R2, TGID).call(MAP_LOOKUP_ELEM)
+    p.jmp("jne", R0, None, 0, out)
+
+
+def _sext32(p: Program, reg: int) -> None:
+    p.lshi(reg, 32).arshi(reg, 32)
+
+
+def _read_sockaddr(p: Program, dt: np.dtype, done: str) -> None:
+    """Given r2 = length (signed) and r3 = user pointer: addrlen = r2, addr = read(min(r2, 112))."""
+    p.stx(W, R8, rec.offset(dt, "addrlen"), R2)
+    p.jmp("jeq", R3, None, 0, done)
+    p.jmp("jsle", R2, None, 0, done)
+    ok = p.fresh("len")
+    p.jmp("jle", R2, None, rec.SOCKADDR_LEN, ok)
+    p.movi(R2, rec.SOCKADDR_LEN)
+    p.label(ok)
+    p.mov(R1, R8).addi(R1, rec.offset(dt, "addr")).call(PROBE_READ_USER)
+
+
+def _read_msghdr_addr(p: Program, dt: np.dtype, done: str) -> None:
+    """r3 = struct msghdr *: read msg_name/msg_namelen, then the sockaddr."""
+    p.jmp("jeq", R3, None, 0, done)
+    p.mov(R1, FP).addi(R1, TMP).movi(R2, 16).call(PROBE_READ_USER)
+    p.jmp("jne", R0, None, 0, done)
+    p.ldx(DW, R3, FP, TMP).ldx(W, R2, FP, TMP + 8)
+    _sext32(p, R2)
+    _read_sockaddr(p, dt, done)
+
+
+def _name_filter(p: Program, name_offs: list[int], passed: str, drop: str) -> None:
+    """Pass when any configured pattern matches any of the names (or none is configured).
+
+    A name whose read failed (first byte NUL) passes: the filter only widens.
+    """
+    p.ldx(W, R1, R9, flt.OFF_ENABLED).andi(R1, flt.EN_NAMES)
+    p.jmp("jeq", R1, None, 0, passed)
+    for noff in name_offs:
+        p.ldx(B, R1, R8, noff).jmp("jeq", R1, None, 0, passed)
+    for noff in name_offs:
+        for i in range(flt.PATTERNS):
+            base = flt.PATTERNS_OFF + i * flt.PATTERN_STRIDE
+            nxt = p.fresh("pat")
+            p.ldx(W, R2, R9, base).jmp("jeq", R2, None, 0, nxt)
+            for j in range(flt.PATTERN_MAX):
+                if j:
+                    p.jmp("jle", R2, None, j, passed)  # all len bytes compared equal
+                p.ldx(B, R3, R8, noff + j).ldx(B, R4, R9, base + 8 + j)
+                p.jmp("jne", R3, R4, None, nxt)
+            p.ja(passed)
+            p.label(nxt)
+    p.ja(drop)
+
+
+def _argv(p: Program, dt: np.dtype, ctx_off: int) -> None:
+    """Copy argv strings, NUL-separated, while they fit in the argv field (bounded, unrolled)."""
+    done = p.fresh("argv_done")
+    base = rec.offset(dt, "argv")
+    p.ldx(DW, R7, R6, ctx_off)  # user argv (char **)
+    p.movi(R9, 0)  # bytes written so far
+    p.jmp("jeq", R7, None, 0, done)
+    for i in range(MAX_ARGS):
+        p.mov(R1, FP).addi(R1, TMP).movi(R2, 8).mov(R3, R7).addi(R3, 8 * i)
+        p.call(PROBE_READ_USER).jmp("jne", R0, None, 0, done)
+        p.ldx(DW, R3, FP, TMP).jmp("jeq", R3, None, 0, done)
+        # dst = argv + off, size = ARGV_LEN - off (off <= ARGV_LEN-1; scratch has slack)
+        p.mov(R1, R8).addi(R1, base).add(R1, R9)
+        p.movi(R2, rec.ARGV_LEN).sub(R2, R9)
+        p.call(PROBE_READ_USER_STR).jmp("jsle", R0, None, 0, done)
+        p.add(R9, R0)
+        p.st(W, R8, rec.offset(dt, "argc"), i + 1).stx(W, R8, rec.offset(dt, "argv_len"), R9)
+        p.jmp("jgt", R9, None, rec.ARGV_LEN - 1, done)
+    p.label(done)
+
+
+# -- programs -------------------------------------------------------------------
+def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
+    """The sys_enter program of one syscall."""
+    tag, dt = rec.RECORDS[family]
+    p = Program(f"c8e_{sc.name}")
+    out, drop, save = "out", "drop", "save"
+    p.mov(R6, R1)
+    _ignore_check(p, maps.ignore, out)
+    p.st(W, FP, KEY0, 0)
+    _lookup(p, maps.config, KEY0, out)
+    p.mov(R9, R0)
+    _lookup(p, maps.scratch, KEY0, out)
+    p.mov(R8, R0)
+    _zero(p, R8, dt.itemsize)
+    _header(p, tag, nr_from_ctx=True)
+    # uid equality (r0 = uid_gid from _header)
+    skip = p.fresh("uid")
+    p.ldx(W, R1, R9, flt.OFF_ENABLED).andi(R1, flt.EN_UID).jmp("jeq", R1, None, 0, skip)
+    p.ldx(W, R2, R9, flt.OFF_UID).mov32(R3, R0).jmp("jne", R3, R2, None, out)
+    p.label(skip)
+
+    for name, value in DEFAULTS.items():
+        if name in dt.names and name not in sc.fields:
+            p.st(SIZE_OF[rec.size(dt, name)], R8, rec.offset(dt, name), value)
+    names: list[int] = []
+    argv: Argv | None = None
+    for name, src in sc.fields.items():
+        if isinstance(src, Argv):
+            argv = src
+            continue
+        off = rec.offset(dt, name)
+        if isinstance(src, Arg):
+            p.ldx(DW, R1, R6, arg(src.index)).stx(SIZE_OF[rec.size(dt, name)], R8, off, R1)
+        elif isinstance(src, Const):
+            p.st(SIZE_OF[rec.size(dt, name)], R8, off, src.value)
+        elif isinstance(src, Str):
+            p.mov(R1, R8).addi(R1, off).movi(R2, rec.size(dt, name))
+            p.ldx(DW, R3, R6, arg(src.index)).call(PROBE_READ_USER_STR)
+            names.append(off)
+        elif isinstance(src, OpenHow):  # struct open_how {u64 flags, mode, resolve}
+            done = p.fresh("how")
+            p.mov(R1, FP).addi(R1, TMP).movi(R2, 16).ldx(DW, R3, R6, arg(src.index))
+            p.call(PROBE_READ_USER).jmp("jne", R0, None, 0, done)
+            p.ldx(DW, R1, FP, TMP).stx(W, R8, rec.offset(dt, "flags"), R1)
+            p.ldx(DW, R1, FP, TMP + 8).stx(W, R8, rec.offset(dt, "mode"), R1)
+            p.label(done)
+        elif isinstance(src, SockAddr):
+            done = p.fresh("addr")
+            p.ldx(DW, R3, R6, arg(src.ptr)).stx(DW, R8, rec.offset(dt, "uaddr"), R3)
+            if src.how == "enter":
+                p.ldx(DW, R2, R6, arg(src.length))
+                _sext32(p, R2)
+                _read_sockaddr(p, dt, done)
+            elif src.how == "msg_enter":
+                p.stx(DW, R8, rec.offset(dt, "ulen_ptr"), R3)
+                _read_msghdr_addr(p, dt, done)
+            elif src.how == "exit_len":
+                p.ldx(DW, R1, R6, arg(src.length)).stx(DW, R8, rec.offset(dt, "ulen_ptr"), R1)
+            elif src.how == "msg_exit":
+                p.stx(DW, R8, rec.offset(dt, "ulen_ptr"), R3)
+            else:
+                raise ValueError(f"bad sockaddr mode {src.how!r}")
+            p.label(done)
+        else:
+            raise TypeError(f"{sc.name}.{name}: unknown source {src!r}")
+
+    if "flags" in dt.names:
+        skip = p.fresh("flags")
+        p.ldx(W, R1, R9, flt.OFF_ENABLED).andi(R1, flt.EN_FLAGS).jmp("jeq", R1, None, 0, skip)
+        p.ldx(W, R2, R9, flt.OFF_FLAGS_MASK).ldx(W, R3, R8, rec.offset(dt, "flags"))
+        p.alu("and", R3, R2).jmp("jeq", R3, None, 0, out)
+        p.label(skip)
+    if family in ("open", "file1", "file2", "exec"):
+        if names:
+            _name_filter(p, names, save if argv is None else "argv", drop)
+        else:  # fchmod/fchown: no name to match; a name filter drops them
+            p.ldx(W, R1, R9, flt.OFF_ENABLED).andi(R1, flt.EN_NAMES)
+            p.jmp("jne", R1, None, 0, drop)
+    if argv is not None:
+        p.label("argv")
+        _argv(p, dt, arg(argv.index))
+    p.label(save)
+    p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).mov(R3, R8).movi(R4, BPF_ANY)
+    p.call(MAP_UPDATE_ELEM)
+    p.label(drop)
+    p.label(out)
+    p.movi(R0, 0).exit()
+    return p
+
+
+def _output(p: Program, perf_fd: int, size: int) -> None:
+    """bpf_perf_event_output(ctx=r6, perf map, BPF_F_CURRENT_CPU, r8, size)."""
+    p.mov(R1, R6).ld_map_fd(R2, perf_fd).ld_imm64(R3, BPF_F_CURRENT_CPU).mov(R4, R8)
+    p.movi(R5, size).call(PERF_EVENT_OUTPUT)
+
+
+def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
+    """The sys_exit program of one syscall: complete the pending record and output it."""
+    _tag, dt = rec.RECORDS[family]
+    p = Program(f"c8x_{sc.name}")
+    p.mov(R6, R1)
+    p.call(GET_CURRENT_PID_TGID).stx(DW, FP, PID_TGID, R0)
+    _lookup(p, maps.pending, PID_TGID, "out")
+    p.mov(R8, R0)
+    # an entry left by another syscall of the family (missed exit): drop it
+    p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4).jmp("jne", R1, R2, None, "delete")
+    p.ldx(DW, R1, R6, RET_OFF).stx(DW, R8, rec.offset(dt, "ret"), R1)
+    addr = sc.fields.get("addr")
+    if isinstance(addr, SockAddr) and addr.how in ("exit_len", "msg_exit"):
+        p.jmp("jslt", R1, None, 0, "emit")
+        p.ldx(DW, R3, R8, rec.offset(dt, "ulen_ptr"))
+        if addr.how == "exit_len":
+            p.jmp("jeq", R3, None, 0, "emit")
+            p.mov(R1, FP).addi(R1, TMP).movi(R2, 4).call(PROBE_READ_USER)
+            p.jmp("jne", R0, None, 0, "emit")
+            p.ldx(W, R2, FP, TMP)
+            _sext32(p, R2)
+            p.ldx(DW, R3, R8, rec.offset(dt, "uaddr"))
+            _read_sockaddr(p, dt, "emit")
+        else:
+            _read_msghdr_addr(p, dt, "emit")
+    p.label("emit")
+    _output(p, maps.perf, dt.itemsize)
+    p.label("delete")
+    p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).call(MAP_DELETE_ELEM)
+    p.label("out")
+    p.movi(R0, 0).exit()
+    return p
+
+
+def sched_exit_program(maps: MapFds, exit_code_offset: int, group_dead_offset: int = 32) -> Program:
+    """sched:sched_process_exit -> one ``exit`` record with the raw wait status."""
+    tag, dt = rec.RECORDS[EXIT_FAMILY]
+    p = Program("c8_sched_exit")
+    p.mov(R6, R1)
+    _ignore_check(p, maps.ignore, "out")
+    p.st(W, FP, KEY0, 0)
+    _lookup(p, maps.scratch, KEY0, "out")
+    p.mov(R8, R0)
+    _zero(p, R8, dt.itemsize)
+    _header(p, tag, nr_from_ctx=False)
+    p.mov(R1, R7).rshi(R1, 32).stx(W, R8, rec.offset(dt, "tgid"), R1)
+    p.stx(W, R8, rec.offset(dt, "tid"), R7)
+    p.ldx(B, R1, R6, group_dead_offset).stx(B, R8, rec.offset(dt, "group_dead"), R1)
+    p.call(GET_CURRENT_TASK).mov(R3, R0).addi(R3, exit_code_offset)
+    p.mov(R1, R8).addi(R1, rec.offset(dt, "exit_code")).movi(R2, 4).call(PROBE_READ_KERNEL)
+    _output(p, maps.perf, dt.itemsize)
+    p.label("out")
+    p.movi(R0, 0).exit()
+    return p
+
+
+def tracepoints(family: str) -> list[tuple[str, str, str]]:
+    """(syscall, enter tracepoint, exit tracepoint) of each syscall of a family."""
+    return [(sc.name, f"syscalls:sys_enter_{sc.name}", f"syscalls:sys_exit_{sc.name}")
+            for sc in FAMILIES[family]]

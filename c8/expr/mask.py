@@ -1,0 +1,207 @@
+"""AST -> a function computing a boolean mask over a whole structured batch.
+
+Every leaf is one or a few numpy operations on a column; nothing runs Python
+per event. String columns are fixed-width bytes: literals are encoded to
+UTF-8 and compared as bytes. ``like`` uses startswith/endswith/find fast
+paths for the common shapes (``p*``, ``*s``, ``*m*``) and otherwise matches
+each *distinct* value once (np.unique + fnmatch + the inverse index).
+Container fields are evaluated on the batch's small container table, then
+mapped onto the ``container`` column with np.isin.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from c8 import schema
+from c8.expr.errors import ExprFieldError, ExprTypeError
+from c8.expr.evaluate import leaf_matches, literal
+from c8.expr.fieldinfo import CONTAINER_FIELDS, constant_compare, int_range
+from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or
+
+Containers = Mapping[int, Sequence[str]]
+MaskFn = Callable[[np.ndarray, Containers | None], np.ndarray]
+_Leaf = Callable[[np.ndarray, Containers | None], np.ndarray]
+
+_NUMPY_OPS = {"==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,
+              ">": np.greater, ">=": np.greater_equal}
+
+
+def compile_mask(node: Node, category: str) -> MaskFn:
+    """A function ``(batch, containers) -> bool array`` evaluating ``node`` on every event.
+
+    ``batch`` has dtype ``c8.schema.dtype(category)`` (plus any ``arg_`` columns);
+    ``containers`` maps the ``container`` column's values to rows
+    (container_id, container_name, image_id, image_name, runtime); index 0 and
+    indices missing from it are the host (all fields empty). Call ``check``
+    first: a field the batch lacks raises ExprFieldError when the mask runs.
+    """
+    fn = _compile(node, category)
+
+    def mask(batch: np.ndarray, containers: Containers | None = None) -> np.ndarray:
+        return np.asarray(fn(batch, containers), dtype=bool)
+
+    return mask
+
+
+def _compile(node: Node, category: str) -> _Leaf:
+    if isinstance(node, And | Or):
+        left, right = _compile(node.left, category), _compile(node.right, category)
+        is_and = isinstance(node, And)
+
+        def both(batch: np.ndarray, containers: Containers | None) -> np.ndarray:
+            m = left(batch, containers)
+            # skip the right side when the left already decides every event
+            if is_and and not m.any():
+                return m
+            if not is_and and m.all():
+                return m
+            r = right(batch, containers)
+            return (m & r) if is_and else (m | r)
+
+        return both
+    if isinstance(node, Not):
+        inner = _compile(node.operand, category)
+        return lambda batch, containers: ~inner(batch, containers)
+    if node.field in CONTAINER_FIELDS:
+        return _container_leaf(node)
+    if node.field == "type":
+        hit = leaf_matches(node, category.encode())
+        return lambda batch, containers: np.full(len(batch), hit)
+    if node.field == "kind":
+        return _kind_leaf(node, category)
+    return _column_leaf(node)
+
+
+def _column(batch: np.ndarray, leaf: Node) -> np.ndarray:
+    names = batch.dtype.names or ()
+    if leaf.field not in names:
+        raise ExprFieldError(f"batch has no column '{leaf.field}'", leaf.pos, leaf.field)
+    return batch[leaf.field]
+
+
+def _column_leaf(leaf: Node) -> _Leaf:
+    def run(batch: np.ndarray, containers: Containers | None) -> np.ndarray:
+        col = _column(batch, leaf)
+        if col.dtype.kind == "S":
+            return _string_leaf(leaf, col)
+        return _number_leaf(leaf, col)
+
+    return run
+
+
+def _number_leaf(leaf: Node, col: np.ndarray) -> np.ndarray:
+    rng = int_range(col.dtype.str[1:]) if col.dtype.kind in "iu" else None
+    if isinstance(leaf, Compare):
+        value = leaf.value
+        if not isinstance(value, int):
+            raise ExprTypeError(f"field '{leaf.field}' is a number, compared with a string", leaf.pos, leaf.field)
+        if rng is not None:
+            const = constant_compare(leaf.op, value, *rng)
+            if const is not None:
+                return np.full(len(col), const)
+            value = col.dtype.type(value)
+        return _NUMPY_OPS[leaf.op](col, value)
+    if isinstance(leaf, In):
+        if not all(isinstance(v, int) for v in leaf.values):
+            raise ExprTypeError(f"field '{leaf.field}' is a number, listed with strings", leaf.pos, leaf.field)
+        values = [v for v in leaf.values if rng is None or rng[0] <= v <= rng[1]]
+        hit = np.isin(col, np.array(values, dtype=col.dtype)) if values else np.zeros(len(col), bool)
+        return ~hit if leaf.negated else hit
+    if isinstance(leaf, IsNull):
+        return (col != 0) if leaf.negated else (col == 0)
+    raise ExprTypeError(f"'like' needs a string field, and '{leaf.field}' is a number", leaf.pos, leaf.field)
+
+
+def _string_leaf(leaf: Node, col: np.ndarray) -> np.ndarray:
+    if isinstance(leaf, Compare):
+        if not isinstance(leaf.value, str):
+            raise ExprTypeError(f"field '{leaf.field}' is a string, compared with a number", leaf.pos, leaf.field)
+        return _NUMPY_OPS[leaf.op](col, np.bytes_(literal(leaf.value)))
+    if isinstance(leaf, In):
+        if not all(isinstance(v, str) for v in leaf.values):
+            raise ExprTypeError(f"field '{leaf.field}' is a string, listed with numbers", leaf.pos, leaf.field)
+        hit = np.isin(col, np.array([literal(v) for v in leaf.values], dtype=bytes))
+        return ~hit if leaf.negated else hit
+    if isinstance(leaf, IsNull):
+        return (col != b"") if leaf.negated else (col == b"")
+    hit = like(col, leaf.pattern.encode("utf-8"))
+    return ~hit if leaf.negated else hit
+
+
+_STARS = re.compile(rb"\*+")
+
+
+def like(col: np.ndarray, pattern: bytes) -> np.ndarray:
+    """fnmatchcase(value, pattern) for every value of a fixed-width bytes column."""
+    pattern = _STARS.sub(b"*", pattern)  # '**' matches what '*' does
+    if not any(c in pattern for c in (b"?", b"[")):
+        parts = pattern.split(b"*")
+        if len(parts) == 1:
+            return col == np.bytes_(pattern)
+        if pattern == b"*":
+            return np.ones(len(col), bool)
+        if len(parts) == 2 and parts[1] == b"":
+            return np.char.startswith(col, parts[0])
+        if len(parts) == 2 and parts[0] == b"":
+            return np.char.endswith(col, parts[1])
+        if len(parts) == 3 and parts[0] == parts[2] == b"":
+            return np.char.find(col, parts[1]) >= 0
+    if len(col) == 0:
+        return np.zeros(0, bool)
+    uniq, inverse = np.unique(col, return_inverse=True)
+    hits = np.fromiter((fnmatch.fnmatchcase(bytes(u), pattern) for u in uniq), bool, len(uniq))
+    return hits[inverse.reshape(-1)]
+
+
+def _kind_leaf(leaf: Node, category: str) -> _Leaf:
+    kinds = schema.KINDS[category]
+
+    def code(v: object) -> int:
+        if isinstance(v, int):
+            return v
+        if v not in kinds:
+            raise ExprTypeError(f"'{v}' is not a kind of {category} events (kinds: {', '.join(kinds)})",
+                                leaf.pos, "kind")
+        return schema.kind_code(category, v)
+
+    if isinstance(leaf, Compare):
+        if isinstance(leaf.value, str) and leaf.op not in ("==", "!="):
+            raise ExprTypeError(f"kind names compare only with == and != (got '{leaf.op}')", leaf.pos, "kind")
+        numeric = Compare("kind", leaf.op, code(leaf.value), leaf.pos)
+        return lambda batch, containers: _number_leaf(numeric, _column(batch, leaf))
+    if isinstance(leaf, In):
+        numeric = In("kind", tuple(code(v) for v in leaf.values), leaf.negated, leaf.pos)
+    elif isinstance(leaf, Like):
+        codes = tuple(schema.kind_code(category, k) for k in kinds if fnmatch.fnmatchcase(k, leaf.pattern))
+        numeric = In("kind", codes, leaf.negated, leaf.pos)
+    else:
+        raise ExprTypeError("'kind' is never null", leaf.pos, "kind")
+    return lambda batch, containers: _number_leaf(numeric, _column(batch, leaf))
+
+
+def _container_leaf(leaf: Node) -> _Leaf:
+    slot = CONTAINER_FIELDS[leaf.field]
+
+    def run(batch: np.ndarray, containers: Containers | None) -> np.ndarray:
+        col = _column(batch, Compare("container", "==", 0, leaf.pos))
+        table = {int(k): v for k, v in (containers or {}).items() if int(k) != 0}
+        host_hit = leaf_matches(leaf, b"")  # the host, and indices the table lacks
+        hits = [k for k, row in table.items() if leaf_matches(leaf, _text(row[slot]))]
+        known = np.fromiter(table, np.int64, len(table))
+        mask = np.isin(col, np.array(hits, np.int64))
+        if host_hit:
+            mask |= ~np.isin(col, known)
+        return mask
+
+    return run
+
+
+def _text(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)

@@ -1,0 +1,72 @@
+"""c8-supervisor: load the configuration, then run the sensor's process tree.
+
+Exit status: 0 after SIGTERM/SIGINT, 1 when the sensor cannot start or a child
+ends for good (event limiter exit, FATAL), 2 for a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from c8.supervisor import config
+from c8.supervisor.arbiter import StartupError, Supervisor
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="c8-supervisor",
+        description="Run the c8 sensor: broker, one collector per CPU and the detector, "
+                    "as sensor_user, in the capsule8-sensor cgroup when resource limits are on.")
+    p.add_argument("--config", metavar="PATH",
+                   help=f"configuration file (default: ${config.CONFIG_ENV} or "
+                        f"{config.DEFAULT_PATH})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--foreground", dest="daemon", action="store_false",
+                      help="stay attached to the terminal (the default; systemd runs it so)")
+    mode.add_argument("--daemon", dest="daemon", action="store_true",
+                      help="detach into the background (logs still go to stderr)")
+    p.set_defaults(daemon=False)
+    return p.parse_args(argv)
+
+
+def _daemonize() -> None:
+    """Detach: fork, new session, parent exits. stderr stays where it was (logs)."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = _parse(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s c8-supervisor[%(process)d] %(levelname)s %(message)s")
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"c8-supervisor: ConfigError: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    if args.daemon:
+        _daemonize()
+    try:
+        return Supervisor(cfg).run()
+    except StartupError as e:
+        print(f"c8-supervisor: cannot start: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""run_dir/supervisor.json: the tree as the supervisor sees it (read by c8ctl status).
+
+    {"pid": 1, "started": "2025-01-01T00:00:00+00:00", "started_unix": 1.7e9,
+     "config": "/etc/capsule8/capsule8-sensor.yaml" | null, "cgroup": "capsule8-sensor" | null,
+     "children": [{"name": "c8-broker", "pid": 12, "state": "RUNNING", "restarts": 0,
+                   "last_exit_reason": null}, ...]}
+
+`pid` is the supervisor's; children's states are those of c8.supervisor.children.State.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write(path: str, supervisor: dict, children: list[dict]) -> None:
+    """Write {**supervisor, "children": children}. Replace the file atomically (readers never see half of it), mode 0644."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**supervisor, "children": children}, f, indent=1)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def read(path: str) -> dict | None:
+    """The file's content, or None when absent or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def running_supervisor(path: str) -> int | None:
+    """The pid of a live supervisor that wrote `path`, or None (stale or absent)."""
+    data = read(path)
+    try:
+        pid = int(data["pid"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return None
+    return pid if b"c8-supervisor" in cmdline else None

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh Debian machine, as root:
+# kernel tools, container runtimes, and the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+if [ -x .ci/install-runtimes.sh ]; then
+  bash .ci/install-runtimes.sh
+else
+  apt-get update -qq
+  apt-get install -y -qq linux-perf gcc busybox-static docker.io podman runc crun containerd >/dev/null
+fi
+apt-get install -y -qq linux-perf gcc binutils iproute2 util-linux passwd >/dev/null
+python -m pip install -q -e '.[test]'
+mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+from tests.integration.sensor import Sensor
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        # Integration tests need root and the real kernel: fail loudly, never skip silently.
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture
+def sensor(tmp_path):
+    """A running private sensor; stopped (and checked to stop cleanly) afterwards."""
+    s = Sensor(tmp_path).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_sensor(tmp_path_factory):
+    """One sensor for a module's tests that only subscribe and watch."""
+    s = Sensor(tmp_path_factory.mktemp("sensor")).start()
+    yield s
+    s.stop()

@@ -1,0 +1,492 @@
+"""The eBPF capture layer against the real kernel: every family loads, attaches,
+and writes exact, complete records for real workloads into a perf ring.
+
+The ring reader here is deliberately minimal and independent of
+c8.collectors.ring/decode: a BPF-output event on one CPU, mmapped, walked in
+Python. Workloads run in children pinned to that CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.root
+
+if os.geteuid() != 0:
+    pytest.skip("needs root (CAP_BPF, CAP_PERFMON)", allow_module_level=True)
+
+from c8.collectors.bpf import maps, records  # noqa: E402
+from c8.collectors.bpf.manager import BpfManager, fetch_map_fd  # noqa: E402
+
+CPU = 1 if os.cpu_count() and os.cpu_count() > 1 else 0
+FAMILIES = ["open", "file1", "file2", "exec", "sock", "exit"]
+TAGS = {tag: (name, dt) for name, (tag, dt) in records.RECORDS.items()}
+PAGES = 512
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class Ring:
+    """A PERF_COUNT_SW_BPF_OUTPUT event on one CPU with its mmap ring (TID | RAW samples)."""
+
+    def __init__(self, cpu: int):
+        attr = bytearray(128)
+        # type SOFTWARE, size, config BPF_OUTPUT, period 1, sample_type TID|RAW, flags 0, wakeup 1
+        struct.pack_into("<IIQQQQQI", attr, 0, 1, 128, 10, 1, (1 << 1) | (1 << 10), 0, 0, 1)
+        buf = ctypes.create_string_buffer(bytes(attr), 128)
+        fd = _libc.syscall(298, buf, -1, cpu, -1, 1 << 3)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "perf_event_open(BPF_OUTPUT)")
+        self.fd = int(fd)
+        self.size = PAGES * mmap.PAGESIZE
+        self.mm = mmap.mmap(self.fd, (PAGES + 1) * mmap.PAGESIZE)
+        self.lost = 0
+
+    def read(self) -> list[tuple[int, int, bytes]]:
+        """(pid, tid, raw bytes) of every new sample."""
+        head = struct.unpack_from("<Q", self.mm, 1024)[0]
+        tail = struct.unpack_from("<Q", self.mm, 1032)[0]
+        base = mmap.PAGESIZE
+        data = bytes(self.mm[base: base + self.size])
+        out = []
+        pos = tail
+        while pos < head:
+            off = pos % self.size
+            chunk = (data + data)[off: off + 8]
+            rtype, _misc, size = struct.unpack("<IHH", chunk)
+            body = (data + data)[off: off + size]
+            if rtype == 9:
+                pid, tid, raw_size = struct.unpack_from("<III", body, 8)
+                out.append((pid, tid, body[20: 20 + raw_size]))
+            elif rtype == 2:
+                self.lost += struct.unpack_from("<Q", body, 16)[0]
+            pos += size
+        struct.pack_into("<Q", self.mm, 1032, head)
+        return out
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+def decode(raw: bytes) -> tuple[str, np.void] | None:
+    tag = struct.unpack_from("<I", raw)[0]
+    if tag not in TAGS:
+        return None
+    name, dt = TAGS[tag]
+    return name, np.frombuffer(raw[: dt.itemsize], dt)[0]
+
+
+class Capture:
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        self.events: list[tuple[int, str, np.void]] = []
+
+    def drain(self) -> None:
+        for pid, _tid, raw in self.ring.read():
+            d = decode(raw)
+            if d:
+                self.events.append((pid, d[0], d[1]))
+
+    def clear(self) -> None:
+        self.drain()
+        self.events.clear()
+
+    def of(self, pid: int, family: str) -> list[np.void]:
+        return [r for p, f, r in self.events if p == pid and f == family]
+
+    def wait(self, pred, timeout: float = 10.0) -> list:
+        """Drain until ``pred(events)`` returns something truthy, or fail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            got = pred()
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for records")
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory):
+    m = BpfManager(str(tmp_path_factory.mktemp("run")))
+    st = m.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+    assert st == {f: {"loaded": True, "error": None} for f in FAMILIES}
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def ring(manager):
+    r = Ring(CPU)
+    maps.perf_array_set(manager.map_fd, CPU, r.fd)
+    yield r
+    maps.perf_array_clear(manager.map_fd, CPU)
+    r.close()
+
+
+@pytest.fixture
+def cap(ring):
+    c = Capture(ring)
+    c.clear()
+    return c
+
+
+def _pin():
+    os.sched_setaffinity(0, {CPU})
+
+
+def run_child(code: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run python code in a child pinned to CPU; returns the process (pid in .args)."""
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                         preexec_fn=_pin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=30)
+    if check:
+        assert p.returncode == 0, err.decode()
+    p.stdout_text = out.decode()  # type: ignore[attr-defined]
+    return p
+
+
+def test_open_existing_and_missing(cap, tmp_path):
+    existing = tmp_path / "present"
+    existing.write_text("x")
+    missing = tmp_path / "absent"
+    p = run_child("""
+        import os, sys
+        fd = os.open(sys.argv[1], os.O_RDONLY); print(fd)
+        try: os.open(sys.argv[2], os.O_RDONLY)
+        except FileNotFoundError: pass
+        fd2 = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    """, str(existing), str(missing), str(tmp_path / "created"))
+    fd = int(p.stdout_text.split()[0])
+
+    def found():
+        recs = {r["filename"]: r for r in cap.of(p.pid, "open")}
+        keys = [str(x).encode() for x in (existing, missing, tmp_path / "created")]
+        return recs if all(k in recs for k in keys) else None
+
+    recs = cap.wait(found)
+    ok = recs[str(existing).encode()]
+    assert ok["ret"] == fd and ok["flags"] & 3 == os.O_RDONLY and ok["dirfd"] == -100
+    assert ok["nr"] in (2, 257) and ok["uid"] == 0 and ok["gid"] == 0
+    bad = recs[str(missing).encode()]
+    assert bad["ret"] == -2
+    created = recs[str(tmp_path / "created").encode()]
+    assert created["ret"] >= 0 and created["mode"] == 0o640
+    assert created["flags"] & (os.O_CREAT | os.O_TRUNC | os.O_WRONLY) == \
+        os.O_CREAT | os.O_TRUNC | os.O_WRONLY
+
+
+def test_file_ops(cap, tmp_path):
+    a, b, d, f = (str(tmp_path / n) for n in ("a", "b", "d", "f"))
+    open(a, "w").close()
+    open(f, "w").close()
+    p = run_child("""
+        import os, sys
+        a, b, d, f = sys.argv[1:5]
+        os.rename(a, b); os.unlink(b); os.mkdir(d, 0o750); os.chmod(f, 0o600)
+        os.rmdir(d)
+        try: os.unlink(a)
+        except FileNotFoundError: pass
+    """, a, b, d, f)
+
+    def done():
+        f1 = cap.of(p.pid, "file1")
+        f2 = cap.of(p.pid, "file2")
+        return (f1, f2) if len([r for r in f1 if r["filename"] == a.encode()]) and f2 else None
+
+    f1, f2 = cap.wait(done)
+    ren = [r for r in f2 if r["oldname"] == a.encode()]
+    assert len(ren) == 1 and ren[0]["newname"] == b.encode() and ren[0]["ret"] == 0
+    by = {}
+    for r in f1:
+        by.setdefault(r["filename"], []).append(r)
+    unl_b = by[b.encode()][0]
+    assert unl_b["nr"] in (87, 263) and unl_b["ret"] == 0
+    mk = [r for r in by[d.encode()] if r["nr"] in (83, 258)]
+    assert len(mk) == 1 and mk[0]["mode"] == 0o750 and mk[0]["ret"] == 0
+    rm = [r for r in by[d.encode()] if r["nr"] == 84]
+    assert len(rm) == 1 and rm[0]["ret"] == 0
+    ch = by[f.encode()][0]
+    assert ch["nr"] in (90, 268, 452) and ch["mode"] == 0o600 and ch["ret"] == 0
+    assert ch["owner_uid"] == records.NO_ID
+    assert by[a.encode()][0]["ret"] == -2
+
+
+def test_exec_full_argv(cap):
+    p = subprocess.Popen(["/bin/true", "a", "b", "c"], preexec_fn=_pin)
+    assert p.wait(timeout=10) == 0
+
+    recs = cap.wait(lambda: cap.of(p.pid, "exec"))
+    assert len(recs) == 1
+    r = recs[0]
+    assert r["filename"] == b"/bin/true" and r["ret"] == 0 and r["argc"] == 4
+    assert r["argv"] == b"/bin/true\0a\0b\0c"
+    assert r["argv_len"] == len(b"/bin/true\0a\0b\0c\0")
+    assert records.argv_text(np.array([r["argv"]]))[0] == b"/bin/true a b c"
+
+
+def test_exec_long_argv_truncated_in_bounds(cap):
+    args = ["x" * 100] * 20  # 2 KiB of arguments: fills 1024 bytes exactly
+    p = subprocess.Popen(["/bin/true", *args], preexec_fn=_pin)
+    assert p.wait(timeout=10) == 0
+    r = cap.wait(lambda: cap.of(p.pid, "exec"))[0]
+    assert r["argv_len"] == 1024
+    # 10 + 10 * 101 bytes of whole arguments, then a 4-byte cut one ("xxx" and NUL)
+    assert r["argv"] == b"/bin/true" + (b"\0" + b"x" * 100) * 10 + b"\0xxx"
+    assert r["argc"] == 12
+
+
+def _sockaddr_in(raw: np.ndarray) -> tuple[int, int, bytes]:
+    b = bytes(raw)
+    family = struct.unpack_from("<H", b)[0]
+    port = struct.unpack_from(">H", b, 2)[0]
+    addr = b[4:8] if family == socket.AF_INET else b[8:24]
+    return family, port, addr
+
+
+def test_sockets(cap):
+    srv4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv4.bind(("127.0.0.1", 0))
+    srv4.listen(4)
+    srv6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv6.bind(("::1", 0))
+    srv6.listen(4)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    p4, p6, pu = srv4.getsockname()[1], srv6.getsockname()[1], udp.getsockname()[1]
+    try:
+        p = run_child("""
+            import socket, sys
+            p4, p6, pu = map(int, sys.argv[1:4])
+            a = socket.create_connection(("127.0.0.1", p4))
+            b = socket.socket(socket.AF_INET6); b.connect(("::1", p6))
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.sendto(b"hi", ("127.0.0.1", pu))
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(7)
+            c = socket.create_connection(s.getsockname())
+            conn, peer = s.accept()
+            print(s.fileno(), s.getsockname()[1], c.getsockname()[1], conn.fileno())
+        """, str(p4), str(p6), str(pu))
+        lfd, lport, cport, afd = map(int, p.stdout_text.split())
+        assert udp.recvfrom(16)[0] == b"hi"
+
+        def done():
+            recs = cap.of(p.pid, "sock")
+            nrs = [int(r["nr"]) for r in recs]
+            return recs if nrs.count(42) >= 3 and {43, 288} & set(nrs) and 50 in nrs \
+                and 44 in nrs else None
+
+        try:
+            recs = cap.wait(done)
+        except AssertionError:
+            raise AssertionError(f"got {[(int(r['nr']), int(r['ret'])) for r in cap.of(p.pid, 'sock')]}") from None
+        connects = [r for r in recs if r["nr"] == 42]
+        addrs = {_sockaddr_in(r["addr"]) for r in connects}
+        assert (socket.AF_INET, p4, bytes([127, 0, 0, 1])) in addrs
+        assert (socket.AF_INET6, p6, socket.inet_pton(socket.AF_INET6, "::1")) in addrs
+        assert (socket.AF_INET, lport, bytes([127, 0, 0, 1])) in addrs
+        for r in connects:
+            assert r["ret"] == 0 and r["addrlen"] in (16, 28)
+        send = [r for r in recs if r["nr"] == 44]
+        assert _sockaddr_in(send[0]["addr"]) == (socket.AF_INET, pu, bytes([127, 0, 0, 1]))
+        assert send[0]["ret"] == 2 and send[0]["addrlen"] == 16
+        listen = [r for r in recs if r["nr"] == 50]
+        assert len(listen) == 1 and listen[0]["backlog"] == 7 and listen[0]["fd"] == lfd
+        assert listen[0]["ret"] == 0
+        binds = [r for r in recs if r["nr"] == 49]
+        assert any(_sockaddr_in(r["addr"])[:1] == (socket.AF_INET,) and r["fd"] == lfd
+                   for r in binds)
+        acc = [r for r in recs if r["nr"] in (43, 288)]
+        assert len(acc) == 1 and acc[0]["fd"] == lfd and acc[0]["ret"] == afd
+        assert _sockaddr_in(acc[0]["addr"]) == (socket.AF_INET, cport, bytes([127, 0, 0, 1]))
+        assert acc[0]["addrlen"] == 16
+    finally:
+        srv4.close()
+        srv6.close()
+        udp.close()
+
+
+def test_recvfrom_reads_source_at_exit(cap):
+    p = run_child("""
+        import socket
+        r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(("127.0.0.1", 0))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+        s.sendto(b"abc", r.getsockname())
+        data, src = r.recvfrom(64)
+        print(s.getsockname()[1])
+    """)
+    sport = int(p.stdout_text)
+    recs = cap.wait(lambda: [r for r in cap.of(p.pid, "sock") if r["nr"] == 45])
+    assert recs[0]["ret"] == 3
+    assert _sockaddr_in(recs[0]["addr"]) == (socket.AF_INET, sport, bytes([127, 0, 0, 1]))
+
+
+def test_exit_codes(cap):
+    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], preexec_fn=_pin)
+    assert p.wait(timeout=10) == 3
+    k = subprocess.Popen(["sleep", "30"], preexec_fn=_pin)
+    # wait until it is really running sleep before killing it
+    cap.wait(lambda: cap.of(k.pid, "exec"))
+    k.send_signal(signal.SIGKILL)
+    assert k.wait(timeout=10) == -9
+
+    def done():
+        a = [r for r in cap.of(p.pid, "exit") if r["group_dead"]]
+        b = [r for r in cap.of(k.pid, "exit") if r["group_dead"]]
+        return (a, b) if a and b else None
+
+    a, b = cap.wait(done)
+    assert a[0]["exit_code"] == 0x300 and a[0]["tgid"] == p.pid and a[0]["tid"] == p.pid
+    assert b[0]["exit_code"] == 9 and b[0]["tgid"] == k.pid
+
+
+def test_prefix_filter_drops_in_kernel(manager, cap, tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    st = manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES}
+                       | {"open": {"filter": {"prefixes": [str(keep) + "/"],
+                                              "exact": [str(tmp_path / "exact-one")],
+                                              "ignore_tgids": [os.getpid()]}}})
+    assert st["open"] == {"loaded": True, "error": None}
+    try:
+        p = run_child("""
+            import os, sys
+            keep, other = sys.argv[1], sys.argv[2]
+            for i in range(200):
+                d = keep if i % 10 == 0 else other
+                try: os.close(os.open(os.path.join(d, f"f{i}"), os.O_RDONLY))
+                except FileNotFoundError: pass
+            for n in (other + "/exact-one", other + "/exact-one-not"):
+                try: os.open(n, os.O_RDONLY)
+                except FileNotFoundError: pass
+        """, str(keep), str(tmp_path))
+        want = {f"{keep}/f{i}".encode() for i in range(0, 200, 10)} | {
+            str(tmp_path / "exact-one").encode()}
+        # the child's exit record comes after all its opens in the same ring
+        cap.wait(lambda: cap.of(p.pid, "exit"))
+        got = [r["filename"] for r in cap.of(p.pid, "open")]
+        assert set(got) == want and len(got) == len(want)  # the interpreter's own opens too
+        assert all(r["ret"] == -2 for r in cap.of(p.pid, "open"))
+    finally:
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+
+
+def test_ignore_tgids_drop_everything(manager, cap, tmp_path):
+    # the test process itself is ignored: its opens never show up
+    for i in range(5):
+        (tmp_path / f"mine{i}").write_text("")
+    p = run_child("import os; os.close(os.open('/dev/null', 0))")
+    cap.wait(lambda: cap.of(p.pid, "exit"))
+    assert not cap.of(os.getpid(), "open")
+    assert any(r["filename"] == b"/dev/null" for r in cap.of(p.pid, "open"))
+
+
+def test_unload_and_reload_family(manager, cap):
+    st = manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES
+                        if f != "open"})
+    assert "open" not in st and "open" not in manager.families
+    p = run_child("import os; os.close(os.open('/dev/null', 0))")
+    cap.wait(lambda: cap.of(p.pid, "exit"))
+    assert not cap.of(p.pid, "open")
+    st = manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+    assert st["open"] == {"loaded": True, "error": None}
+    p = run_child("import os; os.close(os.open('/dev/null', 0))")
+    cap.wait(lambda: [r for r in cap.of(p.pid, "open") if r["filename"] == b"/dev/null"])
+
+
+def test_unknown_family_reports_error_others_keep_working(manager):
+    st = manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES}
+                       | {"nosuch": {}})
+    assert st["nosuch"]["loaded"] is False and "nosuch" in st["nosuch"]["error"]
+    assert all(st[f]["loaded"] for f in FAMILIES)
+    manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+
+
+def test_serve_hands_out_map_fd(manager):
+    path = manager.serve()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    fd = fetch_map_fd(manager.run_dir, timeout=5)
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        assert link == "anon_inode:bpf-map"
+        # the same map: an entry set through the received fd is visible through the owner's
+        r = Ring(0)
+        try:
+            maps.perf_array_set(fd, 0, r.fd)
+            assert maps.perf_array_clear(manager.map_fd, 0)
+        finally:
+            r.close()
+    finally:
+        os.close(fd)
+
+
+def test_openat2_fchmod_link_symlink(cap, tmp_path):
+    f = str(tmp_path / "t")
+    p = run_child("""
+        import ctypes, os, struct, sys
+        f = sys.argv[1]
+        libc = ctypes.CDLL(None, use_errno=True)
+        how = struct.pack("<QQQ", os.O_WRONLY | os.O_CREAT, 0o604, 0)
+        fd = libc.syscall(437, -100, f.encode(), how, len(how))
+        assert fd >= 0, ctypes.get_errno()
+        os.fchmod(fd, 0o611)
+        os.link(f, f + ".hard"); os.symlink(f, f + ".soft")
+        print(fd)
+    """, f)
+    fd = int(p.stdout_text)
+
+    def done():
+        o = [r for r in cap.of(p.pid, "open") if r["nr"] == 437]
+        f1 = [r for r in cap.of(p.pid, "file1") if r["nr"] == 91]
+        f2 = cap.of(p.pid, "file2")
+        return (o, f1, f2) if o and f1 and len(f2) >= 2 else None
+
+    o, f1, f2 = cap.wait(done)
+    assert o[0]["filename"] == f.encode() and o[0]["ret"] == fd and o[0]["dirfd"] == -100
+    assert o[0]["flags"] == os.O_WRONLY | os.O_CREAT and o[0]["mode"] == 0o604
+    assert f1[0]["dirfd"] == fd and f1[0]["mode"] == 0o611 and f1[0]["filename"] == b""
+    pairs = {(int(r["nr"]), r["oldname"], r["newname"], int(r["ret"])) for r in f2}
+    assert {(86, f.encode(), (f + ".hard").encode(), 0),
+            (88, f.encode(), (f + ".soft").encode(), 0)} <= pairs
+
+
+def test_filtered_calls_leave_no_pending_entries(manager, tmp_path):
+    m = manager.family_maps("file1")
+    manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES}
+                  | {"file1": {"filter": {"prefixes": ["/nonexistent-prefix/"]}}})
+    try:
+        run_child("""
+            import os, sys
+            for i in range(300):
+                try: os.unlink(os.path.join(sys.argv[1], str(i)))
+                except FileNotFoundError: pass
+        """, str(tmp_path))
+        # exits consume what enters saved; filtered enters save nothing
+        deadline = time.monotonic() + 5
+        while maps.pending_count(m.pending) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert maps.pending_count(m.pending) <= 2
+    finally:
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+
+
+def test_btf_offsets_of_the_running_kernel():
+    from c8.collectors.bpf import btf
+    pid = btf.member_offset("task_struct", "pid")
+    assert btf.member_offset("task_struct", "tgid") == pid + 4
+    assert btf.member_offset("task_struct", "real_parent") > pid

@@ -1,0 +1,87 @@
+"""Program structure without a kernel: every program assembles, jumps land on
+instructions, records fit their maps, and the enter/exit pairs cover each family."""
+
+import pytest
+
+from c8.collectors.bpf import programs, records
+from c8.collectors.bpf.asm import disassemble
+
+MAPS = programs.MapFds(perf=101, pending=102, scratch=103, config=104, ignore=105)
+JMP_CLASSES = (0x05, 0x06)
+
+
+def _all_programs():
+    for fam, scs in programs.FAMILIES.items():
+        for sc in scs:
+            yield programs.enter_program(fam, sc, MAPS)
+            yield programs.exit_program(fam, sc, MAPS)
+    yield programs.sched_exit_program(MAPS, exit_code_offset=1164)
+
+
+def _check(code: bytes, name: str) -> None:
+    ins = disassemble(code)
+    n = len(ins)
+    wide_second = {i + 1 for i, x in enumerate(ins) if x[0] == 0x18}
+    for i, (op, _dst, src, off, imm) in enumerate(ins):
+        if i in wide_second:
+            continue
+        cls, jop = op & 0x07, op & 0xF0
+        if cls in JMP_CLASSES and jop not in (0x80, 0x90):  # not call/exit
+            t = i + 1 + off
+            assert 0 <= t < n, f"{name}: jump at {i} leaves the program"
+            assert t not in wide_second, f"{name}: jump at {i} lands inside ld_imm64"
+        if op == 0x18 and src == 1:
+            assert imm in (101, 102, 103, 104, 105), f"{name}: unknown map fd {imm}"
+    assert ins[-1][0] == 0x95, f"{name}: does not end with exit"
+
+
+def test_every_program_assembles_with_sane_jumps():
+    names = set()
+    for p in _all_programs():
+        _check(p.assemble(), p.name)
+        assert len(p.name) <= 15
+        names.add(p.name)
+    assert len(names) == 2 * sum(len(v) for v in programs.FAMILIES.values()) + 1
+
+
+def test_exit_programs_output_and_delete():
+    for fam, scs in programs.FAMILIES.items():
+        for sc in scs:
+            ins = disassemble(programs.exit_program(fam, sc, MAPS).assemble())
+            calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
+            assert 25 in calls and calls.index(25) < calls.index(3), sc.name  # output then delete
+            # size argument r5 equals the record size
+            size = [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 5]
+            assert size == [records.RECORDS[fam][1].itemsize]
+
+
+def test_enter_programs_save_to_pending_and_never_output():
+    for fam, scs in programs.FAMILIES.items():
+        for sc in scs:
+            ins = disassemble(programs.enter_program(fam, sc, MAPS).assemble())
+            calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
+            assert 2 in calls and 25 not in calls, sc.name
+
+
+def test_named_syscalls_have_name_filters_and_sock_has_none():
+    ln_open = len(programs.enter_program("open", programs.FAMILIES["open"][1], MAPS))
+    ln_sock = len(programs.enter_program("sock", programs.FAMILIES["sock"][0], MAPS))
+    assert ln_open > 1000 > ln_sock
+
+
+def test_scratch_has_slack_for_argv():
+    assert programs.scratch_size("exec") == records.RECORDS["exec"][1].itemsize + 1024
+    assert programs.scratch_size("open") == records.RECORDS["open"][1].itemsize
+
+
+@pytest.mark.parametrize("family", list(programs.FAMILIES))
+def test_fields_name_real_record_fields(family):
+    dt = records.RECORDS[family][1]
+    for sc in programs.FAMILIES[family]:
+        assert set(sc.fields) <= set(dt.names), sc.name
+
+
+def test_tracepoint_names():
+    assert programs.tracepoints("exec") == [
+        ("execve", "syscalls:sys_enter_execve", "syscalls:sys_exit_execve"),
+        ("execveat", "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat")]

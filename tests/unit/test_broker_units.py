@@ -1,0 +1,133 @@
+"""Broker pieces on synthetic batches: merge order, sockaddr decoding, specs, builders."""
+
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+from c8 import schema
+from c8.broker import catalog, sockaddr
+from c8.broker.merge import Merger
+from c8.broker.processes import ProcessTable, make_process_id, read_stat
+from c8.broker.subscriptions import parse_spec
+from c8.protocol import errors
+
+
+def batch(category, times, **cols):
+    b = schema.empty(category, len(times))
+    b["sensor_monotime_nanos"] = times
+    for k, v in cols.items():
+        b[k] = v
+    return b
+
+
+def test_merge_orders_across_cpus_and_numbers_gap_free():
+    m = Merger(holdback_ns=100)
+    m.add("process", batch("process", [10, 30, 50], cpu=0))
+    m.add("syscall", batch("syscall", [20, 40, 500], cpu=1))
+    m.add("process", batch("process", [15, 600], cpu=1))
+    out = m.release(now_ns=300)
+    assert list(out["process"]["sensor_monotime_nanos"]) == [10, 15, 30, 50]
+    assert list(out["syscall"]["sensor_monotime_nanos"]) == [20, 40]
+    allseq = sorted(np.concatenate([out[c]["sensor_sequence_number"] for c in out]).tolist())
+    assert allseq == [1, 2, 3, 4, 5, 6]
+    # sequence follows time across categories
+    assert out["syscall"]["sensor_sequence_number"].tolist() == [3, 5]
+    rest = m.release(now_ns=10_000)
+    assert rest["syscall"]["sensor_sequence_number"].tolist() == [7]
+    assert rest["process"]["sensor_sequence_number"].tolist() == [8]
+    assert m.late == 0
+
+
+def test_merge_counts_late_events():
+    m = Merger(holdback_ns=0)
+    m.add("process", batch("process", [100]))
+    m.release(200)
+    m.add("process", batch("process", [150]))
+    m.release(300)
+    assert m.late == 1
+
+
+def sa_in(ip, port):
+    return struct.pack("<H", socket.AF_INET) + struct.pack(">H", port) + socket.inet_aton(ip)
+
+
+def sa_in6(ip, port):
+    return struct.pack("<H", socket.AF_INET6) + struct.pack(">H", port) + b"\0" * 4 + socket.inet_pton(socket.AF_INET6, ip) + b"\0" * 4
+
+
+def sa_un(path: bytes):
+    return struct.pack("<H", socket.AF_UNIX) + path
+
+
+def test_sockaddr_decode_families():
+    raws = [sa_in("127.0.0.1", 8080), sa_in6("::1", 443), sa_un(b"/run/x.sock\0"), sa_un(b"\0abstract"),
+            sa_in("127.0.0.1", 8080), b""]
+    lens = [16, 28, 14, 11, 16, 0]
+    arr = np.zeros((len(raws), 112), np.uint8)
+    for i, r in enumerate(raws):
+        arr[i, :len(r)] = np.frombuffer(r, np.uint8)
+    fam, addr, port, raw = sockaddr.decode(arr, np.array(lens))
+    assert fam.tolist() == [2, 10, 1, 1, 2, 0]
+    assert addr.tolist() == [b"127.0.0.1", b"::1", b"/run/x.sock", b"@abstract", b"127.0.0.1", b""]
+    assert port.tolist() == [8080, 443, 0, 0, 8080, 0]
+    assert raw[0] == socket.htons(8080)
+
+
+def test_spec_errors_name_the_problem():
+    with pytest.raises(errors.ProtocolError, match="unknown event type 'procss'"):
+        parse_spec({"events": {"procss": {}}}, b"p")
+    with pytest.raises(errors.ProtocolError, match="modifiers.rate"):
+        parse_spec({"events": {"process": {}}, "modifiers": {"rate": -1}}, b"p")
+    with pytest.raises(errors.ProtocolError) as e:
+        parse_spec({"events": {"file": {"filter": "filename like"}}}, b"p")
+    assert e.value.code == errors.BAD_FILTER
+    with pytest.raises(errors.ProtocolError, match="kinds"):
+        parse_spec({"events": {"syscall": {"kinds": ["BOGUS"]}}}, b"p")
+    with pytest.raises(errors.ProtocolError, match="spec must be a map"):
+        parse_spec([1, 2], b"p")
+
+
+def test_rate_and_total_caps():
+    sub = parse_spec({"events": {"process": {}}, "modifiers": {"rate": 10, "limit": 25}}, b"p")
+    assert sub.admit(100, now=sub._tokens_at) == 10      # a full bucket at first
+    assert sub.admit(100, now=sub._tokens_at + 0.5) == 5  # half a second refills half
+    sub.sent = 24
+    assert sub.admit(100, now=sub._tokens_at + 10) == 1   # the total cap bounds it
+    sub.sent = 25
+    assert sub.finished
+
+
+def test_container_filter_excludes_host():
+    sub = parse_spec({"events": {"process": {}}, "containers": {"image": "busy*"}}, b"p")
+    b = batch("process", [1, 2, 3], container=[0, 1, 2])
+    table = {0: ("", "", "", "", ""), 1: ("a" * 64, "/x", "sha256:1", "busybox", "docker"),
+             2: ("b" * 64, "/y", "sha256:2", "alpine", "docker")}
+    assert sub.container_mask(b, table).tolist() == [False, True, False]
+
+
+def test_builders_syscall_and_exit_codes():
+    raw = np.zeros(2, [("time", "u8"), ("cpu", "u4"), ("pid", "i4"), ("tid", "i4"), ("id", "i8"), ("args", "u8", (6,))])
+    raw["id"] = [39, 59]
+    raw["args"][1] = [1, 2, 3, 4, 5, 6]
+    [(cat, out)] = catalog.build_sys_enter(raw)
+    assert cat == "syscall" and out["arg5"].tolist() == [0, 6] and out["id"].tolist() == [39, 59]
+    codes = np.array([3 << 8, 9, 0x80 | 11])
+    out = schema.empty("process", 3)
+    catalog.split_exit_code(codes, out)
+    assert out["exit_status"].tolist() == [3, 0, 0]
+    assert out["exit_signal"].tolist() == [0, 9, 11]
+    assert out["exit_core_dumped"].tolist() == [0, 0, 1]
+
+
+def test_process_table_identity(tmp_path):
+    import os
+    pt = ProcessTable()
+    me = pt.get(os.getpid())
+    start = read_stat(os.getpid())[0]
+    assert me.process_id == make_process_id(pt.boot, os.getpid(), start)
+    b = batch("syscall", [1, 2], process_pid=[os.getpid(), 0])
+    pt.fill(b)
+    assert b["process_id"].tolist() == [me.process_id, b""]
+    assert b["uid"][0] == os.getuid()
