@@ -26,7 +26,6 @@ from c8.protocol import batch as wire
 from c8.protocol import control, paths
 
 
-
 class SensorError(Exception):
     """The broker refused a request; ``code`` is from c8.protocol.errors."""
 
