@@ -218,7 +218,7 @@ def build_sock(raw: np.ndarray) -> Built:
     return [("network", attempt), ("network", result)]
 
 
-# -- container: cgroup mkdir/rmdir need the container table, so the broker handles
+# -- container: cgroup mkdir/rmdir/attach need the container table, so the broker handles
 # them itself (Broker._container_cgroup); they are listed here as sources only.
 def build_nothing(raw: np.ndarray) -> Built:
     return []
@@ -238,6 +238,7 @@ SOURCES: dict[str, Source] = {
     "bpf:sock": Source("bpf:sock", build_sock, bpf_family="sock"),
     "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_nothing),
     "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_nothing),
+    "cgroup:cgroup_attach_task": Source("cgroup:cgroup_attach_task", build_nothing),
 }
 
 # Fallbacks when an eBPF family cannot load on this kernel.
@@ -250,7 +251,9 @@ SOURCES["sched:sched_process_exit"] = Source("sched:sched_process_exit", build_e
 
 # Process sources run whenever anything is subscribed: they keep the process table.
 PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit")
-CGROUP_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir")
+# mkdir/rmdir: CREATED/DESTROYED; attach: which container a pid moved into (runc's
+# helper, docker exec), applied in time order with the process events
+CGROUP_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir", "cgroup:cgroup_attach_task")
 
 
 def sources_for(category: str, kinds: set[str] | None = None) -> list[str]:

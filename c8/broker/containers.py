@@ -2,9 +2,12 @@
 
 cgroup path -> (runtime, id) -> small index -> (id, name, image id, image name,
 runtime). Events carry the index (0 = host); batch headers carry ``table()``.
-Identity comes from /proc/<pid>/cgroup and from cgroup_mkdir/rmdir paths;
-names and images from the runtimes' own metadata (``c8.broker.runtimes``),
-retried by ``refresh()`` while a runtime has not written it yet.
+Identity comes from the kernel's cgroup events (mkdir/rmdir of a
+container's cgroup, a task attached to it) applied in time order with the
+process events (a forked child inherits its parent's container), and from
+/proc/<pid>/cgroup for processes the events did not place (those that ran
+before the sensor). Names and images come from the runtimes' own metadata
+(``c8.broker.runtimes``), retried while a runtime has not written it yet.
 
 Only components holding a 64-hex id count as containers, so /user.slice or
 /process_api/<32 hex> never do.
@@ -12,6 +15,7 @@ Only components holding a 64-hex id count as containers, so /user.slice or
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import time
@@ -21,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .runtimes import Metadata, Roots
-from .runtimes.discovery import discover
+from .runtimes.discovery import discover, roots_from_cmdline
 from .runtimes.docker import read_docker, read_docker_api
-from .runtimes.oci import read_containerd, read_crun, read_runc
+from .runtimes.oci import from_runtime_argv, read_cmdline, read_containerd, read_crun, read_runc
 from .runtimes.storage import read_storage
 
 # [prefix-]<64 hex>[.scope]; the lazy prefix lets "libpod-conmon-<id>" be seen whole
@@ -122,6 +126,8 @@ class _Entry:
     attached_seen: bool = False
     destroyed_at: float | None = None
     init_pid: int = 0
+    born_seen: bool = False  # its cgroup's mkdir (or its first attach) was seen: RUNNING may follow
+    last_try: float = float("-inf")  # last metadata attempt
 
     def row(self) -> tuple[str, str, str, str, str]:
         return (self.container_id, self.name, self.image_id, self.image_name, self.runtime)
@@ -178,6 +184,10 @@ class ContainerTable:
         self._free: list[int] = []
         self._next = 1
         self._pids: dict[int, int] = {}
+        self._retired: set[int] = set()  # exited pids, forgotten at the next window
+        self._attaches: list[tuple[int, int, int, str]] = []  # heap: (time, seq, pid, path)
+        self._attach_seq = 0
+        self._pending_pids: dict[int, int] = {}  # pid -> queued attaches not applied yet
         self._last_discovery = float("-inf")
         if discover_roots:
             self._discover()
@@ -212,6 +222,11 @@ class ContainerTable:
         index = self._pids.get(pid)
         if index is not None:
             return index
+        if self._pending_pids.get(pid):
+            # it is moved later (runc's helper execs on the host, then is attached):
+            # /proc shows where it is now, not where it was at this event
+            self._set_pid(pid, 0)
+            return 0
         try:
             with open(f"{self.proc}/{pid}/cgroup") as f:
                 lines = f.read().splitlines()
@@ -219,10 +234,13 @@ class ContainerTable:
             return 0  # gone: do not cache, the pid may be reused
         found = next(filter(None, (_parse(line, leaf=False) for line in lines)), None)
         index = self.index_of(*found) if found else 0
+        self._set_pid(pid, index)
+        return index
+
+    def _set_pid(self, pid: int, index: int) -> None:
         if len(self._pids) >= self.max_pids:
             self._pids.clear()  # crude bound; entries are re-read on demand
         self._pids[pid] = index
-        return index
 
     def lookup_pids(self, pids: np.ndarray) -> np.ndarray:
         """Vector form of :meth:`lookup_pid`: one lookup per unique pid."""
@@ -232,8 +250,28 @@ class ContainerTable:
         return indices[inverse]
 
     def forget_pid(self, pid: int) -> None:
-        """Drop a pid from the cache (call on its exit)."""
+        """Drop a pid from the cache at once."""
         self._pids.pop(pid, None)
+        self._retired.discard(pid)
+
+    def retire_pid(self, pid: int) -> None:
+        """Forget ``pid`` at the next :meth:`begin_window` (call on its exit): the
+        other events of the window it exited in still resolve to its container."""
+        self._retired.add(pid)
+
+    def begin_window(self) -> None:
+        """Forget the pids retired during the previous window."""
+        for pid in self._retired:
+            self._pids.pop(pid, None)
+        self._retired.clear()
+
+    def on_fork(self, parent: int, child: int) -> int:
+        """The child starts in its parent's cgroup: cache that (it may be gone
+        before anyone reads its /proc). Returns the child's index."""
+        index = self.lookup_pid(parent)
+        self._retired.discard(child)  # a reused pid: the new process keeps this entry
+        self._set_pid(child, index)
+        return index
 
     def row(self, index: int) -> tuple[str, str, str, str, str]:
         """(container_id, container_name, image_id, image_name, runtime); empty for 0."""
@@ -241,17 +279,28 @@ class ContainerTable:
         return entry.row() if entry else HOST_ROW
 
     def table(self, indices: Iterable[int]) -> dict[int, tuple[str, str, str, str, str]]:
-        """Rows of the given indices (for a batch header)."""
-        return {int(i): self.row(int(i)) for i in set(np.asarray(list(indices)).tolist())}
+        """Rows of the given indices (for a batch header). Metadata still missing
+        is retried here (at most every 0.1 s per container), so the first
+        events of a container whose runtime writes it late still get it."""
+        rows = {}
+        for i in set(np.asarray(list(indices)).tolist()):
+            entry = self._entries.get(int(i))
+            if entry is not None and not entry.enriched:
+                self._retry(entry, 0.1)
+            rows[int(i)] = entry.row() if entry else HOST_ROW
+        return rows
 
     def __len__(self) -> int:
         return len(self._entries)
 
     # -- lifecycle hints -------------------------------------------------
 
-    def on_cgroup_mkdir(self, path: str) -> tuple[int, str, str] | None:
+    def on_cgroup_mkdir(self, path: str, pid: int = 0) -> tuple[int, str, str] | None:
         """(index, runtime, id) the first time a container's own cgroup is made
-        (one mkdir per hierarchy: the rest give None); None for other cgroups."""
+        (one mkdir per hierarchy: the rest give None); None for other cgroups.
+        ``pid`` is the process making it (the low-level runtime): when no
+        metadata names the container yet, its command line may (runc/crun
+        ``--bundle``; it also reveals a private ``--root``)."""
         found = _parse(path, leaf=True)
         if not found:
             return None
@@ -264,7 +313,9 @@ class ContainerTable:
             entry.init_pid = 0
         if entry.created_seen:
             return None
-        entry.created_seen = True
+        entry.created_seen = entry.born_seen = True
+        if not entry.enriched and pid > 0:
+            self._enrich_from_process(entry, pid)
         return index, entry.runtime, entry.container_id
 
     def on_cgroup_rmdir(self, path: str) -> tuple[int, str, str] | None:
@@ -286,21 +337,44 @@ class ContainerTable:
         (index, runtime, id) the first time a process enters a container."""
         found = _parse(path, leaf=False)
         if not found:
-            self._pids[pid] = 0
+            self._set_pid(pid, 0)
             return None
+        known = found[1] in self._by_id
         index = self.index_of(*found)
-        self._pids[pid] = index
+        self._set_pid(pid, index)
         entry = self._entries.get(index)
         if entry is None or entry.attached_seen:
             return None
         entry.attached_seen = True
+        if not known:  # its mkdir was missed (or never happens: a pre-made cgroup)
+            entry.born_seen = True
         return index, entry.runtime, entry.container_id
+
+    def queue_attach(self, time_ns: int, pid: int, path: str) -> None:
+        """Hold a cgroup_attach_task until the process events before it are
+        applied (:meth:`apply_attaches`): events arrive per CPU, out of order."""
+        self._attach_seq += 1
+        heapq.heappush(self._attaches, (time_ns, self._attach_seq, pid, path))
+        self._pending_pids[pid] = self._pending_pids.get(pid, 0) + 1
+
+    def apply_attaches(self, until_ns: int) -> None:
+        """Apply the queued attaches stamped at or before ``until_ns``, in time order."""
+        while self._attaches and self._attaches[0][0] <= until_ns:
+            _, _, pid, path = heapq.heappop(self._attaches)
+            left = self._pending_pids.get(pid, 1) - 1
+            if left:
+                self._pending_pids[pid] = left
+            else:
+                self._pending_pids.pop(pid, None)
+            self.on_cgroup_attach(path, pid)
 
     def mark_running(self, index: int, pid: int) -> bool:
         """Note ``pid`` as the container's init (the first exec inside it);
-        True the first time, when the broker should emit RUNNING."""
+        True the first time, when the broker should emit RUNNING. Only for a
+        container whose birth was seen: in one found running (scan, or a
+        /proc lookup) the first exec seen is not its init's."""
         entry = self._entries.get(index)
-        if entry is None or entry.init_pid:
+        if entry is None or entry.init_pid or not entry.born_seen:
             return False
         entry.init_pid = pid
         return True
@@ -362,7 +436,31 @@ class ContainerTable:
         self._last_discovery = self.clock()
         discover(self.roots, self.proc)
 
+    def _retry(self, entry: _Entry, every: float) -> bool:
+        now = self.clock()
+        if now - entry.last_try < every or now - entry.first_seen >= self.enrich_for:
+            return False
+        return self._enrich(entry)
+
+    def _enrich_from_process(self, entry: _Entry, pid: int) -> bool:
+        """Metadata from the runtime process making the container's cgroup."""
+        argv = read_cmdline(pid, self.proc)
+        if not argv:
+            return False
+        roots_from_cmdline(argv, self.roots)
+        if self._enrich(entry) or entry.runtime in _ORDER:
+            # docker's or podman's runc: the bundle knows no name, their metadata does
+            return entry.enriched
+        meta = from_runtime_argv(argv, entry.container_id, f"{self.proc}/{pid}/cwd")
+        if meta is None:
+            return False
+        entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name
+        entry.runtime = meta.runtime
+        entry.enriched = True
+        return True
+
     def _enrich(self, entry: _Entry) -> bool:
+        entry.last_try = self.clock()
         certain = entry.runtime in _ORDER
         for source in _ORDER.get(entry.runtime, _ALL):
             meta = _READERS[source](self.roots, entry.container_id)

@@ -36,6 +36,7 @@ log = logging.getLogger("c8.broker")
 
 TICK_SECONDS = 0.005
 PLAN_REPUBLISH_SECONDS = 1.0
+MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
 EXIT_LIMITER = 78  # the supervisor stops the sensor with status 1 on this
 
 
@@ -101,7 +102,10 @@ class Broker:
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.SNDHWM, int(self.config.get("subscriber_queue", 64)))
         self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
         self._bind_ipc(self.control, paths.control(self.run_dir), 0o660)
+        # peers are keyed by a one-byte tag of the socket they came from + their routing id
+        self.listeners: dict[bytes, zmq.Socket] = {b"u": self.control}
         self.ingest = self.ctx.socket(zmq.PULL)
         self.ingest.setsockopt(zmq.RCVHWM, 10000)
         self.ingest.setsockopt(zmq.LINGER, 0)
@@ -109,9 +113,12 @@ class Broker:
         self.plan_pub = self.ctx.socket(zmq.PUB)
         self.plan_pub.setsockopt(zmq.LINGER, 0)
         self._bind_ipc(self.plan_pub, paths.plan(self.run_dir), 0o600)
+        self.remote = None
         if self.config.get("listen_tcp"):
             from c8.broker.remote import bind_tcp
-            bind_tcp(self.control, self.config)
+            self.remote = bind_tcp(self, self.config)
+            self.remote.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
+            self.listeners[b"t"] = self.remote.socket
 
     def _bind_ipc(self, sock: zmq.Socket, path: str, mode: int) -> None:
         if os.path.exists(path):
@@ -128,7 +135,8 @@ class Broker:
         except Exception as exc:  # a runtime's odd metadata must not stop the sensor
             log.warning("container scan failed: %s", exc)
         poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
+        for listener in self.listeners.values():
+            poller.register(listener, zmq.POLLIN)
         poller.register(self.ingest, zmq.POLLIN)
         next_tick = next_plan = next_second = time.monotonic()
         while self.running:
@@ -136,7 +144,7 @@ class Broker:
                 if sock is self.ingest:
                     self._drain_ingest()
                 else:
-                    self._drain_control()
+                    self._drain_control(sock)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
@@ -152,6 +160,8 @@ class Broker:
         self._release(time.clock_gettime_ns(time.CLOCK_MONOTONIC), flush=True)
         self.planner.clear()
         self.publisher.end_all("sensor stopping")
+        if self.remote is not None:
+            self.remote.close()
         return self.exit_status
 
     def stop(self, *_args) -> None:
@@ -212,12 +222,22 @@ class Broker:
 
     # -- containers ---------------------------------------------------------------------
     def _container_cgroup(self, source: str, raw: np.ndarray):
-        """CREATED / DESTROYED from cgroup mkdir/rmdir of a container's cgroup."""
+        """CREATED / DESTROYED from cgroup mkdir/rmdir of a container's cgroup.
+
+        Attaches only move pids between containers: they are queued and applied
+        in time order with the process events at release (Planner.track_processes).
+        """
+        ct = self.containers
+        if source == "cgroup:cgroup_attach_task":
+            for t, pid, path in zip(raw["time"].tolist(), raw["tp_pid"].tolist(), raw["dst_path"].tolist(),
+                                    strict=True):
+                ct.queue_attach(t, pid, path.decode(errors="replace"))
+            return []
         created = source == "cgroup:cgroup_mkdir"
         rows = []
-        for i, path in enumerate(raw["path"].tolist()):
-            hit = (self.containers.on_cgroup_mkdir if created else self.containers.on_cgroup_rmdir)(
-                path.decode(errors="replace"))
+        for i, (path, pid) in enumerate(zip(raw["path"].tolist(), raw["pid"].tolist(), strict=True)):
+            path = path.decode(errors="replace")
+            hit = ct.on_cgroup_mkdir(path, pid) if created else ct.on_cgroup_rmdir(path)
             if hit is not None:
                 rows.append((i, hit))
         if not rows:
@@ -245,6 +265,7 @@ class Broker:
             if extra is not None and len(extra):
                 window["container"] = (np.concatenate([window["container"], extra])
                                        if "container" in window else extra)
+                self.merger.renumber(window)  # RUNNING/EXITED take their place in the sequence
         for category, batch in list(window.items()):
             if category not in ("lost", "limiter"):
                 if category != "container":
@@ -261,12 +282,15 @@ class Broker:
         self.processes.end_window()
 
     # -- control ----------------------------------------------------------------------------
-    def _drain_control(self) -> None:
+    def _drain_control(self, sock: zmq.Socket | None = None) -> None:
+        sock = self.control if sock is None else sock
+        tag = next(t for t, s in self.listeners.items() if s is sock)
         for _ in range(100):
             try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            frames[0] = tag + frames[0]
             self._handle(frames)
 
     def _handle(self, frames: list[bytes]) -> None:
@@ -276,6 +300,8 @@ class Broker:
         payload = frames[len(envelope)] if len(frames) > len(envelope) else b""
         req_id = None
         try:
+            if len(frames) > len(envelope) + 1:
+                raise errors.ProtocolError(errors.BAD_MESSAGE, "a request is one frame")
             req = control.parse_request(payload)
             req_id = req["id"]
             reply = self._command(peer, req)
@@ -287,7 +313,10 @@ class Broker:
         except Exception as exc:
             log.exception("control request failed")
             reply = control.error(req_id, errors.INTERNAL, f"internal error: {type(exc).__name__}")
-        self.publisher.send(envelope, reply)
+        try:
+            self.publisher.send(envelope, reply)
+        except Exception:  # an unsendable reply is dropped, never a broker fault
+            log.exception("cannot reply to %s", peer.hex())
 
     def _command(self, peer: bytes, req: dict) -> bytes:
         cmd, props, rid = req["command"], req["properties"], req["id"]
@@ -300,7 +329,7 @@ class Broker:
                               wire_version=schema.WIRE_VERSION)
         if cmd == "unsubscribe":
             sid = props.get("subscription")
-            if sid not in self.subscriptions:
+            if not isinstance(sid, str) or sid not in self.subscriptions:
                 raise errors.ProtocolError(errors.NO_SUCH_SUBSCRIPTION, f"no subscription {sid!r}")
             self.end_subscription(sid, "unsubscribed", notify=True)
             return control.ok(rid, type="reply", subscription=sid)

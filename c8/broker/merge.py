@@ -18,6 +18,7 @@ class Merger:
         self.next_seq = 1
         self.late = 0  # events released after a later-stamped window (out of order)
         self.released_until = 0
+        self.window_first = 1  # first sequence number of the last released window
 
     def add(self, category: str, batch: np.ndarray) -> None:
         if len(batch):
@@ -47,7 +48,17 @@ class Merger:
             self.released_until = max(self.released_until, cutoff)
         return out
 
+    def renumber(self, out: dict[str, np.ndarray]) -> None:
+        """Number the last released window again after events were added to it
+        (container RUNNING/EXITED derived from its process events): same first
+        number, still gap-free, each category re-sorted by time."""
+        for c, batch in out.items():
+            out[c] = batch[np.argsort(batch["sensor_monotime_nanos"], kind="stable")]
+        self.next_seq = self.window_first
+        self._number(out)
+
     def _number(self, out: dict[str, np.ndarray]) -> None:
+        self.window_first = self.next_seq
         if not out:
             return
         cats = list(out)

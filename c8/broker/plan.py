@@ -183,17 +183,36 @@ class Planner:
 
     # -- process and container tables -------------------------------------------------------
     def track_processes(self, batch: np.ndarray) -> np.ndarray | None:
-        """Apply FORK/EXEC/EXIT to the tables in time order; container RUNNING/EXITED."""
+        """Apply FORK/EXEC/EXIT to the tables in time order; container RUNNING/EXITED.
+
+        Each event's container is stamped here, at its moment: cgroup attaches
+        queued before it are applied first, a child inherits its parent's
+        container (when attaches are collected, so moves are seen), and an
+        exited pid stays known until the next window (its other events of this
+        window still resolve). RUNNING is the first exec inside a container
+        whose birth was seen (runc's helper attaches first and execs before,
+        on the host); EXITED is the exit of that init.
+        """
         pt, ct = self.broker.processes, self.broker.containers
         fork, exe, exit_ = (schema.kind_code("process", k) for k in ("FORK", "EXEC", "EXIT"))
+        follow = "cgroup:cgroup_attach_task" in self.plan["tracepoints"]
+        ct.begin_window()
         extra = []
         kinds = batch["kind"]
+        stamps = batch["container"]
+        times = batch["sensor_monotime_nanos"]
         for i in np.flatnonzero((kinds == fork) | (kinds == exe) | (kinds == exit_)).tolist():
             ev = batch[i]
             pid = int(ev["process_pid"])
             k = int(ev["kind"])
+            ct.apply_attaches(int(times[i]))
+            idx = ct.lookup_pid(pid) if pid > 0 else 0
+            stamps[i] = idx
             if k == fork:
-                batch["fork_child_id"][i] = pt.on_fork(pid, int(ev["fork_child_pid"]), bool(ev["fork_is_thread"]))
+                child = int(ev["fork_child_pid"])
+                batch["fork_child_id"][i] = pt.on_fork(pid, child, bool(ev["fork_is_thread"]))
+                if follow and not ev["fork_is_thread"] and pid > 0:
+                    ct.on_fork(pid, child)
             elif k == exe:
                 pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"),
                            ev["exec_command_line"].decode(errors="replace"))
@@ -203,21 +222,23 @@ class Planner:
                     batch["parent_pid"][i] = parent.pid
                     batch["parent_process_id"][i] = parent.process_id
                     batch["parent_exec_filename"][i] = parent.exec_filename.encode()
-                idx = ct.lookup_pid(pid)
-                if idx and idx not in self.running_containers:
-                    self.running_containers[idx] = pid
+                if idx and ct.mark_running(idx, pid):
                     extra.append(self._container_event(ev, "RUNNING", idx, host_pid=pid))
             else:
-                idx = ct.lookup_pid(pid)
-                if idx and self.running_containers.get(idx) == pid:
-                    extra.append(self._container_event(ev, "EXITED", idx, code=int(ev["exit_code"])))
+                init = ct.init_of(pid)
+                if init:
+                    extra.append(self._container_event(ev, "EXITED", init, host_pid=pid,
+                                                       code=int(ev["exit_code"])))
                 pt.on_exit(pid)
-                ct.forget_pid(pid)
+                ct.retire_pid(pid)
+        if len(times):
+            ct.apply_attaches(int(times[-1]))
         if not extra:
             return None
         return np.concatenate(extra)
 
     def _container_event(self, ev, kind: str, idx: int, host_pid: int = 0, code: int = 0) -> np.ndarray:
+        """One container event stamped like the process event that caused it."""
         out = schema.empty("container", 1)
         for name in ("sensor_monotime_nanos", "cpu", "process_pid", "process_tid"):
             out[name] = ev[name]
@@ -230,11 +251,17 @@ class Planner:
         return out
 
     def container_indices(self, batch: np.ndarray) -> np.ndarray:
-        """The container index of each event, looked up per unique pid."""
+        """The container index of each event, looked up per unique pid.
+
+        A process batch was stamped event by event by :meth:`track_processes`.
+        """
         if len(batch) == 0:
             return np.zeros(0, np.uint32)
-        pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
+        if batch.dtype == schema.dtype("process"):
+            return batch["container"]
         ct = self.broker.containers
+        ct.apply_attaches(int(batch["sensor_monotime_nanos"].max()))
+        pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
         idx = np.array([ct.lookup_pid(p) if p > 0 else 0 for p in pids.tolist()], np.uint32)
         return idx[inverse]
 

@@ -27,9 +27,20 @@ class Publisher:
         self.broker = broker
 
     def send(self, envelope: list[bytes], payload: bytes) -> bool:
-        """Non-blocking send to one peer; False when it could not take it."""
+        """Non-blocking send to one peer; False when it could not take it.
+
+        A peer is the tag of the socket it came from (Broker.listeners) and its
+        routing id; an untagged peer is on the unix control socket.
+        """
+        peer = envelope[0]
+        listeners = getattr(self.broker, "listeners", None)
+        sock = listeners.get(peer[:1]) if listeners else None
+        if sock is None:
+            sock = self.broker.control
+        else:
+            peer = peer[1:]
         try:
-            self.broker.control.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            sock.send_multipart([peer, *envelope[1:], payload], zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -46,12 +57,19 @@ class Publisher:
         now = time.monotonic()
         for sub in list(self.broker.subscriptions.values()):
             batches = []
-            selected = 0
-            for key, batch in window.items():
-                category, _, probe = key.partition(":")
-                for part in self._select(sub, category, probe, batch):
-                    batches.append((category, part))
-                    selected += len(part)
+            selected = 0  # events, not lost/limiter notices: caps and loss counts are in events
+            try:
+                for key, batch in window.items():
+                    category, _, probe = key.partition(":")
+                    for part in self._select(sub, category, probe, batch):
+                        batches.append((category, part))
+                        if category not in ("lost", "limiter"):
+                            selected += len(part)
+            except Exception as exc:  # one subscription's filter must not stop the others
+                log.exception("filter of subscription %s failed", sub.sub_id)
+                self.broker.end_subscription(sub.sub_id, f"filter failed: {type(exc).__name__}: {exc}",
+                                             notify=True)
+                continue
             if not batches:
                 continue
             admitted = sub.admit(selected, now)
@@ -118,9 +136,15 @@ class Publisher:
                               "sensor_id": self.broker.sensor_id, "batches": out}, use_bin_type=True)
 
     def tick(self) -> None:
-        """A heartbeat to every subscriber: keeps idle ones alive, finds gone ones."""
+        """A heartbeat to every subscriber: keeps idle ones alive, finds gone ones.
+
+        A subscription with losses not yet reported gets them now (a subscriber
+        that stopped reading learns what it lost even when nothing follows).
+        """
         seen = set()
         for sub in list(self.broker.subscriptions.values()):
+            if sub.lost_pending:
+                self._deliver(sub, [])
             if sub.peer not in seen:
                 seen.add(sub.peer)
                 self.send([sub.peer], msgpack.packb({"type": "tick"}))

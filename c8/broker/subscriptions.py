@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,7 +183,7 @@ def parse_spec(spec: Any, peer: bytes, validate_probe=None) -> Subscription:
     rate = modifiers.get("rate")
     limit = modifiers.get("limit")
     for name, v in (("rate", rate), ("limit", limit)):
-        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < math.inf):
             raise _fail(f"modifiers.{name} must be a positive number, got {v!r}")
     sub = Subscription(f"s{next(_ids)}", peer, spec, cats, containers or None,
                        float(rate) if rate else None, int(limit) if limit else None)

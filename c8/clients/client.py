@@ -42,10 +42,14 @@ class SensorUnavailable(Exception):
 class Client:
     """A connection factory for one sensor, found through run_dir."""
 
-    def __init__(self, run_dir: str | None = None, endpoint: str | None = None, timeout: float = 5.0):
+    def __init__(self, run_dir: str | None = None, endpoint: str | None = None, timeout: float = 5.0,
+                 curve: dict | None = None):
+        """``endpoint`` defaults to run_dir's control socket; a ``tcp://`` one needs
+        ``curve``: ``{"server_public", "public", "secret"}`` z85 keys (str or bytes)."""
         self.run_dir = paths.run_dir(run_dir)
         self.endpoint = endpoint or paths.ipc(paths.control(self.run_dir))
         self.timeout = timeout
+        self.curve = _curve_keys(curve) if curve else None
         self.ctx = zmq.Context.instance()
         self._ids = itertools.count(1)
 
@@ -59,6 +63,10 @@ class Client:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        if self.curve is not None:
+            sock.curve_serverkey = self.curve["server_public"]
+            sock.curve_publickey = self.curve["public"]
+            sock.curve_secretkey = self.curve["secret"]
         sock.connect(self.endpoint)
         return sock
 
@@ -95,7 +103,14 @@ class Client:
         except Exception:
             sock.close()
             raise
-        return Subscription(sock, reply["subscription"], reply.get("sensor_id", ""))
+        return Subscription(sock, reply["subscription"], reply.get("sensor_id", ""), spec)
+
+
+def _curve_keys(curve: dict) -> dict[str, bytes]:
+    missing = {"server_public", "public", "secret"} - set(curve)
+    if missing:
+        raise ValueError(f"curve needs z85 keys {sorted(missing)}")
+    return {k: v.encode() if isinstance(v, str) else bytes(v) for k, v in curve.items()}
 
 
 def _await_reply(sock: zmq.Socket, rid: Any, timeout: float) -> dict:
@@ -112,15 +127,26 @@ def _await_reply(sock: zmq.Socket, rid: Any, timeout: float) -> dict:
         return msg
 
 
-class Subscription:
-    """A live subscription: iterate ``batches()`` or ``events()``; ``close()`` ends it."""
+BROKER_SILENCE = 3.0  # the broker ticks every second; this much silence means it restarted
 
-    def __init__(self, sock: zmq.Socket, sub_id: str, sensor_id: str):
+
+class Subscription:
+    """A live subscription: iterate ``batches()`` or ``events()``; ``close()`` ends it.
+
+    If the broker restarts (the supervisor brings it back after a crash or an
+    OOM kill), the subscription is made again on the same connection: events
+    resume, and ``resubscribed`` counts how often that happened (events of the
+    gap are not recoverable).
+    """
+
+    def __init__(self, sock: zmq.Socket, sub_id: str, sensor_id: str, spec: dict | None = None):
         self.sock = sock
         self.id = sub_id
         self.sensor_id = sensor_id
+        self.spec = spec
         self.ended: str | None = None
         self.lost: dict[str, int] = {}
+        self.resubscribed = 0
 
     def __enter__(self) -> Subscription:
         return self
@@ -135,14 +161,29 @@ class Subscription:
     def messages(self, timeout: float | None = None) -> Iterator[dict]:
         """Raw decoded messages; stops at the end of the subscription or after
         ``timeout`` seconds without any message (ticks count as messages)."""
+        last = asked = time.monotonic()
         while self.ended is None and not self.sock.closed:
-            if not self.sock.poll(None if timeout is None else int(timeout * 1000)):
-                return
+            if not self.sock.poll(1000):
+                now = time.monotonic()
+                if self.spec is not None and now - max(last, asked) > BROKER_SILENCE:
+                    asked = now
+                    self.sock.send(control.request("subscribe", self.spec, "resubscribe"))
+                if timeout is not None and now - last > timeout:
+                    return
+                continue
+            last = time.monotonic()
             msg = msgpack.unpackb(self.sock.recv(), raw=False, strict_map_key=False)
             t = msg.get("type")
             if t == "end":
                 self.ended = msg.get("reason", "ended")
                 return
+            if msg.get("id") == "resubscribe" and "status" in msg:
+                if msg["status"] != "ok":
+                    self.ended = f"resubscribe refused: {msg.get('reason')}"
+                    return
+                self.id = msg["subscription"]
+                self.resubscribed += 1
+                continue
             yield msg
 
     def batches(self, timeout: float | None = None, idle: float | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:

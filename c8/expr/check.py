@@ -44,10 +44,12 @@ def _check_leaf(leaf: Node, category: str, types: dict[str, str], columns: set[s
                              leaf.pos, name, close)
     if name in CLIENT_ONLY and name not in columns:
         raise ExprFieldError(f"field '{name}' is not available to filters", leaf.pos, name)
+    string = is_string(types[name])
+    if isinstance(leaf, Compare) and leaf.mask is not None and (string or name == "kind"):
+        raise ExprTypeError(f"'&' tests the bits of a number field, and '{name}' is not one", leaf.pos, name)
     if name == "kind":
         _check_kind(leaf, category)
         return
-    string = is_string(types[name])
     what = "a string" if string else "a number"
     if isinstance(leaf, Compare):
         _check_value(leaf, leaf.value, string, what)

@@ -56,6 +56,8 @@ def leaf_matches(leaf: Node, value: bytes | int) -> bool:
     """One leaf on one value (bytes for string fields, int for numbers)."""
     try:
         if isinstance(leaf, Compare):
+            if leaf.mask is not None:
+                value = value & leaf.mask
             return OPS[leaf.op](value, literal(leaf.value))
         if isinstance(leaf, In):
             return (value in {literal(v) for v in leaf.values}) != leaf.negated

@@ -1,6 +1,6 @@
 """AST -> tracepoint filter string (PERF_EVENT_IOC_SET_FILTER), as a superset.
 
-The kernel's event filter knows ``== != < <= > >=`` on numbers, ``== !=`` and
+The kernel's event filter knows ``== != < <= > >=`` and ``&`` (any bit set) on numbers, ``== !=`` and
 the glob ``~`` on strings, ``&& || !`` and parentheses. The expression is put
 in negation normal form; each leaf becomes a kernel predicate or *unknown*
 (taken as true: the kernel keeps the event and the broker decides). An AND
@@ -127,6 +127,8 @@ def _convert(node: Node, fieldmap: Mapping[str, str], types: Mapping[str, str]) 
         return None
     target = fieldmap[name]
     code = types.get(name, "")
+    if isinstance(node, Compare) and node.mask is not None:
+        return _bits(target, node, code)
     if isinstance(node, Compare):
         return _compare(target, node.op, node.value, code)
     if isinstance(node, In):
@@ -160,6 +162,17 @@ def _compare(target: str, op: str, value: int | str, code: str) -> Result:
     if not is_string(code) or op not in ("==", "!=") or not _safe_string(value, code):
         return None
     return _Atom(f'{target} {op} "{value}"')
+
+
+def _bits(target: str, node: Compare, code: str) -> Result:
+    """``field & M != 0`` is the kernel's ``field & M`` (true when any bit is set);
+    other bit tests stay unknown."""
+    known = int_range(code)
+    if known is None or is_string(code) or not 0 < node.mask <= known[1]:
+        return None
+    if (node.op, node.value) in (("!=", 0), (">", 0)):
+        return _Atom(f"{target} & {node.mask}")
+    return None
 
 
 def _safe_string(value: str, code: str) -> bool:

@@ -100,6 +100,14 @@ def _number_leaf(leaf: Node, col: np.ndarray) -> np.ndarray:
         value = leaf.value
         if not isinstance(value, int):
             raise ExprTypeError(f"field '{leaf.field}' is a number, compared with a string", leaf.pos, leaf.field)
+        if leaf.mask is not None:
+            # Python int semantics: the value's bits (two's complement) and the
+            # mask (0 <= mask < 2**63), so the result fits int64 and is >= 0
+            const = constant_compare(leaf.op, value, 0, leaf.mask)
+            if const is not None:
+                return np.full(len(col), const)
+            masked = col.astype(np.int64) & np.int64(leaf.mask)
+            return _NUMPY_OPS[leaf.op](masked, np.int64(value))
         if rng is not None:
             const = constant_compare(leaf.op, value, *rng)
             if const is not None:

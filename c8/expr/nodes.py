@@ -18,15 +18,18 @@ NEGATED_OP = {"==": "!=", "!=": "==", "<": ">=", ">=": "<", ">": "<=", "<=": ">"
 
 @dataclass(frozen=True)
 class Compare:
-    """``field op value`` with op one of == != < <= > >=."""
+    """``field op value`` with op one of == != < <= > >=; with ``mask`` set,
+    ``field & mask op value`` (the field's bits and mask, then compared)."""
 
     field: str
     op: str
     value: Value
     pos: int = field(default=0, compare=False)
+    mask: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.field} {self.op} {_literal(self.value)}"
+        name = self.field if self.mask is None else f"{self.field} & {self.mask:#x}"
+        return f"{name} {self.op} {_literal(self.value)}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def fields(node: Node) -> set[str]:
 def negate(node: Node) -> Node:
     """The negation of a node, with ``not`` pushed into the leaves."""
     if isinstance(node, Compare):
-        return Compare(node.field, NEGATED_OP[node.op], node.value, node.pos)
+        return Compare(node.field, NEGATED_OP[node.op], node.value, node.pos, node.mask)
     if isinstance(node, Like):
         return Like(node.field, node.pattern, not node.negated, node.pos)
     if isinstance(node, In):

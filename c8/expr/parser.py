@@ -7,7 +7,7 @@ Grammar (keywords are case-insensitive; whitespace separates tokens)::
     and_expr   := not_expr ( "and" not_expr )*
     not_expr   := "not" not_expr | primary
     primary    := "(" or_expr ")" | predicate
-    predicate  := FIELD compare_op value
+    predicate  := FIELD [ "&" NUMBER ] compare_op value
                 | FIELD [ "not" ] "like" STRING
                 | FIELD [ "not" ] "in" "(" value ( "," value )* [ "," ] ")"
                 | FIELD "is" [ "not" ] "null"
@@ -19,7 +19,7 @@ Grammar (keywords are case-insensitive; whitespace separates tokens)::
                   escapes: \\ \" \' \n \t \r \xHH (NUL is not allowed)
     keywords   := and or not like in is null
 
-``and`` binds tighter than ``or``; ``not`` tighter than both. Chains of the
+``field & MASK op value`` tests bits: ``open_flags & 3 != 0``. ``and`` binds tighter than ``or``; ``not`` tighter than both. Chains of the
 same operator are built as balanced trees, and nesting is bounded, so later
 recursive passes never run out of stack on long or hostile input.
 """
@@ -91,6 +91,9 @@ def tokenize(text: str) -> list[Token]:
         elif c in "(),":
             tokens.append(Token(c, c, None, i))
             i += 1
+        elif c == "&" and not text.startswith("&&", i):
+            tokens.append(Token("&", c, None, i))
+            i += 1
         else:
             for op in _OPERATORS:
                 if text.startswith(op, i):
@@ -111,7 +114,7 @@ def _hint(c: str) -> str:
     return {
         "=": " (use '==' to compare)",
         "!": " (use 'not', or '!=' to compare)",
-        "&": " (use 'and')",
+        "&": " (use 'and'; '&' alone tests bits: field & 0x3 != 0)",
         "|": " (use 'or')",
     }.get(c, "")
 
@@ -262,9 +265,19 @@ class _Parser:
         name = self.advance()
         field, pos = name.text, name.pos
         t = self.tok
+        mask = None
+        if t.kind == "&":
+            self.advance()
+            m = self.tok
+            if m.kind != "number" or not 0 <= m.value < 2**63:  # type: ignore[operator]
+                raise self.fail("a bit mask (a number from 0 to 2**63-1) after '&'")
+            self.advance()
+            mask, t = m.value, self.tok
+            if t.kind != "op":
+                raise self.fail(f"a comparison after '{field} & {m.text}' (e.g. != 0)")
         if t.kind == "op":
             self.advance()
-            return Compare(field, t.text, self.value(f"after '{t.text}'"), pos)
+            return Compare(field, t.text, self.value(f"after '{t.text}'"), pos, mask)
         negated = False
         if self.at_keyword("not"):
             self.advance()

@@ -20,10 +20,18 @@ def dtype_to_wire(dt: np.dtype) -> dict:
     """A dtype as a msgpack-able map (names, formats, offsets, itemsize)."""
     return {
         "names": list(dt.names),
-        "formats": [dt.fields[n][0].str for n in dt.names],
+        "formats": [_format(dt.fields[n][0]) for n in dt.names],
         "offsets": [dt.fields[n][1] for n in dt.names],
         "itemsize": dt.itemsize,
     }
+
+
+def _format(dt: np.dtype) -> str:
+    """A field's format string; subarrays (e.g. syscall args) keep their shape."""
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return f"{shape}{base.str}"
+    return dt.str
 
 
 def dtype_from_wire(d: dict) -> np.dtype:

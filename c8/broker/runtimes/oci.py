@@ -66,6 +66,41 @@ def bundle_annotations(bundle: str) -> dict:
     return {}
 
 
+def read_cmdline(pid: int, proc: str = "/proc") -> list[str]:
+    """argv of a process ([] when gone or unreadable)."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+
+
+def from_runtime_argv(argv: list[str], container_id: str, cwd_link: str = "") -> Metadata | None:
+    """Metadata from a low-level runtime's command line while it makes the
+    container (``runc|crun [--root R] run|create [--bundle B] <id>``): the
+    bundle's annotations, the runtime's own name. The bundle defaults to the
+    runtime's working directory (``cwd_link``, /proc/<pid>/cwd). None when
+    the process is no runc/crun or does not name this container: state files
+    come later (runc writes state.json once the init is set up) and go with
+    ``runc run``'s container, so this is the one early, sure source."""
+    prog = os.path.basename(argv[0]) if argv else ""
+    if prog not in ("runc", "crun") or container_id not in argv[1:]:
+        return None
+    bundle = ""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg in ("--bundle", "-b") and i + 1 < len(argv):
+            bundle = argv[i + 1]
+        elif arg.startswith("--bundle="):
+            bundle = arg.split("=", 1)[1]
+    if not bundle and cwd_link:
+        try:
+            bundle = os.readlink(cwd_link)
+        except OSError:
+            return None
+    return from_annotations(prog, bundle_annotations(bundle) if bundle else {}, container_id)
+
+
 def read_runc(roots: list[str], container_id: str) -> Metadata | None:
     """runc's state.json; annotations from its labels (or the bundle)."""
     for root in roots:

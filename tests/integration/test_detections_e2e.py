@@ -1,0 +1,469 @@
+"""Detections end to end: a real action -> kernel -> broker -> c8-detector -> webhook + syslog.
+
+One sensor (detections.enabled, the packaged default rules) sends every alert
+to a real local HTTP server (webhook output) and a real UDP syslog receiver.
+For every default rule a test performs the action for real, waits for the
+alert on both receivers and checks its fields; a benign workload done just
+before it (the detector handles events in time order) must yield no alert.
+A second sensor checks the alert limiter: 5 per 60s on one output, none on another.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+
+import pytest
+
+from c8.detections.rules import default_rules_path
+from tests.integration.runtimes import busybox_rootfs, runc  # noqa: F401  (fixtures)
+from tests.integration.sensor import Sensor, wait_for
+
+pytestmark = pytest.mark.root
+
+ALERT_TIMEOUT = 30.0
+
+
+# ---- receivers ---------------------------------------------------------------------------
+
+class Receivers:
+    """A local HTTP server (webhook) and a UDP syslog receiver, both recording what arrives."""
+
+    def __init__(self):
+        self.posts: list[dict] = []
+        self.syslog: list[str] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer.lock:
+                    outer.posts.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.settimeout(0.2)
+        self._stop = threading.Event()
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        threading.Thread(target=self._recv_syslog, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}/alerts"
+
+    @property
+    def syslog_address(self) -> str:
+        return f"127.0.0.1:{self.udp.getsockname()[1]}"
+
+    def _recv_syslog(self):
+        while not self._stop.is_set():
+            try:
+                data = self.udp.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.syslog.append(data.decode(errors="replace"))
+
+    def alerts(self, rule: str) -> list[dict]:
+        with self.lock:
+            return [p for p in self.posts if p.get("type") == "alert" and p.get("rule") == rule]
+
+    def syslog_alerts(self, rule: str) -> list[dict]:
+        """Parsed RFC 5424 alerts of a rule: pri, sd params and msg."""
+        out = []
+        with self.lock:
+            lines = list(self.syslog)
+        for line in lines:
+            m = re.match(r"<(\d+)>1 \S+ \S+ \S+ \S+ alert \[c8@32473 ((?:[^\]\\]|\\.)*)\] (.*)", line, re.S)
+            if not m:
+                continue
+            sd = {k: v.replace('\\"', '"') for k, v in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2))}
+            if sd.get("rule") == rule:
+                out.append({"pri": int(m.group(1)), "sd": sd, "msg": m.group(3)})
+        return out
+
+    def close(self):
+        self._stop.set()
+        self.http.shutdown()
+        self.http.server_close()
+        self.udp.close()
+
+
+def detector_ready(sensor: Sensor, rx: Receivers, workdir: str) -> None:
+    """Wait until the detector is subscribed and alerting: a canary exec from a temp dir."""
+    wait_for(lambda: sensor.status()["subscriptions"], 30, 0.2, "the detector's subscription")
+    canary = os.path.join(workdir, "canary")
+    shutil.copy("/bin/true", canary)
+
+    def alerted():
+        subprocess.run([canary], check=True)
+        return [a for a in rx.alerts("Execution from temporary directory")
+                if a["event"]["exec_filename"] == canary]
+    wait_for(alerted, 40, 1.0, "a canary alert from the detector")
+
+
+def sensor_config(rx_outputs: list[dict]) -> dict:
+    return {"detections": {"enabled": True, "rules": [default_rules_path()]},
+            "alert_output": {"outputs": rx_outputs}}
+
+
+@pytest.fixture(scope="module")
+def rx():
+    r = Receivers()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A scratch dir under /tmp (exec from it is the canary's trigger)."""
+    d = tempfile.mkdtemp(prefix="c8-det-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bindir():
+    """Compiled helpers in a directory no rule watches (not /tmp, not a bin dir)."""
+    d = f"/opt/c8-test-{uuid.uuid4().hex[:8]}"
+    os.makedirs(d)
+    progs = {
+        # a "server" that runs a command through /bin/sh, as system(3) does
+        "server.c": '#include <stdlib.h>\nint main(int c, char **v) { return system(v[1]); }\n',
+        # connects to 127.0.0.1:<port> and exits
+        "connect.c": ("#include <arpa/inet.h>\n#include <stdlib.h>\n#include <sys/socket.h>\n"
+                      "#include <unistd.h>\nint main(int c, char **v) {\n"
+                      "  int s = socket(AF_INET, SOCK_STREAM, 0);\n"
+                      "  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(v[1]))};\n"
+                      "  a.sin_addr.s_addr = htonl(0x7f000001);\n"
+                      "  return connect(s, (struct sockaddr *)&a, sizeof a) != 0; }\n"),
+    }
+    for src, text in progs.items():
+        path = os.path.join(d, src)
+        with open(path, "w") as f:
+            f.write(text)
+        subprocess.run(["gcc", "-O1", "-o", path[:-2], path], check=True)
+    # the same programs under telling names
+    for name, prog in (("nginx", "server"), ("worker", "server"), ("cat", "connect"),
+                       ("curl", "connect")):
+        shutil.copy(os.path.join(d, prog), os.path.join(d, name))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def det_sensor(tmp_path_factory, rx, workdir):
+    s = Sensor(tmp_path_factory.mktemp("det"), **sensor_config([
+        {"type": "webhook", "url": rx.url},
+        {"type": "syslog", "address": rx.syslog_address, "protocol": "udp"}])).start()
+    try:
+        detector_ready(s, rx, workdir)
+        yield s
+    finally:
+        s.stop()
+
+
+# ---- checking alerts ---------------------------------------------------------------------------
+
+def await_alert(rx: Receivers, rule: str, match, what: str) -> tuple[dict, dict]:
+    """The webhook alert of ``rule`` with match(alert) and its syslog twin (same pid)."""
+    def found():
+        hits = [a for a in rx.alerts(rule) if match(a)]
+        if not hits:
+            return None
+        pid = str(hits[0]["process"]["pid"])
+        twins = [s for s in rx.syslog_alerts(rule) if s["sd"].get("pid") == pid]
+        return (hits[0], twins[0]) if twins else None
+    return wait_for(found, ALERT_TIMEOUT, 0.1, f"alert {rule!r} for {what}")
+
+
+def check_common(alert: dict, syslog: dict, rule: str, priority: str, pid: int, exe: str | None):
+    assert alert["rule"] == rule and alert["priority"] == priority
+    assert alert["process"]["pid"] == pid == alert["event"]["process_pid"]
+    if exe is not None:
+        assert alert["process"]["exec_filename"] == exe
+    assert alert["time"].endswith("Z") and alert["time_nanos"] > 0
+    assert alert["process"]["process_id"] == alert["event"]["process_id"] != ""
+    sev = {"critical": 2, "error": 3, "warning": 4, "notice": 5}[priority]
+    assert syslog["pri"] == 3 * 8 + sev  # facility daemon
+    assert syslog["sd"]["priority"] == priority
+    assert syslog["sd"]["process_id"] == alert["process"]["process_id"]
+    assert syslog["msg"] == alert["output"]
+
+
+def no_alert(rx: Receivers, rule: str, pids: set[int]) -> None:
+    bad = [a for a in rx.alerts(rule) if a["process"]["pid"] in pids]
+    assert not bad, f"benign workload alerted {rule!r}: {bad}"
+
+
+def host_container(alert: dict) -> None:
+    assert alert["container"] == {"container_id": "", "container_name": "", "image_id": "", "image_name": ""}
+
+
+# ---- one test per default rule -------------------------------------------------------------------
+
+def test_read_sensitive_file(det_sensor, rx):
+    benign = subprocess.run(["/bin/cat", "/etc/hostname"], capture_output=True, check=True)
+    p = subprocess.Popen(["/bin/cat", "/etc/shadow"], stdout=subprocess.DEVNULL)
+    assert p.wait() == 0
+    alert, syslog = await_alert(rx, "Read sensitive file", lambda a: a["process"]["pid"] == p.pid, "cat /etc/shadow")
+    check_common(alert, syslog, "Read sensitive file", "warning", p.pid, "/bin/cat")
+    assert alert["event"]["filename"] == "/etc/shadow" and alert["event"]["kind"] == "OPEN"
+    assert alert["event"]["ret"] >= 0
+    assert "/etc/shadow" in alert["output"]
+    host_container(alert)
+    del benign
+    # the benign cat ran before: its pid is unknown here, so check no alert names /etc/hostname
+    assert not [a for a in rx.alerts("Read sensitive file") if a["event"]["filename"] == "/etc/hostname"]
+
+
+def test_write_below_system_directory(det_sensor, rx, workdir):
+    tag = uuid.uuid4().hex[:12]
+    benign = subprocess.Popen(["/usr/bin/touch", os.path.join(workdir, f"c8-test-{tag}")])
+    benign.wait()
+    paths = [f"/etc/c8-test-{tag}", f"/usr/local/bin/c8-test-{tag}"]
+    try:
+        touch = subprocess.Popen(["/usr/bin/touch", *paths])
+        assert touch.wait() == 0
+    finally:
+        rm = subprocess.Popen(["/bin/rm", "-f", *paths])
+        rm.wait()
+    rule = "Write below system directory"
+    for path in paths:
+        alert, syslog = await_alert(rx, rule, lambda a, path=path: a["process"]["pid"] == touch.pid
+                                    and a["event"]["filename"] == path, f"touch {path}")
+        check_common(alert, syslog, rule, "error", touch.pid, "/usr/bin/touch")
+        assert alert["event"]["kind"] in ("OPEN", "CREATE")
+        host_container(alert)
+        alert, syslog = await_alert(rx, rule, lambda a, path=path: a["process"]["pid"] == rm.pid
+                                    and a["event"]["filename"] == path, f"rm {path}")
+        check_common(alert, syslog, rule, "error", rm.pid, "/bin/rm")
+        assert alert["event"]["kind"] == "DELETE"
+    no_alert(rx, rule, {benign.pid})
+
+
+def _children_of(rx: Receivers, rule: str, parent_pid: int) -> list[dict]:
+    return [a for a in rx.alerts(rule) if a["event"].get("parent_pid") == parent_pid]
+
+
+def test_shell_spawned_by_server(det_sensor, rx, bindir):
+    rule = "Shell spawned by server"
+    benign = subprocess.Popen([os.path.join(bindir, "worker"), "true"])
+    assert benign.wait() == 0
+    nginx = os.path.join(bindir, "nginx")
+    server = subprocess.Popen([nginx, "true"])
+    assert server.wait() == 0
+    alert, syslog = await_alert(rx, rule, lambda a: a["event"]["parent_pid"] == server.pid, "nginx -> sh")
+    check_common(alert, syslog, rule, "critical", alert["event"]["process_pid"], "/bin/sh")
+    assert alert["event"]["parent_exec_filename"] == nginx
+    assert alert["event"]["exec_command_line"] == "sh -c true"
+    assert nginx in alert["output"]
+    assert not _children_of(rx, rule, benign.pid)
+
+
+def test_execution_from_temporary_directory(det_sensor, rx, workdir):
+    rule = "Execution from temporary directory"
+    benign = subprocess.Popen(["/bin/true"])
+    benign.wait()
+    shm_dir = tempfile.mkdtemp(prefix="c8-det-", dir="/dev/shm")
+    try:
+        progs = [os.path.join(workdir, "from-tmp"), os.path.join(shm_dir, "from-shm")]
+        pids = {}
+        for prog in progs:
+            shutil.copy("/bin/true", prog)
+            p = subprocess.Popen([prog, "arg1"])
+            assert p.wait() == 0
+            pids[prog] = p.pid
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
+    for prog, pid in pids.items():
+        alert, syslog = await_alert(rx, rule, lambda a, pid=pid: a["process"]["pid"] == pid, prog)
+        check_common(alert, syslog, rule, "warning", pid, prog)
+        assert alert["event"]["exec_filename"] == prog
+        assert alert["event"]["exec_command_line"] == f"{prog} arg1"
+        host_container(alert)
+    no_alert(rx, rule, {benign.pid})
+
+
+MEMFD_EXEC = """
+import os
+fd = os.memfd_create("c8-payload", 0)
+with open("/bin/true", "rb") as f:
+    os.write(fd, f.read())
+os.execve(f"/proc/self/fd/{fd}", ["c8-payload"], {})
+"""
+
+
+def test_fileless_execution(det_sensor, rx):
+    rule = "Fileless execution"
+    benign = subprocess.Popen([sys.executable, "-c", "import os; os.execv('/bin/true', ['true'])"])
+    assert benign.wait() == 0
+    p = subprocess.Popen([sys.executable, "-c", MEMFD_EXEC])
+    assert p.wait() == 0
+    alert, syslog = await_alert(rx, rule, lambda a: a["process"]["pid"] == p.pid, "memfd exec")
+    fn = alert["event"]["exec_filename"]
+    assert re.fullmatch(r"/proc/self/fd/\d+", fn), fn
+    check_common(alert, syslog, rule, "critical", p.pid, fn)
+    assert alert["event"]["exec_command_line"] == "c8-payload"
+    no_alert(rx, rule, {benign.pid})
+
+
+PTRACE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+req, pid = int(sys.argv[1]), int(sys.argv[2])
+if libc.ptrace(req, pid, None, None) != 0:
+    sys.exit("ptrace: " + os.strerror(ctypes.get_errno()))
+if req == 16:
+    os.waitpid(pid, 0x40000000)  # __WALL: the tracee stops
+    libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+"""
+
+
+def test_ptrace_attach(det_sensor, rx):
+    rule = "Ptrace attach"
+    target = subprocess.Popen(["/bin/sleep", "60"])
+    try:
+        # PTRACE_PEEKUSER of an untraced process fails: a ptrace call that is no attach
+        benign = subprocess.Popen([sys.executable, "-c", PTRACE, "3", str(target.pid)],
+                                  stderr=subprocess.DEVNULL)
+        benign.wait()
+        tracer = subprocess.Popen([sys.executable, "-c", PTRACE, "16", str(target.pid)])
+        assert tracer.wait() == 0
+    finally:
+        target.kill()
+        target.wait()
+    alert, syslog = await_alert(rx, rule, lambda a: a["process"]["pid"] == tracer.pid, "PTRACE_ATTACH")
+    check_common(alert, syslog, rule, "warning", tracer.pid, os.path.realpath(sys.executable))
+    assert alert["event"]["id"] == 101 and alert["event"]["arg0"] == 16
+    assert alert["event"]["arg1"] == target.pid
+    no_alert(rx, rule, {benign.pid})
+
+
+LISTEN = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+if sys.argv[1] == "listen":
+    s.listen(7)
+"""
+
+
+def test_new_listening_socket(det_sensor, rx):
+    rule = "New listening socket"
+    benign = subprocess.Popen([sys.executable, "-c", LISTEN, "bind"])
+    assert benign.wait() == 0
+    p = subprocess.Popen([sys.executable, "-c", LISTEN, "listen"])
+    assert p.wait() == 0
+    alert, syslog = await_alert(rx, rule, lambda a: a["process"]["pid"] == p.pid, "listen()")
+    check_common(alert, syslog, rule, "notice", p.pid, os.path.realpath(sys.executable))
+    assert alert["event"]["kind"] == "LISTEN_RESULT" and alert["event"]["ret"] == 0
+    no_alert(rx, rule, {benign.pid})
+
+
+def test_shell_or_package_manager_in_container(det_sensor, rx, runc):  # noqa: F811
+    rule = "Shell or package manager in container"
+    host = subprocess.Popen(["/bin/sh", "-c", "exit 0"])  # a shell on the host is no container shell
+    host.wait()
+    benign = runc.run(["/bin/true"])
+    assert benign.exit_code == 0
+    shell = runc.run(["/bin/sh", "-c", "exit 0"])
+    assert shell.exit_code == 0
+    pm = runc.run(["/bin/dpkg", "--help"])
+    for run, exe in ((shell, "/bin/sh"), (pm, "/bin/dpkg")):
+        alert, syslog = await_alert(
+            rx, rule, lambda a, run=run: a["container"]["container_id"] == run.container_id, exe)
+        check_common(alert, syslog, rule, "warning", alert["event"]["process_pid"], exe)
+        assert alert["event"]["exec_filename"] == exe
+        assert alert["container"]["container_name"] == run.name
+        assert alert["container"]["image_name"] == "busybox"
+        assert syslog["sd"]["container_id"] == run.container_id
+        assert run.name in alert["output"]
+    assert not [a for a in rx.alerts(rule) if a["container"]["container_id"] == benign.container_id]
+    no_alert(rx, rule, {host.pid})
+
+
+def test_unexpected_outbound_connection(det_sensor, rx, bindir):
+    rule = "Unexpected outbound connection"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        benign = subprocess.Popen([os.path.join(bindir, "curl"), str(port)])
+        assert benign.wait() == 0
+        cat = os.path.join(bindir, "cat")
+        p = subprocess.Popen([cat, str(port)])
+        assert p.wait() == 0
+    finally:
+        listener.close()
+    alert, syslog = await_alert(rx, rule, lambda a: a["process"]["pid"] == p.pid, "cat connecting")
+    check_common(alert, syslog, rule, "error", p.pid, cat)
+    assert alert["event"]["kind"] == "CONNECT_ATTEMPT"
+    assert alert["event"]["address"] == "127.0.0.1" and alert["event"]["port"] == port
+    assert f"127.0.0.1:{port}" in alert["output"]
+    no_alert(rx, rule, {benign.pid})
+
+
+# ---- the alert limiter -------------------------------------------------------------------------------
+
+def test_alert_limiter_5_per_60s(tmp_path, workdir):
+    limited, full = Receivers(), Receivers()
+    s = Sensor(tmp_path, **sensor_config([
+        {"type": "webhook", "url": limited.url, "name": "limited", "limit_per_period": 5,
+         "limit_period": "60s"},
+        {"type": "webhook", "url": full.url, "name": "full"},
+        {"type": "syslog", "address": limited.syslog_address, "protocol": "udp", "name": "limited-syslog",
+         "limit_per_period": 5, "limit_period": "60s"}])).start()
+    try:
+        detector_ready(s, full, workdir)  # the canary takes the limited outputs' budget: count it
+        rule = "Read sensitive file"
+        pids = set()
+        for _ in range(20):
+            p = subprocess.Popen(["/bin/cat", "/etc/shadow"], stdout=subprocess.DEVNULL)
+            p.wait()
+            pids.add(p.pid)
+
+        def mine(r):
+            return [a for a in r.alerts(rule) if a["process"]["pid"] in pids]
+        wait_for(lambda: len(mine(full)) == 20, ALERT_TIMEOUT, 0.1, "20 alerts on the unlimited output")
+        canaries = len([a for a in limited.posts if a.get("type") == "alert" and a["rule"] != rule])
+        assert canaries >= 1
+        assert len(mine(limited)) == 5 - canaries
+        assert len(limited.syslog_alerts(rule)) == 5 - canaries
+    finally:
+        s.stop()  # closing the limiters emits the period's summary at once
+    notices = [p for p in limited.posts if p.get("type") == "notice"]
+    assert [n["message"] for n in notices] == ["%d alerts suppressed by limited in the last 60s"
+                                               % (20 - (5 - canaries))]
+    sys_notices = [m for m in limited.syslog if " notice " in m]
+    assert len(sys_notices) == 1 and "alerts suppressed by limited-syslog" in sys_notices[0]
+    assert not [p for p in full.posts if p.get("type") == "notice"]
+    limited.close()
+    full.close()
+
+
+def test_ctypes_available():
+    # the ptrace helper relies on libc through ctypes
+    assert ctypes.CDLL(None).ptrace

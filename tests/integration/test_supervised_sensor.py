@@ -1,0 +1,138 @@
+"""The real sensor tree under its supervisor: privileges, limits, restarts, c8ctl."""
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from c8.supervisor import privileges
+from tests.integration.sensor import Sensor, wait_for
+
+pytestmark = pytest.mark.root
+
+CGROUP = "capsule8-sensor"
+
+
+def status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    raise KeyError(name)
+
+
+def c8ctl(run_dir, *args, timeout=20):
+    return subprocess.run([sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", run_dir, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_children_run_as_sensor_user_with_ambient_caps_and_collect(shared_sensor):
+    user = pwd.getpwnam("capsule8")
+    children = shared_sensor.children()
+    assert {c["name"] for c in children} >= {"c8-broker", "c8-collector cpu0"}
+    expected = privileges.needed_mask()
+    for child in children:
+        pid = child["pid"]
+        uids = status_field(pid, "Uid").split()
+        assert uids == [str(user.pw_uid)] * 4, child
+        cap_eff = int(status_field(pid, "CapEff"), 16)
+        cap_amb = int(status_field(pid, "CapAmb"), 16)
+        assert cap_eff == cap_amb == expected != 0
+        assert not cap_eff & (1 << 16), "CAP_SYS_MODULE must not be kept"
+    # and they still collect
+    with shared_sensor.client.subscribe({"events": {"process": {"filter": 'kind == "EXEC"'}}}) as sub:
+        p = subprocess.Popen(["/bin/true", "as-capsule8"])
+        p.wait()
+        got = next((e for e in sub.events(timeout=5) if e["process_pid"] == p.pid), None)
+        assert got is not None and got["exec_command_line"] == "/bin/true as-capsule8"
+
+
+def test_c8ctl_status_subscribe_and_exit_codes(shared_sensor, tmp_path):
+    st = c8ctl(shared_sensor.run_dir, "status")
+    assert st.returncode == 0, st.stderr
+    assert "c8-collector cpu0" in st.stdout and "subscriptions:" in st.stdout
+    st = json.loads(c8ctl(shared_sensor.run_dir, "status", "--json").stdout)
+    assert st["sensor_id"] and set(st["collectors"]) >= {"0"}
+    # subscribe streams JSON lines; --limit ends it
+    proc = subprocess.Popen([sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", shared_sensor.run_dir,
+                             "subscribe", "--events", "process", "--filter", 'exec_command_line like "*c8ctl-mark*"',
+                             "--limit", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(s["spec"]["events"].get("process", {}).get("filter", "").endswith('c8ctl-mark*"')
+                         for s in shared_sensor.client.subscriptions()), 10, what="c8ctl's subscription")
+    time.sleep(0.3)  # the subscribe reply is sent once collectors run the plan
+    for _ in range(2):
+        subprocess.run(["/bin/true", "c8ctl-mark"])
+    out, err = proc.communicate(timeout=20)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert [e["exec_command_line"] for e in lines] == ["/bin/true c8ctl-mark"] * 2
+    assert all(e["type"] == "process" and e["kind"] == "EXEC" for e in lines)
+    # a bad filter is a clear error, exit 1
+    bad = c8ctl(shared_sensor.run_dir, "subscribe", "--events", "file", "--filter", "filenam == 'x'")
+    assert bad.returncode == 1 and "filenam" in bad.stderr
+    # not running: non-zero with a message
+    down = c8ctl(str(tmp_path / "nowhere"), "status")
+    assert down.returncode == 1 and "not running" in down.stderr
+
+
+def test_broker_killed_restarts_and_subscription_recovers(sensor):
+    with sensor.client.subscribe({"events": {"process": {"filter": 'kind == "EXEC"'}}}) as sub:
+        broker = next(c for c in sensor.children() if c["name"] == "c8-broker")
+        os.kill(broker["pid"], signal.SIGKILL)
+        wait_for(lambda: any(c["name"] == "c8-broker" and c["pid"] != broker["pid"] and c["state"] == "RUNNING"
+                             for c in sensor.children()), 20, what="the broker restarted")
+        # The client notices the silence, subscribes again on the same connection,
+        # and events made after that arrive.
+        marker = "/bin/true after-broker-restart"
+        deadline = time.monotonic() + 40
+        found = False
+        while not found and time.monotonic() < deadline:
+            for ev in sub.events(timeout=6):
+                if ev["exec_command_line"] == marker:
+                    found = True
+                    break
+                if sub.resubscribed:
+                    subprocess.run(marker.split())
+            if sub.resubscribed and not found:
+                subprocess.run(marker.split())
+        assert sub.resubscribed >= 1
+        assert found
+    assert "c8-broker" in sensor.output() and "restart" in sensor.output().lower()
+
+
+def read_cg(controller, name):
+    with open(f"/sys/fs/cgroup/{controller}/{CGROUP}/{name}") as f:
+        return f.read()
+
+
+def test_cpu_limit_throttles_the_sensor_under_a_storm(tmp_path):
+    s = Sensor(tmp_path, use_supervisor=True, use_resource_limits=True, cpu_limit=5, memory_limit="512M").start()
+    try:
+        quota = int(read_cg("cpu", "cpu.cfs_quota_us"))
+        period = int(read_cg("cpu", "cpu.cfs_period_us"))
+        ncpu = os.cpu_count()
+        assert period == 1_000_000 and quota == 5 * ncpu * 10_000
+        assert int(read_cg("memory", "memory.limit_in_bytes")) == 512 << 20
+        with s.client.subscribe({"events": {"syscall": {"kinds": ["ENTER"]}}}, queue=1000) as sub:
+            usage0 = int(read_cg("cpuacct", "cpuacct.usage"))
+            t0 = time.monotonic()
+            storm = subprocess.Popen([sys.executable, "-c",
+                                      "import os,time\nt=time.monotonic()+6\nwhile time.monotonic()<t: os.getppid()"])
+            for _ in sub.batches(timeout=1):
+                if storm.poll() is not None:
+                    break
+            storm.wait()
+            used = (int(read_cg("cpuacct", "cpuacct.usage")) - usage0) / 1e9
+            elapsed = time.monotonic() - t0
+        stat = dict(line.split() for line in read_cg("cpu", "cpu.stat").splitlines())
+        assert int(stat["nr_throttled"]) > 0
+        # the quota allows 5% of all CPUs; one period of slack for the edges
+        assert used <= 0.05 * ncpu * (elapsed + 1.0), (used, elapsed)
+    finally:
+        assert s.stop() == 0
+    assert not os.path.exists(f"/sys/fs/cgroup/cpu/{CGROUP}")
+    assert not os.path.exists(s.run_dir + "/sensor.sock")
