@@ -397,8 +397,8 @@ class PerfRecord:
         (its per-event sections: SAMPLE and LOST_SAMPLES counts)."""
         r = subprocess.run(["perf", "report", "--stats", "-i", self.out], capture_output=True, text=True)
         samples = lost = 0
-        for name, body in re.findall(r"^(\S+) stats:\n((?:\s+\S.*\n?)*)", r.stdout, re.M):
-            if name.startswith("dummy"):
+        for name, body in re.findall(r"^(\S+) stats:\n((?:[ \t]+\S.*\n?)*)", r.stdout, re.M):
+            if name.startswith("dummy") or name == "Aggregated":
                 continue
             m = re.search(r"^\s+SAMPLE events:\s+(\d+)", body, re.M)
             samples += int(m.group(1)) if m else 0

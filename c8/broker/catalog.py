@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from c8 import schema
-from c8.broker import sockaddr
+from c8.broker import paths, sockaddr
 
 CLONE_THREAD = 0x00010000
 
@@ -148,6 +148,7 @@ def build_sys_exit(raw: np.ndarray) -> Built:
 def build_open(raw: np.ndarray) -> Built:
     out = base("file", raw, "OPEN")
     out["filename"] = raw["filename"]
+    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"])
     out["open_flags"] = raw["flags"]
     out["open_mode"] = raw["mode"]
     out["syscall"] = raw["nr"]
@@ -167,6 +168,7 @@ def build_file1(raw: np.ndarray) -> Built:
     raw, kinds = raw[kinds != 0], kinds[kinds != 0]
     out = base("file", raw, kinds)
     out["filename"] = raw["filename"]
+    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"])
     out["open_mode"] = raw["mode"]
     out["owner_uid"] = raw["owner_uid"]
     out["owner_gid"] = raw["owner_gid"]
@@ -182,6 +184,7 @@ def build_file2(raw: np.ndarray) -> Built:
     out["oldname"] = raw["oldname"]
     out["newname"] = raw["newname"]
     out["filename"] = raw["newname"]  # the path the operation made, for globs
+    out["path"] = paths.resolve(raw["pid"], raw["newdirfd"], raw["newname"])
     out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]
     return [("file", out)]

@@ -128,7 +128,9 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("ret", "i8", "EXIT: return value", "raw_syscalls:sys_exit"),
     ),
     "file": (
-        Field("filename", "S256", "path as passed (resolved against cwd/dirfd where known)", "eBPF"),
+        Field("filename", "S256", "path as the process passed it (RENAME/LINK/SYMLINK: the new name)", "eBPF"),
+        Field("path", "S256", "filename made absolute against the process's cwd or dirfd while it lives; "
+              "else as passed", "broker: /proc/<pid>/cwd, /proc/<pid>/fd/<dirfd>"),
         Field("oldname", "S256", "RENAME/LINK/SYMLINK: source path", "eBPF"),
         Field("newname", "S256", "RENAME/LINK/SYMLINK: target path", "eBPF"),
         Field("open_flags", "i4", "OPEN: flags", "eBPF"),

@@ -1,12 +1,13 @@
 """Real container runtimes for integration tests, each started in a temp dir.
 
-Session fixtures ``docker``, ``podman`` and ``runc`` start the runtime
+Session fixtures ``docker``, ``podman``, ``runc`` and ``crun`` start the runtime
 themselves (own data root, state dirs and socket; nothing of the host's
 configuration is used or changed), provide a busybox image built from the
 busybox-static package, and tear everything down. Each exposes the same
 helpers:
 
-- ``run(argv, name=None) -> Run``: run a container to its end;
+- ``run(argv, name=None) -> Run``: run a container to its end (runc and crun
+  also take ``container_id``: the id is known before the container runs);
 - ``start(argv, name=None) -> Run``: run it detached (``exit_code`` None);
 - ``pid(container_id) -> int``: host pid of its init;
 - ``stop(container_id)``: kill and remove it.
@@ -18,6 +19,7 @@ Import the fixtures into a test module (``from runtimes import docker``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -298,8 +300,8 @@ class Runc:
             json.dump(spec, f)
         return path
 
-    def run(self, argv: list[str], name: str | None = None) -> Run:
-        cid, name = secrets.token_hex(32), name or new_name(f"c8-{self.binary}")
+    def run(self, argv: list[str], name: str | None = None, container_id: str | None = None) -> Run:
+        cid, name = container_id or secrets.token_hex(32), name or new_name(f"c8-{self.binary}")
         proc = self.cmd("run", "--bundle", self.bundle(cid, name, argv), cid, check=False)
         return Run(cid, name, proc.returncode)
 
@@ -334,6 +336,66 @@ class Runc:
         listing = self.cmd("list", "-q", check=False).stdout.split()
         for cid in listing:
             self.stop(cid)
+
+
+class Crun(Runc):
+    """crun, driven like runc (same CLI for spec/run/state/delete/list)."""
+
+    binary = "crun"
+
+
+HUGETLB_V1 = "/sys/fs/cgroup/hugetlb"
+UNIFIED = "/sys/fs/cgroup/unified"
+
+
+def _words(path: str) -> set[str]:
+    try:
+        with open(path) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def _mounted(point: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == point for line in f)
+
+
+@contextlib.contextmanager
+def crun_hybrid_workaround() -> Iterator[bool]:
+    """Let crun run on a hybrid cgroup host, and undo it afterwards.
+
+    crun 1.8 refuses a hybrid layout while cgroup2 holds any controller
+    ("cgroups in hybrid mode not supported, drop all controllers from
+    cgroupv2"); here cgroup2 holds only hugetlb. Mounting hugetlb as its own
+    v1 hierarchy at /sys/fs/cgroup/hugetlb (crun looks there) takes it off
+    cgroup2; unmounting it once crun's cgroups are gone gives it back. Only
+    done when cgroup2 has hugetlb and no cgroup enables it (subtree_control):
+    then nothing else uses it. Yields True when it mounted (and will undo).
+    """
+    controllers = _words(f"{UNIFIED}/cgroup.controllers")
+    if not controllers or _mounted(HUGETLB_V1):
+        yield False  # not hybrid, or already done (C8_CRUN_HYBRID=1 at install)
+        return
+    if controllers != {"hugetlb"} or "hugetlb" in _words(f"{UNIFIED}/cgroup.subtree_control"):
+        pytest.fail(f"cgroup2 controllers {sorted(controllers)}: crun cannot run on this hybrid host "
+                    "without moving controllers in use", pytrace=False)
+    made = not os.path.isdir(HUGETLB_V1)
+    os.makedirs(HUGETLB_V1, exist_ok=True)
+    sh(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_V1])
+    try:
+        yield True
+    finally:
+        # cgroups left in it (another user's container) keep the hierarchy alive until removed
+        for _ in range(100):
+            if subprocess.run(["umount", HUGETLB_V1], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(HUGETLB_V1)
+        wait_for("hugetlb to return to cgroup2", lambda: "hugetlb" in _words(f"{UNIFIED}/cgroup.controllers"),
+                 timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -391,3 +453,17 @@ def runc(busybox_rootfs) -> Iterator[Runc]:
         yield runtime
     finally:
         _teardown(base, runtime.close if runtime else lambda: None)
+
+
+@pytest.fixture(scope="session")
+def crun(busybox_rootfs) -> Iterator[Crun]:
+    """crun with a private state root and busybox bundles; on a hybrid cgroup
+    host, hugetlb moves to its own v1 hierarchy for the session (undone after)."""
+    base = _runtime_dir("crun")
+    runtime = None
+    with crun_hybrid_workaround():
+        try:
+            runtime = Crun(base, busybox_rootfs[0])
+            yield runtime
+        finally:
+            _teardown(base, runtime.close if runtime else lambda: None)

@@ -136,3 +136,20 @@ def test_cpu_limit_throttles_the_sensor_under_a_storm(tmp_path):
         assert s.stop() == 0
     assert not os.path.exists(f"/sys/fs/cgroup/cpu/{CGROUP}")
     assert not os.path.exists(s.run_dir + "/sensor.sock")
+
+
+def test_sensor_never_reports_its_own_activity(shared_sensor):
+    own = {c["pid"] for c in shared_sensor.children()}
+    own.add(shared_sensor.proc.pid)
+    with shared_sensor.client.subscribe({"events": {"syscall": {"kinds": ["ENTER"]}, "file": {},
+                                                    "process": {}}}, queue=1000) as sub:
+        n = 0
+        deadline = time.monotonic() + 3
+        for category, batch, _ in sub.batches(timeout=2):
+            if category in ("lost", "limiter"):
+                continue
+            n += len(batch)
+            assert not set(batch["process_pid"].tolist()) & own
+            if time.monotonic() > deadline:
+                break
+    assert n > 0  # the host (this test, at least) was seen meanwhile

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 
 from c8 import schema
-from c8.expr import ExprSyntaxError, ExprTypeError, check, compile_mask, evaluate, kernel_filter, nnf, parse, unparse
+from c8.expr import (
+    ExprSyntaxError,
+    ExprTypeError,
+    check,
+    compile_mask,
+    evaluate,
+    kernel_filter,
+    nnf,
+    parse,
+    unparse,
+)
 
 O_WRONLY, O_RDWR, O_CREAT, O_NOCTTY, O_NONBLOCK = 0x1, 0x2, 0x40, 0x100, 0x800
 

@@ -1,0 +1,188 @@
+"""Containers end to end: real runtimes -> kernel -> collectors -> broker -> subscriber.
+
+The Capsule8 demonstration (`docker run --rm busybox sh -c 'ls; cat /foo'`
+seen by a subscriber filtering on image ``busy*``), the same lifecycle for
+podman (filtered by name), plain runc (by id) and crun, and a container
+started before the sensor. The runtimes are private instances the harness
+starts (tests/integration/runtimes.py); other users' containers may run at the
+same time, so assertions are on this module's own container ids.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import secrets
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.sensor import Sensor
+
+from .runtimes import busybox_rootfs, crun, docker, podman, runc  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.root, pytest.mark.containers, pytest.mark.timeout(300)]
+
+DEMO = ["sh", "-c", "ls; cat /foo"]
+EVENTS = {"process": {}, "file": {}, "container": {},
+          "syscall": {"kinds": ["EXIT"], "filter": "id == 2 or id == 257"}}  # open, openat
+ENOENT = 2
+LIFECYCLE = ["CREATED", "RUNNING", "EXITED", "DESTROYED"]
+
+
+@pytest.fixture(scope="module")
+def early(docker):
+    """A docker container running (asleep) before the sensor starts."""
+    run = docker.start(["sleep", "600"], name="c8-early-" + secrets.token_hex(3))
+    yield run, docker.pid(run.container_id)
+    docker.stop(run.container_id)
+
+
+@pytest.fixture(scope="module")
+def csensor(early, tmp_path_factory):
+    """One sensor for the module, started after ``early``."""
+    s = Sensor(tmp_path_factory.mktemp("csensor")).start()
+    yield s
+    s.stop()
+
+
+def collect(sub, done, timeout: float = 40.0) -> list[dict]:
+    """Events until done(events) or the timeout (the caller asserts on what came)."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    for ev in sub.events(timeout=5.0):
+        events.append(ev)
+        if done(events) or time.monotonic() > deadline:
+            break
+    return events
+
+
+def destroyed(cid: str):
+    return lambda evs: any(e["type"] == "container" and e["kind"] == "DESTROYED" and e["container_id"] == cid
+                           for e in evs)
+
+
+def only_containers(events: list[dict], image_glob: str | None = None, names=(), ids=()) -> None:
+    """Nothing from the host: every event names a container matching the filter."""
+    for e in events:
+        if e["type"] in ("lost", "limiter"):
+            continue  # sensor notices, to every subscriber
+        assert e["container_id"], f"host event leaked: {e}"
+        if image_glob:
+            assert fnmatch.fnmatchcase(e["image_name"], image_glob), e
+        if names:
+            assert e["container_name"] in names, e
+        if ids:
+            assert any(e["container_id"].startswith(i) for i in ids), e
+
+
+def check_demo(events: list[dict], cid: str, name: str, runtime: str, image_id: str, image_name: str) -> None:
+    """CREATED, RUNNING, EXEC /bin/ls, OPEN /foo -> ENOENT, EXITED 1, DESTROYED, in order."""
+    mine = sorted((e for e in events if e["container_id"] == cid), key=lambda e: e["sensor_sequence_number"])
+    assert mine, f"no event of container {cid}"
+    for e in mine:  # every event of the container carries its identity
+        assert (e["container_name"], e["image_id"], e["image_name"]) == (name, image_id, image_name), e
+    life = [e for e in mine if e["type"] == "container"]
+    assert [e["kind"] for e in life] == LIFECYCLE, [(e["kind"], e["process_pid"]) for e in life]
+    created, running, exited, gone = life
+    for e in life:
+        assert e["runtime"] == runtime and e["name"] == name, e
+
+    execs = [e for e in mine if e["type"] == "process" and e["kind"] == "EXEC"]
+    assert execs and execs[0]["exec_filename"] == "/bin/sh"
+    init = execs[0]["process_pid"]
+    assert running["host_pid"] == init  # the container's init, not the runtime's helper
+    ls = next(e for e in execs if e["exec_filename"] == "/bin/ls")
+    opens = [e for e in mine if e["type"] == "file" and e["kind"] == "OPEN" and e["filename"] == "/foo"]
+    assert len(opens) == 1 and opens[0]["ret"] == -ENOENT
+    sys_exits = [e for e in mine if e["type"] == "syscall" and e["process_pid"] == opens[0]["process_pid"]
+                 and e["ret"] == -ENOENT]
+    assert sys_exits, "the failing open's syscall EXIT"
+    assert exited["process_pid"] == init
+    assert (exited["exit_code"], exited["exit_status"], exited["exit_signal"]) == (1 << 8, 1, 0)
+    order = [created, running, ls, opens[0], exited, gone]
+    seqs = [e["sensor_sequence_number"] for e in order]
+    assert seqs == sorted(seqs), [(e["type"], e["kind"]) for e in order]
+    # the init's own exit is the last process event of the container
+    exits = [e for e in mine if e["type"] == "process" and e["kind"] == "EXIT" and e["process_pid"] == init]
+    assert len(exits) == 1 and exits[0]["exit_status"] == 1
+
+
+def test_docker_demonstration(csensor, docker):
+    name = "c8-demo-" + secrets.token_hex(3)
+    with csensor.client.subscribe({"events": EVENTS, "containers": {"image": "busy*"}}) as sub:
+        host = subprocess.run(["/bin/cat", "/foo-host-" + name], capture_output=True)  # a host event to exclude
+        assert host.returncode == 1
+        run = docker.run(DEMO, name=name)
+        assert run.exit_code == 1
+        events = collect(sub, destroyed(run.container_id))
+    only_containers(events, "busy*")
+    check_demo(events, run.container_id, name, "docker", docker.image_id, "busybox")
+
+
+def test_podman_lifecycle_by_name(csensor, podman):
+    name = "c8-demo-" + secrets.token_hex(3)
+    with csensor.client.subscribe({"events": EVENTS, "containers": {"names": [name]}}) as sub:
+        run = podman.run(DEMO, name=name)
+        assert run.exit_code == 1
+        events = collect(sub, destroyed(run.container_id))
+    only_containers(events, names=(name,))
+    check_demo(events, run.container_id, name, "podman", podman.image_id, "localhost/busybox:latest")
+
+
+@pytest.mark.parametrize("runtime_name", ["runc", "crun"])
+def test_low_level_runtime_lifecycle_by_id(csensor, request, runtime_name):
+    rt = request.getfixturevalue(runtime_name)
+    cid, name = secrets.token_hex(32), "c8-demo-" + secrets.token_hex(3)
+    with csensor.client.subscribe({"events": EVENTS, "containers": {"ids": [cid[:12]]}}) as sub:
+        run = rt.run(DEMO, name=name, container_id=cid)
+        assert run.exit_code == 1
+        events = collect(sub, destroyed(cid))
+    only_containers(events, ids=(cid[:12],))
+    # no image store: the bundle's annotations name it (the harness writes them)
+    check_demo(events, cid, name, runtime_name, "", "busybox")
+
+
+def test_host_events_carry_empty_identity(csensor):
+    with csensor.client.subscribe({"events": {"process": {"filter": 'exec_filename == "/bin/true"'}}}) as sub:
+        subprocess.run(["/bin/true", "c8-host"], check=True)
+        events = collect(sub, lambda evs: any(e["exec_command_line"] == "/bin/true c8-host" for e in evs),
+                         timeout=20)
+    ev = next(e for e in events if e["exec_command_line"] == "/bin/true c8-host")
+    assert (ev["container"], ev["container_id"], ev["container_name"], ev["image_id"], ev["image_name"]) == (
+        0, "", "", "", "")
+
+
+def test_container_started_before_the_sensor(csensor, docker, early):
+    run, init = early
+    spec = {"events": {"process": {}, "container": {}}, "containers": {"ids": [run.container_id]}}
+    with csensor.client.subscribe(spec) as sub:
+        out = docker.docker("exec", run.container_id, "cat", "/proc/1/comm").stdout
+        assert out.strip() == "sleep"
+        execs = collect(sub, lambda evs: any(e["type"] == "process" and e["kind"] == "EXEC"
+                                             and e["exec_filename"] == "/bin/cat" for e in evs))
+        docker.stop(run.container_id)  # SIGKILL to its init, then the cgroup goes
+        events = execs + collect(sub, destroyed(run.container_id))
+    only_containers(events, ids=(run.container_id,))
+    cat = next(e for e in events if e["type"] == "process" and e["kind"] == "EXEC"
+               and e["exec_filename"] == "/bin/cat")
+    assert (cat["container_id"], cat["container_name"], cat["image_id"], cat["image_name"]) == (
+        run.container_id, run.name, docker.image_id, "busybox")
+    life = [e for e in events if e["type"] == "container"]
+    # known from the start-up scan: no CREATED/RUNNING for it, its init found by the scan
+    assert [e["kind"] for e in life] == ["EXITED", "DESTROYED"], [e["kind"] for e in life]
+    assert life[0]["process_pid"] == init == life[0]["host_pid"]
+    assert life[0]["exit_signal"] == 9 and life[0]["exit_code"] == 9
+    assert life[0]["runtime"] == "docker" and life[0]["name"] == run.name
+
+
+def test_broker_reads_metadata_as_sensor_user(csensor, docker):
+    """docker's data root is 0710 root: the unprivileged broker reads it through
+    CAP_DAC_READ_SEARCH (the demonstration's names depend on it)."""
+    assert os.stat(docker.data_root).st_mode & 0o777 == 0o710
+    broker = next(c["pid"] for c in csensor.children() if c["name"] == "c8-broker")
+    with open(f"/proc/{broker}/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    assert int(status["Uid"].split()[1]) != 0  # effective uid: not root
+    assert int(status["CapEff"], 16) & (1 << 2)  # CAP_DAC_READ_SEARCH
