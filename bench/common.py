@@ -219,6 +219,9 @@ class BenchSensor(Sensor):
                     frontier.append(k)
         return pids
 
+    def status(self) -> dict:
+        return Client(self.run_dir, timeout=10.0).status()  # a storm keeps the broker busy
+
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(p) for p in self.tree())
 
@@ -325,12 +328,19 @@ class Counter:
         self.cpu = time.thread_time() - t0
 
     def settle(self, quiet: float = 1.5, timeout: float = 120.0) -> int:
-        """Wait until the count has not moved for ``quiet`` seconds; the count."""
+        """Wait until the broker's published count for the whole sensor has not
+        moved for ``quiet`` seconds and neither has ours; our count."""
         deadline = time.monotonic() + timeout
-        last, since = -1, time.monotonic()
+        last, since = None, time.monotonic()
+        client = Client(self.run_dir, timeout=10)
         while time.monotonic() < deadline:
-            if self.count != last:
-                last, since = self.count, time.monotonic()
+            try:
+                published = client.status()["counts"]["published"]
+            except Exception:  # a busy broker: ask again
+                published = None
+            now = (self.count, published)
+            if now != last:
+                last, since = now, time.monotonic()
             elif time.monotonic() - since >= quiet:
                 break
             time.sleep(0.1)
@@ -376,11 +386,20 @@ class PerfRecord:
         self.stderr = ""
 
     def __enter__(self) -> PerfRecord:
+        # Start disabled and enable through the control fifo: its ack means
+        # every event is open and recording (a file on disk does not).
+        ctl, ack = os.path.join(self.tmp.name, "ctl"), os.path.join(self.tmp.name, "ack")
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
         self.log = open(os.path.join(self.tmp.name, "stderr"), "w+")
-        self.proc = subprocess.Popen([*self.cmd, "--", "sleep", "3600"], stderr=self.log, stdout=self.log)
-        # perf is recording once the file has its header written and mmaps are up
-        wait_for(lambda: os.path.exists(self.out) and os.path.getsize(self.out) > 0, 20, 0.05, "perf record")
-        time.sleep(0.5)
+        self.proc = subprocess.Popen([*self.cmd, "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+                                      "--", "sleep", "3600"], stderr=self.log, stdout=self.log)
+        self.ctl = open(ctl, "w")
+        self.ack = open(ack)
+        self.ctl.write("enable\n")
+        self.ctl.flush()
+        if self.ack.readline().strip() != "ack":
+            raise RuntimeError("perf record did not acknowledge enable")
         self.cpu0 = cpu_seconds(self.proc.pid)
         return self
 
@@ -388,6 +407,8 @@ class PerfRecord:
         self.cpu = cpu_seconds(self.proc.pid) - self.cpu0
         self.proc.send_signal(2)
         self.proc.wait(60)
+        self.ctl.close()
+        self.ack.close()
         self.log.seek(0)
         self.stderr = self.log.read()
         self.log.close()

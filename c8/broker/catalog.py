@@ -212,8 +212,8 @@ def build_sock(raw: np.ndarray) -> Built:
     result["kind"] = op + 1  # *_RESULT follows its *_ATTEMPT in KINDS
     result["sensor_monotime_nanos"] = raw["time"]
     result["ret"] = raw["ret"]
-    # accept reports the peer only when it returns; its ATTEMPT carries no address
-    acc = np.isin(raw["nr"], (NR["accept"], NR["accept4"]))
+    # accept and recv* learn the peer only when they return: their ATTEMPT carries no address
+    acc = np.isin(raw["nr"], [NR[n] for n in ("accept", "accept4", "recvfrom", "recvmsg", "recvmmsg")])
     attempt["address"][acc] = b""
     attempt["port"][acc] = 0
     attempt["port_raw"][acc] = 0

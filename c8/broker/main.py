@@ -140,7 +140,11 @@ class Broker:
         poller.register(self.ingest, zmq.POLLIN)
         next_tick = next_plan = next_second = time.monotonic()
         while self.running:
-            for sock, _ in poller.poll(int(TICK_SECONDS * 1000)):
+            # Tick only while something waits for release or a reply; otherwise
+            # sleep until the next periodic duty (sockets wake the poll).
+            busy = self.merger.pending or self.pending_replies
+            wait = TICK_SECONDS if busy else max(TICK_SECONDS, min(next_plan, next_second) - time.monotonic())
+            for sock, _ in poller.poll(int(wait * 1000)):
                 if sock is self.ingest:
                     self._drain_ingest()
                 else:

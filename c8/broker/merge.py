@@ -19,28 +19,47 @@ class Merger:
         self.late = 0  # events released after a later-stamped window (out of order)
         self.released_until = 0
         self.window_first = 1  # first sequence number of the last released window
+        # (min, max) time of each pending part: whole parts are released or kept
+        # without touching their rows; only a part straddling the cutoff is split.
+        self._bounds: dict[str, list[tuple[int, int]]] = {}
 
     def add(self, category: str, batch: np.ndarray) -> None:
         if len(batch):
+            t = batch["sensor_monotime_nanos"]
             self.pending.setdefault(category, []).append(batch)
+            self._bounds.setdefault(category, []).append((int(t.min()), int(t.max())))
 
     def release(self, now_ns: int, flush: bool = False) -> dict[str, np.ndarray]:
         """Events stamped before now - holdback, per category, time-sorted and numbered."""
         cutoff = now_ns - self.holdback_ns if not flush else np.iinfo(np.uint64).max
         out: dict[str, np.ndarray] = {}
         for category, parts in list(self.pending.items()):
-            batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            t = batch["sensor_monotime_nanos"]
-            ready = t <= cutoff
-            if ready.all():
-                del self.pending[category]
-            elif ready.any():
-                self.pending[category] = [batch[~ready]]
-                batch = batch[ready]
+            ready: list[np.ndarray] = []
+            keep: list[np.ndarray] = []
+            keep_bounds: list[tuple[int, int]] = []
+            for part, (tmin, tmax) in zip(parts, self._bounds[category], strict=True):
+                if tmax <= cutoff:
+                    ready.append(part)
+                elif tmin > cutoff:
+                    keep.append(part)
+                    keep_bounds.append((tmin, tmax))
+                else:
+                    r = part["sensor_monotime_nanos"] <= cutoff
+                    ready.append(part[r])
+                    rest = part[~r]
+                    keep.append(rest)
+                    keep_bounds.append((int(rest["sensor_monotime_nanos"].min()), tmax))
+            if keep:
+                self.pending[category] = keep
+                self._bounds[category] = keep_bounds
             else:
-                self.pending[category] = [batch]
+                del self.pending[category], self._bounds[category]
+            if not ready:
                 continue
-            batch = batch[np.argsort(batch["sensor_monotime_nanos"], kind="stable")]
+            batch = ready[0] if len(ready) == 1 else np.concatenate(ready)
+            t = batch["sensor_monotime_nanos"]
+            if len(t) > 1 and not (t[1:] >= t[:-1]).all():  # one CPU's drain is already in order
+                batch = batch[np.argsort(t, kind="stable")]
             self.late += int(np.count_nonzero(batch["sensor_monotime_nanos"] < self.released_until))
             out[category] = batch
         self._number(out)

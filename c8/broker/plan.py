@@ -44,7 +44,7 @@ class Planner:
                 for cf in filters:
                     if cf.probe is not None:
                         d = cf.probe["definition"]
-                        probes[d.name] = d.line
+                        probes[d.source] = {"definition": d.line}  # INTERNALS: plan "probes"
                         wanted.setdefault(d.source, []).append(cf.node)
                         continue
                     for src in catalog.sources_for(category, cf.kinds):
@@ -57,13 +57,14 @@ class Planner:
         tracepoints: dict[str, dict] = {}
         bpf: dict[str, dict] = {}
         ignore = sorted(self.broker.own_pids)
+        pushdown = bool(self.broker.config.get("pushdown", True))  # false: broker filters alone
         for src, nodes in wanted.items():
             src = self._fallback(src)
             source = catalog.SOURCES.get(src)
             if src.startswith("bpf:"):
                 family = src[4:]
                 flt: dict = {"ignore_tgids": ignore}
-                if source is not None and family in ("open", "file1", "file2"):
+                if pushdown and source is not None and family in ("open", "file1", "file2"):
                     bound = self._string_bound(nodes)
                     if bound:
                         flt.update(bound)
@@ -71,7 +72,7 @@ class Planner:
             else:
                 fmap = source.kernel_fields if source else {}
                 kf = None
-                if fmap and all(n is not None for n in nodes) and src not in self.filter_errors:
+                if pushdown and fmap and all(n is not None for n in nodes) and src not in self.filter_errors:
                     try:
                         kf = expr.kernel_filter_any(nodes, fmap)
                     except Exception as exc:
@@ -178,8 +179,8 @@ class Planner:
         return None, None
 
     def probe_status(self) -> dict:
-        return {name: {"definition": line, "error": self.probe_errors.get(name)}
-                for name, line in self.plan["probes"].items()}
+        return {name: {"definition": spec["definition"], "error": self.probe_errors.get(name.partition(":")[2])}
+                for name, spec in self.plan["probes"].items()}
 
     # -- process and container tables -------------------------------------------------------
     def track_processes(self, batch: np.ndarray) -> np.ndarray | None:

@@ -183,7 +183,11 @@ class ProcessTable:
         """Set process_id and unknown credentials of a batch, per unique pid."""
         if len(batch) == 0:
             return
-        pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
+        col = batch["process_pid"]
+        if (col == col[0]).all():  # one process (a storm): no sort, values broadcast
+            pids, inverse = col[:1], 0
+        else:
+            pids, inverse = np.unique(col, return_inverse=True)
         ids = np.empty(len(pids), "S16")
         creds = np.full((len(CREDENTIALS), len(pids)), -1, np.int32)
         for i, pid in enumerate(pids.tolist()):
@@ -200,10 +204,13 @@ class ProcessTable:
                              for p in pids.tolist()], "S256")
             batch["process_exec_filename"] = exes[inverse]
         for j, name in enumerate(CREDENTIALS):
-            col = batch[name]
-            unknown = col == -1
-            if unknown.any():
-                col[unknown] = creds[j][inverse][unknown]
+            cred = batch[name]
+            unknown = cred == -1
+            if unknown.all():
+                cred[:] = creds[j][inverse]
+            elif unknown.any():
+                per_event = creds[j][inverse]  # a scalar when the batch is one process
+                cred[unknown] = per_event if np.ndim(per_event) == 0 else per_event[unknown]
 
 
 def time_since_boot() -> float:

@@ -55,13 +55,16 @@ class Publisher:
 
     def publish(self, window: dict[str, np.ndarray]) -> None:
         now = time.monotonic()
+        # one container table per batch, shared by every subscription's filters
+        tables = {key: self.broker.containers.table(np.unique(batch["container"]))
+                  for key, batch in window.items() if "container" in batch.dtype.names}
         for sub in list(self.broker.subscriptions.values()):
             batches = []
             selected = 0  # events, not lost/limiter notices: caps and loss counts are in events
             try:
                 for key, batch in window.items():
                     category, _, probe = key.partition(":")
-                    for part in self._select(sub, category, probe, batch):
+                    for part in self._select(sub, category, probe, batch, tables.get(key, {})):
                         batches.append((category, part))
                         if category not in ("lost", "limiter"):
                             selected += len(part)
@@ -81,7 +84,7 @@ class Publisher:
             if sub.finished:
                 self.broker.end_subscription(sub.sub_id, f"limit of {sub.limit} events reached", notify=True)
 
-    def _select(self, sub, category: str, probe: str, batch: np.ndarray):
+    def _select(self, sub, category: str, probe: str, batch: np.ndarray, table: dict):
         if category in ("lost", "limiter"):
             yield batch  # every subscriber hears of kernel losses and the limiter
             return
@@ -93,12 +96,12 @@ class Publisher:
                 codes = [schema.kind_code(category, k) for k in cf.kinds]
                 mask = np.isin(batch["kind"], codes)
             if cf.mask is not None:
-                m = cf.mask(batch, self.broker.containers.table(np.unique(batch["container"])))
+                m = cf.mask(batch, table)
                 mask = m if mask is None else mask & m
-            cm = sub.container_mask(batch, self.broker.containers.table(np.unique(batch["container"])))
+            cm = sub.container_mask(batch, table)
             if cm is not None:
                 mask = cm if mask is None else mask & cm
-            part = batch if mask is None else batch[mask]
+            part = batch if mask is None or mask.all() else batch[mask]
             if len(part):
                 yield part
 

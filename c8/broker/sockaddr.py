@@ -32,7 +32,7 @@ def decode(addr: np.ndarray, addrlen: np.ndarray) -> tuple[np.ndarray, np.ndarra
     text = np.zeros(n, "S108")
     if n:
         # Key each record by family + the bytes that hold its address.
-        key = np.zeros((n, 110), np.uint8)
+        key = np.zeros((n, 111), np.uint8)  # family, address bytes, unnamed-unix flag
         key[:, :2] = raw[:, :2]
         v4 = family == socket.AF_INET
         v6 = family == socket.AF_INET6
@@ -46,6 +46,7 @@ def decode(addr: np.ndarray, addrlen: np.ndarray) -> tuple[np.ndarray, np.ndarra
             lim = np.clip(np.asarray(addrlen).astype(np.int64) - 2, 0, 108)
             upath[np.arange(108)[None, :] >= lim[:, None]] = 0
             key[ux, 2:110] = upath[ux]
+            key[ux, 110] = lim[ux] == 0  # an unnamed socket (addrlen 2) has no path at all
         keys = key.view(f"V{key.shape[1]}").ravel()
         uniq, inverse = np.unique(keys, return_inverse=True)
         texts = np.array([_text(bytes(u)) for u in uniq], dtype="S108")
@@ -60,6 +61,8 @@ def _text(key: bytes) -> bytes:
     if family == socket.AF_INET6:
         return str(ipaddress.IPv6Address(key[2:18])).encode()
     if family == socket.AF_UNIX:
+        if key[110]:
+            return b""
         path = key[2:110]
         if path[:1] == b"\0":  # abstract socket: shown with a leading @
             return b"@" + path[1:].rstrip(b"\0")

@@ -151,7 +151,8 @@ def parse_spec(spec: Any, peer: bytes, validate_probe=None) -> Subscription:
                 if not isinstance(probe, dict):
                     raise _fail(f"{category}: each probe must be a map")
                 definition = validate_probe(category, probe) if validate_probe else None
-                extra = {schema.ARGUMENT_PREFIX + a.name: a.dtype for a in getattr(definition, "args", [])}
+                extra = {schema.ARGUMENT_PREFIX + a.name: a.type.dtype().str.lstrip("<>|=")
+                         for a in getattr(definition, "args", [])}
                 cf = _compile(category, probe.get("filter"), extra)
                 cf.probe = {"spec": probe, "definition": definition}
                 cats[category].append(cf)

@@ -25,6 +25,7 @@ from c8.collectors.decode import DEFAULT_STRING_WIDTH, Decoder
 from c8.protocol import batch, paths
 
 POLL_MS = 15
+IDLE_POLL_MS = 250  # no perf event open: wake only for stats
 STATS_PERIOD = 1.0
 PERF_COUNT_SW_DUMMY = 9
 BPF_OUTPUT = "bpf-output"
@@ -134,17 +135,18 @@ class Collector:
         self.state.generation = int(plan.get("generation", -1))
         self.state.enabled = bool(plan.get("enabled", True))
         probes = plan.get("probes") or {}
-        if self.cpu == 0:
-            self._ensure_probes(probes)
         wanted: dict[str, str | None] = {}
         for name, spec in (plan.get("tracepoints") or {}).items():
             wanted[name] = (spec or {}).get("filter")
-        for name, spec in probes.items():
-            if os.path.isdir(tracefs.event_dir(name, self.tracefs)):  # created by cpu0
-                wanted[name] = (spec or {}).get("filter")
+        # close first: a probe with an open perf event cannot be removed (EBUSY)
         for name in list(self.sources):
-            if name != BPF_OUTPUT and name not in wanted:
+            if name != BPF_OUTPUT and name not in wanted and name not in probes:
                 self._close(name)
+        if self.cpu == 0:
+            self._ensure_probes(probes)
+        for name, spec in probes.items():
+            if self._probe_ready(name):  # created by cpu0
+                wanted[name] = (spec or {}).get("filter")
         if wanted or plan.get("bpf"):
             self._ensure_ring()
         for name, flt in wanted.items():
@@ -216,8 +218,23 @@ class Collector:
             log(f"{name}: {msg}")
         self.state.errors[name] = msg
 
+    def _probe_ready(self, name: str, wait: float = 2.0) -> bool:
+        """True once cpu0 has created probe ``name`` (its format file readable).
+
+        Collectors apply a plan at the same time: a short wait lets the others
+        open a new probe in this plan rather than a second later.
+        """
+        fmt = os.path.join(tracefs.event_dir(name, self.tracefs), "format")
+        deadline = time.monotonic() + (0 if name in self.sources else wait)
+        while not os.path.exists(fmt):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def _ensure_probes(self, probes: dict) -> None:
-        defs = {n: (s or {}).get("definition", "") for n, s in probes.items()}
+        # plan keys are sources (c8probes:NAME); tracefs.ensure wants the bare names
+        defs = {n.partition(":")[2] or n: (s or {}).get("definition", "") for n, s in probes.items()}
         if defs == self.probe_defs:
             return
         self.probe_defs = defs
@@ -229,6 +246,8 @@ class Collector:
             return
         try:
             self.state.probes = ensure(defs)
+            if any(self.state.probes.values()):
+                self.probe_defs = None  # e.g. EBUSY while another CPU still held it: retry
         except Exception as exc:
             self._error("probes", f"ensure failed: {exc}")
             self.probe_defs = None  # retry on the next plan
@@ -335,7 +354,8 @@ class Collector:
         polled_ring = None
         next_stats = time.monotonic()
         while not self.stop:
-            events = dict(poller.poll(POLL_MS))
+            # No ring: nothing to drain, only plans (which wake the poll) and stats.
+            events = dict(poller.poll(POLL_MS if self.ring is not None else IDLE_POLL_MS))
             if self.sub in events:
                 plan = None
                 while True:  # only the newest plan matters

@@ -74,6 +74,7 @@ KEYS: dict[str, Key] = {
         Key("string_width", 256, cv.positive_int),
         Key("merge_holdback", "50ms", cv.duration),
         Key("subscriber_queue", 64, cv.positive_int),
+        Key("pushdown", True, cv.boolean),
         Key("detections.enabled", False, cv.boolean),
         Key("detections.rules", ["/etc/capsule8/rules", PACKAGE_RULES_DIR], cv.string_list),
         Key("listen_tcp", None, cv.host_port),
@@ -131,6 +132,7 @@ class Config:
     string_width: int
     merge_holdback: float
     subscriber_queue: int
+    pushdown: bool
     detections: DetectionsConfig
     listen_tcp: str | None
     curve_server_secret_key_file: str | None

@@ -160,7 +160,7 @@ class SyslogOutput(Output):
         cont = d.get("container") or {}
         sd = {"rule": d.get("rule"), "priority": d.get("priority"),
               "process_id": proc.get("process_id"), "pid": proc.get("pid"),
-              "container_id": cont.get("container_id")}
+              "exe": proc.get("exec_filename"), "container_id": cont.get("container_id")}
         severity = SEVERITIES.get(str(d.get("priority", "")).lower(), SEVERITIES["warning"])
         msg = d.get("output") or d.get("rule") or ""
         self._transmit(format_message(self.facility, severity, msg, app_name=self.app_name,

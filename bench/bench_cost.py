@@ -1,0 +1,68 @@
+"""Cost: the sensor tree's CPU and memory, idle and per million events.
+
+Idle: a private sensor with no subscription, CPU (utime+stime summed over the
+supervisor and every descendant, /proc/<pid>/stat) over a window, and RSS
+(VmRSS) per process and summed. Loaded: the storm of bench_storm (full
+sensor, raw syscall subscription): tree CPU seconds and peak RSS (VmHWM,
+per process and summed) per million events delivered; perf record's CPU per
+million captured on the same storm is the anchor.
+
+Usage: python bench/bench_cost.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import common as c
+
+MB = 1 << 20
+
+
+def idle(window: float) -> dict:
+    with c.BenchSensor() as sensor:
+        time.sleep(3.0)  # start-up work (imports, scans) is not idling
+        cpu0, t0 = sensor.cpu_seconds(), time.monotonic()
+        time.sleep(window)
+        cpu, wall = sensor.cpu_seconds() - cpu0, time.monotonic() - t0
+        mem = sensor.memory()
+    return {"cpu_pct": 100 * cpu / wall, "window": wall, "memory": mem}
+
+
+def run(quick: bool = False, storm: dict | None = None) -> dict:
+    if storm is None:
+        import bench_storm
+        storm = {"c8": bench_storm.storm_c8(2_000_000 if quick else 5_000_000),
+                 "perf": bench_storm.storm_perf(2_000_000 if quick else 5_000_000)}
+    idl = idle(10.0 if quick else 30.0)
+    s8, sp = storm["c8"], storm["perf"]
+    per_m8 = s8["sensor_cpu"] / (s8["delivered"] / 1e6)
+    per_mp = sp["perf_cpu"] / (sp["captured"] / 1e6)
+    rss_idle = sum(m["rss"] for m in idl["memory"].values())
+    rss_max = max(m["rss"] for m in idl["memory"].values())
+    hwm = sum(m["hwm"] for m in s8["memory"].values())
+    hwm_max = max(m["hwm"] for m in s8["memory"].values())
+    rows = [
+        ("idle CPU, % of one core (no subscription)", round(idl["cpu_pct"], 2), 1.0,
+         round(idl["cpu_pct"] / 1.0, 2), "< 1%"),
+        ("idle RSS MB, tree sum / largest process", round(rss_idle / MB, 1), round(rss_max / MB, 1),
+         round(rss_idle / (150 * MB), 2), "< 150 MB (sum)"),
+        ("CPU s per M events (c8 tree / perf record)", round(per_m8, 2), round(per_mp, 2),
+         round(per_m8 / per_mp, 2), ""),
+        ("peak RSS MB in storm, tree sum / largest", round(hwm / MB, 1), round(hwm_max / MB, 1), None, ""),
+        ("peak RSS MB per M events delivered (sum)", round(hwm / MB / (s8["delivered"] / 1e6), 1), None,
+         None, ""),
+    ]
+    notes = ["idle RSS per process: " + ", ".join(f"{k} {v['rss'] / MB:.0f}" for k, v in idl["memory"].items()),
+             f"idle window {idl['window']:.0f}s; idle anchor is the 1% goal, RSS ratio is sum / 150 MB"]
+    return {"title": "Cost: CPU and memory of the sensor tree", "rows": rows, "notes": notes,
+            "raw": {"idle": idl}}
+
+
+if __name__ == "__main__":
+    t = time.time()
+    res = run("--quick" in sys.argv)
+    for r in res["rows"]:
+        print(r)
+    print(res["notes"], f"{time.time() - t:.0f}s")
