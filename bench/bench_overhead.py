@@ -40,6 +40,8 @@ def run(quick: bool = False) -> dict:
     fd, path = tempfile.mkstemp(prefix="c8bench-open-")
     os.close(fd)
     bare, with_c8, with_perf = [], [], []
+    cpu_c8: list[float] = []
+    cpu_perf: list[float] = []
     events_c8 = events_perf = 0
     try:
         workload((5, 100, 10), path)  # warm caches
@@ -50,11 +52,14 @@ def run(quick: bool = False) -> dict:
                 bare.append(workload(args, path))
                 w = c.Workload("mixed", *args, path)
                 with c.Counter(sensor.run_dir, SPEC, None, pid=w.pid) as counter:
+                    cpu0 = sensor.cpu_seconds()
                     with_c8.append(w.run()[1])
+                    cpu_c8.append(sensor.cpu_seconds() - cpu0)
                     events_c8 += counter.settle(quiet=1.0)
                 w = c.Workload("mixed", *args, path)
                 with c.PerfRecord(PERF_EVENTS) as pr:
                     with_perf.append(w.run()[1])
+                cpu_perf.append(pr.cpu)
                 events_perf += pr.stats()["samples"]
                 pr.cleanup()
     finally:
@@ -68,6 +73,8 @@ def run(quick: bool = False) -> dict:
          "<= 1.2"),
         ("slowdown, best runs (c8 / perf record)", round(m8 / mb, 3), round(mp / mb, 3),
          round((m8 / mb) / (mp / mb), 3), ""),
+        ("tracer CPU s during the workload (sensor tree / perf)", round(statistics.median(cpu_c8), 2),
+         round(statistics.median(cpu_perf), 2), None, ""),
         ("events per run (c8: workload pid; perf: all)", events_c8 // reps, events_perf // reps, None, ""),
     ]
     notes = [f"bare median {b:.3f}s; workload {args[0]} execs, {args[1]} opens, {args[2]} connects, "

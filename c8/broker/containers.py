@@ -188,6 +188,7 @@ class ContainerTable:
         self._attaches: list[tuple[int, int, int, str]] = []  # heap: (time, seq, pid, path)
         self._attach_seq = 0
         self._pending_pids: dict[int, int] = {}  # pid -> queued attaches not applied yet
+        self._awaiting: dict[int, int] = {}  # runtime pid -> index of the container it made, unnamed
         self._last_discovery = float("-inf")
         if discover_roots:
             self._discover()
@@ -268,9 +269,11 @@ class ContainerTable:
     def on_fork(self, parent: int, child: int) -> int:
         """The child starts in its parent's cgroup: cache that (it may be gone
         before anyone reads its /proc). Returns the child's index."""
-        index = self.lookup_pid(parent)
         self._retired.discard(child)  # a reused pid: the new process keeps this entry
-        self._set_pid(child, index)
+        known = parent in self._pids
+        index = self.lookup_pid(parent)
+        if known or parent in self._pids:  # else the parent is gone: no guess for the child
+            self._set_pid(child, index)
         return index
 
     def row(self, index: int) -> tuple[str, str, str, str, str]:
@@ -290,17 +293,24 @@ class ContainerTable:
             rows[int(i)] = entry.row() if entry else HOST_ROW
         return rows
 
+    def runtimes(self, indices: np.ndarray) -> np.ndarray:
+        """The runtime of each index as it is known now (bytes, for a ``runtime`` column)."""
+        return np.array([self.row(int(i))[4].encode() for i in indices.tolist()], dtype="S16")
+
     def __len__(self) -> int:
         return len(self._entries)
 
     # -- lifecycle hints -------------------------------------------------
 
-    def on_cgroup_mkdir(self, path: str, pid: int = 0) -> tuple[int, str, str] | None:
+    def on_cgroup_mkdir(self, path: str, pid: int = 0,
+                        argv_of: Callable[[int], list[str]] | None = None) -> tuple[int, str, str] | None:
         """(index, runtime, id) the first time a container's own cgroup is made
         (one mkdir per hierarchy: the rest give None); None for other cgroups.
         ``pid`` is the process making it (the low-level runtime): when no
         metadata names the container yet, its command line may (runc/crun
-        ``--bundle``; it also reveals a private ``--root``)."""
+        ``--bundle``; it also reveals a private ``--root``): from /proc, else
+        from ``argv_of(pid)`` (the command line its exec event recorded: a
+        short ``runc run`` may be gone by the time its mkdir is read)."""
         found = _parse(path, leaf=True)
         if not found:
             return None
@@ -314,9 +324,20 @@ class ContainerTable:
         if entry.created_seen:
             return None
         entry.created_seen = entry.born_seen = True
-        if not entry.enriched and pid > 0:
-            self._enrich_from_process(entry, pid)
+        if not entry.enriched and pid > 0 and not self._enrich_from_process(entry, pid, argv_of):
+            if len(self._awaiting) >= 1024:
+                self._awaiting.clear()
+            self._awaiting[pid] = index  # its exec event, released later, has the command line
         return index, entry.runtime, entry.container_id
+
+    def on_exec(self, pid: int, argv: list[str]) -> None:
+        """A process's exec, in time order: when it made a container's cgroup
+        whose metadata is still missing (``crun run`` is often gone by the time
+        its mkdir is read), its command line may name the bundle."""
+        index = self._awaiting.pop(pid, None) if self._awaiting else None
+        entry = self._entries.get(index) if index else None
+        if entry is not None and not entry.enriched:
+            self._enrich_from_argv(entry, argv, "")
 
     def on_cgroup_rmdir(self, path: str) -> tuple[int, str, str] | None:
         """(index, runtime, id) the first time a container's cgroup is removed
@@ -442,16 +463,20 @@ class ContainerTable:
             return False
         return self._enrich(entry)
 
-    def _enrich_from_process(self, entry: _Entry, pid: int) -> bool:
+    def _enrich_from_process(self, entry: _Entry, pid: int,
+                             argv_of: Callable[[int], list[str]] | None = None) -> bool:
         """Metadata from the runtime process making the container's cgroup."""
-        argv = read_cmdline(pid, self.proc)
+        argv = read_cmdline(pid, self.proc) or (argv_of(pid) if argv_of else [])
+        return self._enrich_from_argv(entry, argv, f"{self.proc}/{pid}/cwd")
+
+    def _enrich_from_argv(self, entry: _Entry, argv: list[str], cwd_link: str) -> bool:
         if not argv:
             return False
         roots_from_cmdline(argv, self.roots)
         if self._enrich(entry) or entry.runtime in _ORDER:
             # docker's or podman's runc: the bundle knows no name, their metadata does
             return entry.enriched
-        meta = from_runtime_argv(argv, entry.container_id, f"{self.proc}/{pid}/cwd")
+        meta = from_runtime_argv(argv, entry.container_id, cwd_link)
         if meta is None:
             return False
         entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name

@@ -233,6 +233,7 @@ class Broker:
         """
         ct = self.containers
         if source == "cgroup:cgroup_attach_task":
+            log.info("DBG attach late=%d n=%d", int((raw["time"] < self.merger.released_until).sum()), len(raw))
             for t, pid, path in zip(raw["time"].tolist(), raw["tp_pid"].tolist(), raw["dst_path"].tolist(),
                                     strict=True):
                 ct.queue_attach(t, pid, path.decode(errors="replace"))
@@ -241,8 +242,9 @@ class Broker:
         rows = []
         for i, (path, pid) in enumerate(zip(raw["path"].tolist(), raw["pid"].tolist(), strict=True)):
             path = path.decode(errors="replace")
-            hit = ct.on_cgroup_mkdir(path, pid) if created else ct.on_cgroup_rmdir(path)
+            hit = ct.on_cgroup_mkdir(path, pid, self._argv_of) if created else ct.on_cgroup_rmdir(path)
             if hit is not None:
+                log.info("DBG %s %s pid=%s row=%s argv=%s", source, path, pid, ct.row(hit[0]), self._argv_of(pid))
                 rows.append((i, hit))
         if not rows:
             return []
@@ -258,6 +260,11 @@ class Broker:
         out["runtime"] = [hit[1].encode() for _, hit in rows]
         return [("container", out)]
 
+    def _argv_of(self, pid: int) -> list[str]:
+        """The command line a process's exec recorded (split at spaces)."""
+        p = self.processes.get(pid)
+        return p.command_line.split() if p is not None and p.command_line else []
+
     # -- release: the per-window pipeline ----------------------------------------------
     def _release(self, now_ns: int, flush: bool = False) -> None:
         window = self.merger.release(now_ns, flush)
@@ -270,6 +277,8 @@ class Broker:
                 window["container"] = (np.concatenate([window["container"], extra])
                                        if "container" in window else extra)
                 self.merger.renumber(window)  # RUNNING/EXITED take their place in the sequence
+        if "container" in window:  # metadata may have refined the cgroup's guess (runc -> crun)
+            window["container"]["runtime"] = self.containers.runtimes(window["container"]["container"])
         for category, batch in list(window.items()):
             if category not in ("lost", "limiter"):
                 if category != "container":
@@ -414,6 +423,12 @@ class Broker:
         self.own_pids |= pids
 
     def _limiter_poll(self) -> None:
+        """Act on the event limiter's next transition (called every second)."""
+        if self.exit_status == EXIT_LIMITER:
+            # EXITING went out a second ago: stop now, its notice has left the sockets
+            # (the control socket has LINGER 0, so stopping at once could drop it)
+            self.running = False
+            return
         t = self.limiter.poll()
         if t is None:
             return
@@ -433,7 +448,7 @@ class Broker:
         elif name == "EXITING":
             log.error("event limiter tripped after max_retries dormancies: the sensor exits")
             self.exit_status = EXIT_LIMITER
-            self.running = False
+            self.dormant = True  # collect nothing more; the loop stops at the next poll
         self.planner.update()
         self.merger.add("limiter", out)
 

@@ -215,8 +215,9 @@ class Planner:
                 if follow and not ev["fork_is_thread"] and pid > 0:
                     ct.on_fork(pid, child)
             elif k == exe:
-                pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"),
-                           ev["exec_command_line"].decode(errors="replace"))
+                cmdline = ev["exec_command_line"].decode(errors="replace")
+                pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"), cmdline)
+                ct.on_exec(pid, cmdline.split())
                 me = pt.get(pid)
                 parent = pt.get(me.ppid) if me is not None and me.ppid > 0 else None
                 if parent is not None:

@@ -5,7 +5,7 @@
     c8ctl subscriptions               list live subscriptions
     c8ctl unsubscribe ID              end one
     c8ctl probes                      kernel/user probes in use
-    c8ctl fields [CATEGORY]           the event field table
+    c8ctl fields [CATEGORY]           the event field table (--markdown: docs/events.md)
 
 The sensor is found through run_dir: --run-dir, else CAPSULE8_RUN_DIR, else the
 config file's run_dir, else /var/run/capsule8.
@@ -126,6 +126,10 @@ def cmd_probes(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_fields(_client, args: argparse.Namespace) -> int:
+    if args.markdown:
+        from c8.schema import docs
+        sys.stdout.write(docs.markdown())
+        return 0
     cats = [args.category] if args.category else list(schema.CATEGORIES)
     for c in cats:
         print(f"{c}: kinds {', '.join(schema.KINDS[c])}")
@@ -157,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("probes", help="kernel and user probes in use").set_defaults(fn=cmd_probes)
     f = sub.add_parser("fields", help="the event field table")
     f.add_argument("category", nargs="?", choices=schema.CATEGORIES)
+    f.add_argument("--markdown", action="store_true", help="the whole table as docs/events.md")
     f.set_defaults(fn=cmd_fields)
     return p
 

@@ -41,7 +41,16 @@ def spec(image: str | None, use_kprobes: bool) -> dict:
 
 
 def line(ev: dict) -> str:
-    """Capsule8-style one-line rendering: common fields, then the payload."""
+    """Capsule8-style one-line rendering: common fields, then the payload.
+
+    Syscall dicts keep ``id`` for the syscall number and the event id in
+    ``event_id``: the head shows the event id, the payload the number.
+    """
+    if "event_id" in ev:
+        ev = dict(ev)
+        syscall_id = ev.pop("id")
+        ev["id"] = ev.pop("event_id")
+        ev["syscall_id"] = syscall_id
     common = ("id", "process_id", "process_pid", "process_tid", "container_id", "container_name",
               "image_id", "image_name", "sensor_sequence_number", "sensor_monotime_nanos", "cpu")
     head = " ".join(f'{k}:"{ev[k]}"' if isinstance(ev[k], str) else f"{k}:{ev[k]}"

@@ -22,7 +22,7 @@ from c8.detections.alerts import Alert, render, wall_time_iso
 from c8.detections.rules import Rule
 
 EXEC_CODE = schema.kind_code("process", "EXEC")
-# columns the broker's process table may add to every event (proposed; used when present)
+# columns the broker's process table adds (process, file, network events; used when present)
 PROCESS_COLUMNS = ("process_exec_filename", "process_command_line")
 
 

@@ -69,7 +69,11 @@ class Detector:
             return 0
         if self.dormant or category == "lost" or not len(batch):
             return 0
-        alerts = self.engine.evaluate(category, batch, containers)
+        try:
+            alerts = self.engine.evaluate(category, batch, containers)
+        except Exception:  # a batch the rules cannot read must not stop the detector
+            log.exception("evaluating a %s batch of %d events failed", category, len(batch))
+            return 0
         for alert in alerts:
             for out in self.outputs:
                 try:

@@ -361,41 +361,82 @@ def _mounted(point: str) -> bool:
         return any(line.split()[1] == point for line in f)
 
 
+def _remove_empty_cgroups(root: str) -> list[str]:
+    """rmdir every cgroup below ``root``, deepest first; returns those still
+    holding tasks (they keep the hierarchy alive)."""
+    busy = []
+    for top, _dirs, _files in sorted(os.walk(root), key=lambda w: -w[0].count("/")):
+        if top == root:
+            continue
+        try:
+            os.rmdir(top)
+        except OSError:
+            busy.append(top)
+    return busy
+
+
 @contextlib.contextmanager
 def crun_hybrid_workaround() -> Iterator[bool]:
-    """Let crun run on a hybrid cgroup host, and undo it afterwards.
+    """Let crun run on a hybrid cgroup host for the duration of the block, then undo it.
 
     crun 1.8 refuses a hybrid layout while cgroup2 holds any controller
     ("cgroups in hybrid mode not supported, drop all controllers from
     cgroupv2"); here cgroup2 holds only hugetlb. Mounting hugetlb as its own
     v1 hierarchy at /sys/fs/cgroup/hugetlb (crun looks there) takes it off
-    cgroup2; unmounting it once crun's cgroups are gone gives it back. Only
-    done when cgroup2 has hugetlb and no cgroup enables it (subtree_control):
-    then nothing else uses it. Yields True when it mounted (and will undo).
+    cgroup2. Undoing: every runtime that starts a container meanwhile makes
+    cgroups in it (docker's /docker, podman's /libpod_parent stay after their
+    containers), and the hierarchy lives until they are gone, so the empty ones
+    are removed, then it is unmounted and hugetlb returns to cgroup2. Keep the
+    block short. A lock file serialises test sessions running at once. Only
+    done when cgroup2 has hugetlb alone and no cgroup enables it
+    (subtree_control): then nothing uses it. Yields True when it mounted.
     """
-    controllers = _words(f"{UNIFIED}/cgroup.controllers")
-    if not controllers or _mounted(HUGETLB_V1):
-        yield False  # not hybrid, or already done (C8_CRUN_HYBRID=1 at install)
-        return
-    if controllers != {"hugetlb"} or "hugetlb" in _words(f"{UNIFIED}/cgroup.subtree_control"):
-        pytest.fail(f"cgroup2 controllers {sorted(controllers)}: crun cannot run on this hybrid host "
-                    "without moving controllers in use", pytrace=False)
-    made = not os.path.isdir(HUGETLB_V1)
-    os.makedirs(HUGETLB_V1, exist_ok=True)
-    sh(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_V1])
-    try:
-        yield True
-    finally:
-        # cgroups left in it (another user's container) keep the hierarchy alive until removed
-        for _ in range(100):
-            if subprocess.run(["umount", HUGETLB_V1], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        if made:
-            with contextlib.suppress(OSError):
-                os.rmdir(HUGETLB_V1)
-        wait_for("hugetlb to return to cgroup2", lambda: "hugetlb" in _words(f"{UNIFIED}/cgroup.controllers"),
-                 timeout=30)
+    import fcntl
+
+    with open("/run/c8-crun-hybrid.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        controllers = _words(f"{UNIFIED}/cgroup.controllers")
+        if not controllers or _mounted(HUGETLB_V1):
+            yield False  # not hybrid, or made permanent (C8_CRUN_HYBRID=1 at install)
+            return
+        if controllers != {"hugetlb"} or "hugetlb" in _words(f"{UNIFIED}/cgroup.subtree_control"):
+            pytest.fail(f"cgroup2 controllers {sorted(controllers)}: crun cannot run on this hybrid "
+                        "host without moving controllers in use", pytrace=False)
+        made = not os.path.isdir(HUGETLB_V1)
+        os.makedirs(HUGETLB_V1, exist_ok=True)
+        sh(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_V1])
+        try:
+            yield True
+        finally:
+            _undo_hugetlb_v1(made)
+
+
+def _hugetlb_on_cgroup2() -> bool:
+    return "hugetlb" in _words(f"{UNIFIED}/cgroup.controllers")
+
+
+def _undo_hugetlb_v1(made_dir: bool) -> None:
+    """Give hugetlb back to cgroup2. The kernel kills a v1 hierarchy at umount
+    only if its root has no child then, and rmdir'ed children leave the list
+    asynchronously: so unmount, and while hugetlb is not back, mount the same
+    hierarchy again (it still exists) and unmount once more."""
+    busy = _remove_empty_cgroups(HUGETLB_V1)
+    if busy:
+        pytest.fail(f"hugetlb stays a v1 hierarchy at {HUGETLB_V1} while these cgroups hold tasks: "
+                    f"{busy}; once they are empty, remove them and unmount it", pytrace=False)
+    for _ in range(50):
+        sh(["umount", HUGETLB_V1], check=False)
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline and not _hugetlb_on_cgroup2():
+            time.sleep(0.02)
+        if _hugetlb_on_cgroup2():
+            break
+        sh(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_V1], check=False)
+    if made_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(HUGETLB_V1)
+    if not _hugetlb_on_cgroup2():
+        pytest.fail("hugetlb did not return to cgroup2 after unmounting its v1 hierarchy", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -457,13 +498,12 @@ def runc(busybox_rootfs) -> Iterator[Runc]:
 
 @pytest.fixture(scope="session")
 def crun(busybox_rootfs) -> Iterator[Crun]:
-    """crun with a private state root and busybox bundles; on a hybrid cgroup
-    host, hugetlb moves to its own v1 hierarchy for the session (undone after)."""
+    """crun with a private state root and busybox bundles. On a hybrid cgroup
+    host, run its containers inside ``with crun_hybrid_workaround():``."""
     base = _runtime_dir("crun")
     runtime = None
-    with crun_hybrid_workaround():
-        try:
-            runtime = Crun(base, busybox_rootfs[0])
-            yield runtime
-        finally:
-            _teardown(base, runtime.close if runtime else lambda: None)
+    try:
+        runtime = Crun(base, busybox_rootfs[0])
+        yield runtime
+    finally:
+        _teardown(base, runtime.close if runtime else lambda: None)

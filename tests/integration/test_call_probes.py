@@ -34,7 +34,7 @@ FETCH = "a=%di:s32 b=%si:s64 s=+0(%dx):string"
 def collect(sub, until, timeout=30.0, category=None):
     events = []
     deadline = time.monotonic() + timeout
-    for ev in sub.events(timeout=3.0):
+    for ev in sub.events(timeout=3.0, idle=min(10.0, timeout)):
         if category is None or ev["type"] == category:
             events.append(ev)
         if until(events) or time.monotonic() > deadline:

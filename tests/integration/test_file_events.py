@@ -110,7 +110,7 @@ def key(e):
 def drain(sub, until, timeout=30.0):
     events = []
     deadline = time.monotonic() + timeout
-    for ev in sub.events(timeout=3.0):
+    for ev in sub.events(timeout=3.0, idle=min(10.0, timeout)):
         events.append(ev)
         if until(events) or time.monotonic() > deadline:
             break

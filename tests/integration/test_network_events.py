@@ -97,7 +97,7 @@ def free_port(family, kind, host):
 def collect(sub, pid, n, timeout=30.0):
     events = []
     deadline = time.monotonic() + timeout
-    for ev in sub.events(timeout=3.0):
+    for ev in sub.events(timeout=3.0, idle=min(10.0, timeout)):
         if ev["type"] == "network" and ev["process_pid"] == pid:
             events.append(ev)
         if len(events) >= n or time.monotonic() > deadline:

@@ -3,7 +3,8 @@
 dockerd ``--data-root``/``-g``/``--graph``, ``--exec-root`` and ``-H unix://``;
 containerd ``--state``; podman/cri-o ``--root``/``--runroot``; conmon ``-b
 <store>/<driver>-containers/<id>/userdata`` (podman's monitor: outlives the
-podman command) and its ``--exit-command-arg --root X``; runc/crun ``--root``.
+podman command) and its ``--exit-command-arg --root X``; runc/crun ``--root``
+and the same ``--bundle`` form.
 """
 
 from __future__ import annotations
@@ -55,10 +56,7 @@ def roots_from_cmdline(argv: list[str], roots: Roots) -> None:
             roots.add("storage", root)
     elif prog == "conmon":
         for bundle in each("-b", "--bundle"):
-            # <store>/<driver>-containers/<id>/userdata -> <store>
-            parts = bundle.rstrip("/").split("/")
-            if len(parts) > 3 and parts[-1] == "userdata" and parts[-3].endswith("-containers"):
-                roots.add("storage", "/".join(parts[:-3]))
+            _storage_from_bundle(bundle, roots)
         args = each("--exit-command-arg")
         for i, arg in enumerate(args[:-1]):
             if arg in ("--root", "--runroot"):
@@ -66,6 +64,15 @@ def roots_from_cmdline(argv: list[str], roots: Roots) -> None:
     elif prog in ("runc", "crun"):
         for root in each("--root"):
             roots.add(prog, root)
+        for bundle in each("-b", "--bundle"):  # podman's and cri-o's runc, via conmon
+            _storage_from_bundle(bundle, roots)
+
+
+def _storage_from_bundle(bundle: str, roots: Roots) -> None:
+    """<store>/<driver>-containers/<id>/userdata -> <store> (containers/storage)."""
+    parts = bundle.rstrip("/").split("/")
+    if len(parts) > 3 and parts[-1] == "userdata" and parts[-3].endswith("-containers"):
+        roots.add("storage", "/".join(parts[:-3]))
 
 
 def discover(roots: Roots, proc: str = "/proc") -> Roots:

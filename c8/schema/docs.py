@@ -1,0 +1,53 @@
+"""The event reference (docs/events.md), generated from the field table."""
+
+from __future__ import annotations
+
+from c8.schema.fields import COMMON, KINDS, PAYLOAD, VIRTUAL, Field
+
+HEADER = """# Events
+
+Generated from `c8/schema/fields.py` by `c8ctl fields --markdown`; do not edit
+by hand (a unit test checks it is up to date).
+
+Every event has the common fields, then the payload of its type. `kind` names
+the subtype. Strings are fixed-width and truncated at the width. *Source* says
+where each value comes from: `perf sample` (the sample header of the kernel's
+record), `eBPF` (the sensor's tracepoint programs, reading the syscall's
+arguments and the user memory they point to), a tracepoint name, `sockaddr`
+(the address the process passed, decoded in the broker), the broker's process
+and container tables, or the client.
+
+Notes:
+- `filename` is the name as the process passed it; `path` resolves a relative
+  name against the process's cwd (`AT_FDCWD`) or its directory fd, read from
+  `/proc/<pid>/cwd` or `/proc/<pid>/fd/<dirfd>` when the broker receives the
+  record. When the process has exited (or closed the fd) by then, `path` is
+  the name as passed. An empty name with an fd (fchmod, fchown) resolves to
+  the fd's path. Filters and the in-kernel prefix pushdown match `filename`.
+- A name the kernel program could not read (its page not yet in memory, as
+  for a program's first opens right after exec) arrives empty.
+- Network `port` is in host order, `port_raw` as stored in the sockaddr
+  (network order). An ATTEMPT carries the address the process passed; accept
+  and recv* learn theirs at return, so only their RESULT carries the peer.
+- In client dicts, syscall events keep `id` for the syscall number (Capsule8's
+  name) and carry the event id as `event_id`.
+- kernel_call and user_call events carry the fetch arguments the subscription
+  asked for as `arguments` ({name: value}); filters name them `arg_<name>`.
+"""
+
+
+def _table(fields: tuple[Field, ...]) -> list[str]:
+    rows = ["| field | type | meaning | source |", "|---|---|---|---|"]
+    for f in fields:
+        desc = f.description.replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {f.dtype} | {desc} | {f.source} |")
+    return rows
+
+
+def markdown() -> str:
+    """docs/events.md: every event type with its kinds and fields."""
+    out = [HEADER.rstrip(), "", "## Common fields", "", *_table(COMMON + VIRTUAL)]
+    for category, payload in PAYLOAD.items():
+        out += ["", f"## {category}", "", "Kinds: " + ", ".join(f"`{k}`" for k in KINDS[category]) + ".", ""]
+        out += _table(payload)
+    return "\n".join(out) + "\n"
