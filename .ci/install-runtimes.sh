@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the container runtimes that tests/integration/runtimes.py starts
-# (docker, podman, runc; crun and containerd for manual checks) on a fresh
+# (docker, podman, runc, crun; containerd for manual checks) on a fresh
 # Debian 12 machine, as root. No daemon is enabled or started: the test
 # harness starts private instances in temp dirs and stops them.
 #
@@ -8,6 +8,8 @@
 #   cgroup layout (v1 controllers + cgroup2 at /sys/fs/cgroup/unified) by
 #   moving the hugetlb controller off cgroup2 onto its own v1 hierarchy: crun
 #   refuses to start while any controller is attached to cgroup2 in hybrid mode.
+#   Without it, tests/integration/test_containers_e2e.py mounts it for each crun
+#   run and undoes it (see docs/containers.md, "crun on a hybrid host").
 set -eu
 
 if [ "$(id -u)" != 0 ]; then

@@ -253,7 +253,10 @@ SOURCES["sched:sched_process_exec"] = Source("sched:sched_process_exec", build_e
 SOURCES["sched:sched_process_exit"] = Source("sched:sched_process_exit", build_exit_tp)
 
 # Process sources run whenever anything is subscribed: they keep the process table.
-PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit")
+# sched_process_exec names every exec from kernel memory: with the eBPF exec
+# family running it only fills names that family could not read from user memory
+# (a page not yet faulted in, as after vfork/posix_spawn).
+PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit", "sched:sched_process_exec")
 # mkdir/rmdir: CREATED/DESTROYED; attach: which container a pid moved into (runc's
 # helper, docker exec), applied in time order with the process events
 CGROUP_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir", "cgroup:cgroup_attach_task")

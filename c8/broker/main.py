@@ -37,7 +37,9 @@ log = logging.getLogger("c8.broker")
 TICK_SECONDS = 0.005
 PLAN_REPUBLISH_SECONDS = 1.0
 MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
-EXIT_LIMITER = 78  # the supervisor stops the sensor with status 1 on this
+EXIT_LIMITER = 78
+MAX_WAIT_NS = 1_000_000_000       # longest the merge waits for a stalled collector
+WATERMARK_SLACK_NS = 1_000_000    # records being written while a ring was read  # the supervisor stops the sensor with status 1 on this
 
 
 def sensor_id(path: str | None) -> str:
@@ -78,6 +80,7 @@ class Broker:
         self.publisher = Publisher(self)
         self.subscriptions: dict[str, Subscription] = {}
         self.collectors: dict[int, dict] = {}  # cpu -> latest stats
+        self.watermarks: dict[int, tuple[int, float]] = {}  # cpu -> (read up to ns, when told)
         self.counts = {"received": 0, "published": 0, "lost_kernel": 0, "bad_messages": 0}
         self.own_pids: set[int] = {os.getpid(), os.getppid()}
         self.running = True
@@ -187,6 +190,8 @@ class Broker:
     def _ingest(self, frames: list) -> None:
         header, raw = wire.unpack(frames)
         kind = header.get("kind")
+        if "watermark" in header and kind in ("samples", "tick"):
+            self.watermarks[int(header.get("cpu", -1))] = (int(header["watermark"]), time.monotonic())
         if kind == "samples" and raw is not None and len(raw):
             self.counts["received"] += len(raw)
             if self.dormant:
@@ -204,6 +209,13 @@ class Broker:
             self.planner.on_stats(header)
 
     def _build(self, source: str, raw: np.ndarray) -> None:
+        if source == "sched:sched_process_exec" and "exec" not in self.planner.failed_bpf:
+            # only a hint for execs whose name eBPF could not read (few: exec rate)
+            for pid, name in zip(raw["pid"].tolist(), raw["filename"].tolist(), strict=True):
+                self.planner.exec_names[pid] = name
+            if len(self.planner.exec_names) > 8192:  # hints whose exec never came
+                self.planner.exec_names.clear()
+            return
         if source in catalog.CGROUP_SOURCES:
             for category, out in self._container_cgroup(source, raw):
                 self.merger.add(category, out)
@@ -233,7 +245,6 @@ class Broker:
         """
         ct = self.containers
         if source == "cgroup:cgroup_attach_task":
-            log.info("DBG attach late=%d n=%d", int((raw["time"] < self.merger.released_until).sum()), len(raw))
             for t, pid, path in zip(raw["time"].tolist(), raw["tp_pid"].tolist(), raw["dst_path"].tolist(),
                                     strict=True):
                 ct.queue_attach(t, pid, path.decode(errors="replace"))
@@ -244,7 +255,6 @@ class Broker:
             path = path.decode(errors="replace")
             hit = ct.on_cgroup_mkdir(path, pid, self._argv_of) if created else ct.on_cgroup_rmdir(path)
             if hit is not None:
-                log.info("DBG %s %s pid=%s row=%s argv=%s", source, path, pid, ct.row(hit[0]), self._argv_of(pid))
                 rows.append((i, hit))
         if not rows:
             return []
@@ -266,8 +276,22 @@ class Broker:
         return p.command_line.split() if p is not None and p.command_line else []
 
     # -- release: the per-window pipeline ----------------------------------------------
+    def _streams_reached(self, now_ns: int) -> int:
+        """The time every live collector's stream has been read up to.
+
+        Each collector reports the CLOCK_MONOTONIC time of each ring read (with its
+        samples, or in a tick); events stamped before the slowest one's mark are all
+        here. A collector that stalls (CPU-throttled, restarting) holds the merge
+        back at most MAX_WAIT: later events of it count as late.
+        """
+        seen_after = time.monotonic() - 2.0
+        marks = [wm for wm, seen in self.watermarks.values() if seen > seen_after]
+        if not marks:
+            return now_ns
+        return max(min(marks) - WATERMARK_SLACK_NS, now_ns - MAX_WAIT_NS)
+
     def _release(self, now_ns: int, flush: bool = False) -> None:
-        window = self.merger.release(now_ns, flush)
+        window = self.merger.release(now_ns, flush, upto_ns=self._streams_reached(now_ns))
         if not window:
             return
         proc = window.get("process")

@@ -29,9 +29,12 @@ class Merger:
             self.pending.setdefault(category, []).append(batch)
             self._bounds.setdefault(category, []).append((int(t.min()), int(t.max())))
 
-    def release(self, now_ns: int, flush: bool = False) -> dict[str, np.ndarray]:
-        """Events stamped before now - holdback, per category, time-sorted and numbered."""
+    def release(self, now_ns: int, flush: bool = False, upto_ns: int | None = None) -> dict[str, np.ndarray]:
+        """Events stamped before now - holdback (and before ``upto_ns``, the point every
+        CPU's stream has reached), per category, time-sorted and numbered."""
         cutoff = now_ns - self.holdback_ns if not flush else np.iinfo(np.uint64).max
+        if upto_ns is not None and not flush:
+            cutoff = min(cutoff, upto_ns)
         out: dict[str, np.ndarray] = {}
         for category, parts in list(self.pending.items()):
             ready: list[np.ndarray] = []

@@ -32,6 +32,7 @@ class Planner:
         self.filter_errors: dict[str, str] = {}   # source -> kernel's refusal
         self.probe_sources: dict[str, catalog.Source] = {}
         self.probe_errors: dict[str, str] = {}
+        self.exec_names: dict[int, bytes] = {}  # tgid -> name from sched_process_exec
         self.running_containers: dict[int, int] = {}  # container index -> host pid of init
 
     # -- computing the plan -----------------------------------------------------------------
@@ -52,7 +53,9 @@ class Planner:
                         node = None if src in catalog.PROCESS_SOURCES else cf.node
                         wanted.setdefault(src, []).append(node)
         if subs:
-            for src in catalog.PROCESS_SOURCES:
+            # Process and cgroup sources keep the process and container tables, which
+            # stamp identity on every event: they run whenever anything is subscribed.
+            for src in catalog.PROCESS_SOURCES + catalog.CGROUP_SOURCES:
                 wanted.setdefault(src, []).append(None)
         tracepoints: dict[str, dict] = {}
         bpf: dict[str, dict] = {}
@@ -215,6 +218,13 @@ class Planner:
                 if follow and not ev["fork_is_thread"] and pid > 0:
                     ct.on_fork(pid, child)
             elif k == exe:
+                kernel_name = self.exec_names.pop(pid, b"")
+                if not ev["exec_filename"] and kernel_name:
+                    batch["exec_filename"][i] = kernel_name
+                    ev = batch[i]
+                if not ev["exec_command_line"]:
+                    batch["exec_command_line"][i] = _cmdline(pid) or ev["exec_filename"]
+                    ev = batch[i]
                 cmdline = ev["exec_command_line"].decode(errors="replace")
                 pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"), cmdline)
                 ct.on_exec(pid, cmdline.split())
@@ -266,6 +276,15 @@ class Planner:
         pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
         idx = np.array([ct.lookup_pid(p) if p > 0 else 0 for p in pids.tolist()], np.uint32)
         return idx[inverse]
+
+
+def _cmdline(pid: int) -> bytes:
+    """argv from /proc while the process lives (eBPF could not read it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read(1024).rstrip(b"\0").replace(b"\0", b" ")
+    except OSError:
+        return b""
 
 
 def ct_runtime(table, idx: int) -> bytes:

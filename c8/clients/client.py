@@ -243,9 +243,10 @@ def to_dicts(category: str, arr: np.ndarray, table: dict, sensor_id: str = "") -
             ev["name"], ev["image_id"], ev["image_name"] = row[1], row[2], row[3]
         ev["sensor_id"] = sensor_id
         eid = event_id(sensor_id, ev.get("sensor_sequence_number", 0), ev.get("sensor_monotime_nanos", 0))
-        if "id" in ev:  # syscall events: ``id`` is the syscall number (Capsule8's name)
-            ev["event_id"] = eid
-        else:
+        # Every event has ``event_id``; ``id`` is the same except on syscall events,
+        # where ``id`` is the syscall number (the field filters and Capsule8 name so).
+        ev["event_id"] = eid
+        if "id" not in ev:
             ev["id"] = eid
         if arg_names:
             ev["arguments"] = {n[len(schema.ARGUMENT_PREFIX):]: _plain(cols[n][i]) for n in arg_names}

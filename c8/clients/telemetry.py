@@ -46,16 +46,17 @@ def line(ev: dict) -> str:
     Syscall dicts keep ``id`` for the syscall number and the event id in
     ``event_id``: the head shows the event id, the payload the number.
     """
-    if "event_id" in ev:
-        ev = dict(ev)
-        syscall_id = ev.pop("id")
-        ev["id"] = ev.pop("event_id")
-        ev["syscall_id"] = syscall_id
+    ev = dict(ev)
+    event_id = ev.pop("event_id", None)
+    if ev.get("type") == "syscall" and event_id is not None:
+        ev["syscall_id"] = ev["id"]
+        ev["id"] = event_id
     common = ("id", "process_id", "process_pid", "process_tid", "container_id", "container_name",
               "image_id", "image_name", "sensor_sequence_number", "sensor_monotime_nanos", "cpu")
-    head = " ".join(f'{k}:"{ev[k]}"' if isinstance(ev[k], str) else f"{k}:{ev[k]}"
+    # strings JSON-quoted: a command line with newlines or quotes stays on one line
+    head = " ".join(f"{k}:{json.dumps(ev[k])}" if isinstance(ev[k], str) else f"{k}:{ev[k]}"
                     for k in common if ev.get(k) not in ("", None, 0) or k == "cpu")
-    payload = " ".join(f'{k}:"{v}"' if isinstance(v, str) else f"{k}:{v}"
+    payload = " ".join(f"{k}:{json.dumps(v)}" if isinstance(v, str) else f"{k}:{v}"
                        for k, v in ev.items() if k not in common and k not in SKIP and k != "type"
                        and v not in ("", None))
     return f"event:<{head} {ev['type']}:<{payload}> >"

@@ -310,6 +310,8 @@ class Collector:
         buf = self.ring.read()
         if not len(buf):
             self._forget_closed()
+            # nothing new on this CPU up to now: lets the broker release other CPUs' events
+            self._send_header({"kind": "tick", "cpu": self.cpu, "watermark": self.state.watermark})
             return 0
         recs = ring.walk(buf)
         total = 0
@@ -323,7 +325,8 @@ class Collector:
             n = len(arr)
             total += n
             self.state.received[source] = self.state.received.get(source, 0) + n
-            self._send(batch.pack({"kind": "samples", "cpu": self.cpu, "source": source}, arr), n)
+            self._send(batch.pack({"kind": "samples", "cpu": self.cpu, "source": source,
+                                   "watermark": self.state.watermark}, arr), n)
         if self.state.unsent_collector_lost and self._send_header(
                 {"kind": "lost", "cpu": self.cpu, "count": self.state.unsent_collector_lost,
                  "source": "collector", "time": self.state.watermark}):

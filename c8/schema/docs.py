@@ -29,8 +29,8 @@ Notes:
 - Network `port` is in host order, `port_raw` as stored in the sockaddr
   (network order). An ATTEMPT carries the address the process passed; accept
   and recv* learn theirs at return, so only their RESULT carries the peer.
-- In client dicts, syscall events keep `id` for the syscall number (Capsule8's
-  name) and carry the event id as `event_id`.
+- In client dicts every event carries its event id as `event_id` (and as `id`,
+  except on syscall events, where `id` is the syscall number: Capsule8's name).
 - kernel_call and user_call events carry the fetch arguments the subscription
   asked for as `arguments` ({name: value}); filters name them `arg_<name>`.
 """

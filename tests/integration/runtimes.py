@@ -420,18 +420,23 @@ def _undo_hugetlb_v1(made_dir: bool) -> None:
     only if its root has no child then, and rmdir'ed children leave the list
     asynchronously: so unmount, and while hugetlb is not back, mount the same
     hierarchy again (it still exists) and unmount once more."""
-    busy = _remove_empty_cgroups(HUGETLB_V1)
+    # containers other sessions started meanwhile made cgroups here: wait for them to end
+    deadline = time.monotonic() + 60
+    while (busy := _remove_empty_cgroups(HUGETLB_V1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     if busy:
         pytest.fail(f"hugetlb stays a v1 hierarchy at {HUGETLB_V1} while these cgroups hold tasks: "
                     f"{busy}; once they are empty, remove them and unmount it", pytrace=False)
-    for _ in range(50):
+    for attempt in range(3):
+        if attempt:  # the hierarchy outlived its umount: mount it again to unmount it childless
+            sh(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_V1], check=False)
         sh(["umount", HUGETLB_V1], check=False)
-        deadline = time.monotonic() + 0.2
+        # killing a hierarchy is asynchronous (RCU, then workqueue): give it time
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not _hugetlb_on_cgroup2():
-            time.sleep(0.02)
+            time.sleep(0.05)
         if _hugetlb_on_cgroup2():
             break
-        sh(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_V1], check=False)
     if made_dir:
         with contextlib.suppress(OSError):
             os.rmdir(HUGETLB_V1)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -34,32 +34,42 @@ WORKLOAD = textwrap.dedent(r"""
 """)
 
 
-def telemetry(sensor, *flags):
-    return subprocess.Popen([sys.executable, "-m", "c8.clients.telemetry", "--run-dir", sensor.run_dir, *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Telemetry:
+    """c8-telemetry running; a thread reads its stdout so it never blocks on the pipe."""
 
+    def __init__(self, sensor, *flags):
+        self.sensor = sensor
+        self.proc = subprocess.Popen([sys.executable, "-m", "c8.clients.telemetry", "--run-dir", sensor.run_dir,
+                                      *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-def read_until(proc, done, timeout=20.0):
-    """stdout lines of proc until done(lines) or the timeout; then stops it."""
-    lines: list[str] = []
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not done(lines):
-            if sel.select(timeout=0.5):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line.rstrip("\n"))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    return lines
+    def _read(self) -> None:
+        for ln in self.proc.stdout:
+            self.lines.append(ln.rstrip("\n"))
 
+    def collecting(self):
+        """Wait until its subscription is live and every collector runs the plan that serves it."""
+        def ready():
+            st = self.sensor.status()
+            gen = st["plan"]["generation"]
+            return len(st["subscriptions"]) == 1 and all(c["generation"] >= gen for c in st["collectors"].values())
+        wait_for(ready, 15, 0.1, "c8-telemetry's subscription to be collected")
+        # its subscribe returns once the collectors run the plan; host opens print soon after
+        return self
 
-def subscribed(sensor, n):
-    wait_for(lambda: len(sensor.client.subscriptions()) == n, 15, 0.1, f"{n} subscription(s)")
+    def until(self, done, timeout=40.0) -> list[str]:
+        """Its lines once done(lines) holds or after the timeout; then stops it."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and not done(list(self.lines)):
+                time.sleep(0.1)
+        finally:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.reader.join(5)
+        return list(self.lines)
 
 
 def run_workload(tmp_path):
@@ -73,8 +83,8 @@ def run_workload(tmp_path):
 
 
 def test_telemetry_prints_the_workload(shared_sensor, tmp_path):
-    proc = telemetry(shared_sensor)
-    subscribed(shared_sensor, 1)
+    tel = Telemetry(shared_sensor).collecting()
+    wait_for(lambda: tel.lines, 15, what="c8-telemetry's first line")
     _, port = run_workload(tmp_path)
     foo = os.path.join(str(tmp_path), "foo-telemetry")
     wants = {
@@ -84,7 +94,7 @@ def test_telemetry_prints_the_workload(shared_sensor, tmp_path):
         "connect": lambda ln: 'network:<kind:"CONNECT_ATTEMPT"' in ln and 'address:"127.0.0.1"' in ln
         and f"port:{port} " in ln,
     }
-    lines = read_until(proc, lambda ls: all(any(w(ln) for ln in ls) for w in wants.values()))
+    lines = tel.until(lambda ls: all(any(w(ln) for ln in ls) for w in wants.values()))
     missing = [k for k, w in wants.items() if not any(w(ln) for ln in lines)]
     assert not missing, (missing, lines[-20:])
     assert all(ln.startswith("event:<") for ln in lines)
@@ -94,10 +104,10 @@ def test_telemetry_prints_the_workload(shared_sensor, tmp_path):
 
 
 def test_telemetry_json(shared_sensor, tmp_path):
-    proc = telemetry(shared_sensor, "-json")
-    subscribed(shared_sensor, 1)
+    tel = Telemetry(shared_sensor, "-json").collecting()
+    wait_for(lambda: tel.lines, 15, what="c8-telemetry's first line")
     child, port = run_workload(tmp_path)
-    lines = read_until(proc, lambda ls: any('"CONNECT_ATTEMPT"' in ln and str(port) in ln for ln in ls))
+    lines = tel.until(lambda ls: any('"CONNECT_ATTEMPT"' in ln and str(port) in ln for ln in ls))
     events = [json.loads(ln) for ln in lines]
     conn = [e for e in events if e["type"] == "network" and e["port"] == port]
     assert conn and conn[0]["address"] == "127.0.0.1" and conn[0]["kind"] == "CONNECT_ATTEMPT"
@@ -107,8 +117,7 @@ def test_telemetry_json(shared_sensor, tmp_path):
 
 
 def test_telemetry_image_filter_hides_the_host(shared_sensor, tmp_path):
-    proc = telemetry(shared_sensor, "-image", "no-such-image-*")
-    subscribed(shared_sensor, 1)
+    tel = Telemetry(shared_sensor, "-image", "no-such-image-*").collecting()
     run_workload(tmp_path)
     # a plain subscriber proves the workload's events were published meanwhile
     with shared_sensor.client.subscribe({"events": {"process": {"filter": 'kind == "EXEC"'}}}) as sub:
@@ -119,7 +128,7 @@ def test_telemetry_image_filter_hides_the_host(shared_sensor, tmp_path):
             if ev["process_pid"] == p.pid:
                 seen = True
                 break
-    lines = read_until(proc, lambda ls: False, timeout=2.0)
+    lines = tel.until(lambda ls: False, timeout=2.0)
     assert seen
     assert lines == []  # host events are not in any container
-    assert "Watching for container images matching no-such-image-*" in proc.stderr.read()
+    assert "Watching for container images matching no-such-image-*" in tel.proc.stderr.read()
