@@ -15,9 +15,8 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
 import common as c
+import numpy as np
 
 RATES = (1_000, 10_000, 100_000)
 GOAL_P99_MS = 50.0

@@ -26,7 +26,7 @@ def storm_c8(n: int, pages: int = c.RING_PAGES) -> dict:
         with c.Counter(sensor.run_dir, spec, "syscall", pid=w.pid) as counter:
             cpu0 = sensor.cpu_seconds()
             produced, secs = w.run()
-            delivered = counter.settle()
+            delivered = counter.settle(quiet=2.0)
             cpu = sensor.cpu_seconds() - cpu0
             status = sensor.status()
             mem = sensor.memory()

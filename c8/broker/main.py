@@ -204,8 +204,6 @@ class Broker:
             cpu = int(header.get("cpu", -1))
             header["_seen"] = time.monotonic()
             self.collectors[cpu] = header
-            if header.get("pid"):
-                self.own_pids.add(int(header["pid"]))
             self.planner.on_stats(header)
 
     def _build(self, source: str, raw: np.ndarray) -> None:
@@ -441,10 +439,14 @@ class Broker:
                 sup = json.load(f)
         except (OSError, ValueError):
             return
+        # The current tree only: a dead child's pid may belong to anyone by now.
         pids = {int(c["pid"]) for c in sup.get("children", []) if c.get("pid")}
+        pids |= {os.getpid(), os.getppid()}
         if sup.get("pid"):
             pids.add(int(sup["pid"]))
-        self.own_pids |= pids
+        if pids != self.own_pids:
+            self.own_pids = pids
+            self.planner.update()
 
     def _limiter_poll(self) -> None:
         """Act on the event limiter's next transition (called every second)."""

@@ -11,6 +11,7 @@ It also keeps the process and container tables in step with process events.
 from __future__ import annotations
 
 import logging
+import os
 
 import msgpack
 import numpy as np
@@ -80,6 +81,8 @@ class Planner:
                         kf = expr.kernel_filter_any(nodes, fmap)
                     except Exception as exc:
                         log.warning("no kernel filter for %s: %s", src, exc)
+                if pushdown and src.startswith("raw_syscalls:") and src not in self.filter_errors:
+                    kf = _exclude_threads(kf, self.broker.own_pids)
                 tracepoints[src] = {"filter": kf}
         # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
         # the new map and plug their rings into it again.
@@ -276,6 +279,25 @@ class Planner:
         pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
         idx = np.array([ct.lookup_pid(p) if p > 0 else 0 for p in pids.tolist()], np.uint32)
         return idx[inverse]
+
+
+def _exclude_threads(kf: str | None, pids: set[int]) -> str:
+    """Keep the sensor's own threads out of the syscall rings.
+
+    The sensor makes syscalls of its own all the time (libzmq alone calls getpid on
+    every send); the broker drops them anyway, so the kernel should not pay for them.
+    A tracepoint's common_pid is the thread id: list every thread of every process.
+    """
+    tids = []
+    for pid in sorted(pids):
+        try:
+            tids.extend(sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")))
+        except OSError:
+            continue
+    if not tids:
+        return kf
+    mine = " && ".join(f"common_pid != {t}" for t in tids)
+    return mine if kf is None else f"({kf}) && {mine}"
 
 
 def _cmdline(pid: int) -> bytes:

@@ -40,7 +40,8 @@ class Publisher:
         else:
             peer = peer[1:]
         try:
-            sock.send_multipart([peer, *envelope[1:], payload], zmq.NOBLOCK)
+            # Big batches go zero-copy (zmq keeps a reference instead of a memcpy).
+            sock.send_multipart([peer, *envelope[1:], payload], zmq.NOBLOCK, copy=len(payload) < 65536)
             return True
         except zmq.Again:
             return False
