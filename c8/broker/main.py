@@ -38,6 +38,7 @@ TICK_SECONDS = 0.005
 PLAN_REPUBLISH_SECONDS = 1.0
 MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
 EXIT_LIMITER = 78
+SUBSCRIBE_READY_WAIT = 10.0       # loading eBPF families can take seconds
 MAX_WAIT_NS = 1_000_000_000       # longest the merge waits for a stalled collector
 WATERMARK_SLACK_NS = 1_000_000    # records being written while a ring was read  # the supervisor stops the sensor with status 1 on this
 
@@ -341,7 +342,8 @@ class Broker:
             req_id = req["id"]
             reply = self._command(peer, req)
             if req["command"] == "subscribe":
-                self.pending_replies.append((envelope, reply, self.planner.generation, time.monotonic() + 5.0))
+                self.pending_replies.append((envelope, reply, self.planner.generation,
+                                             time.monotonic() + SUBSCRIBE_READY_WAIT))
                 return
         except errors.ProtocolError as exc:
             reply = control.error(req_id, exc.code, exc.reason)

@@ -25,6 +25,8 @@ from c8 import schema
 from c8.protocol import batch as wire
 from c8.protocol import control, paths
 
+SUBSCRIBE_READY_WAIT = 10.0  # the broker answers once collectors run what a subscription needs
+
 
 class SensorError(Exception):
     """The broker refused a request; ``code`` is from c8.protocol.errors."""
@@ -99,7 +101,8 @@ class Client:
         rid = next(self._ids)
         sock.send(control.request("subscribe", spec, rid))
         try:
-            reply = _await_reply(sock, rid, self.timeout)
+            # the broker answers once the collectors run what this needs (up to 10 s)
+            reply = _await_reply(sock, rid, self.timeout + SUBSCRIBE_READY_WAIT)
         except Exception:
             sock.close()
             raise
