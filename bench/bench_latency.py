@@ -34,7 +34,8 @@ def measure(sensor: c.BenchSensor, rate: int, secs: float) -> dict:
     lat = np.concatenate(counter.latencies) / 1e6 if counter.latencies else np.zeros(1)
     return {"rate": rate, "produced": done, "delivered": counter.count,
             "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "max": float(lat.max()), "batches": counter.batches, "late": late}
+            "max": float(lat.max()), "batches": counter.batches, "late": late,
+            "lost": counter.lost}
 
 
 def run(quick: bool = False, **overrides) -> dict:
@@ -51,7 +52,9 @@ def run(quick: bool = False, **overrides) -> dict:
              f"{overrides.get('merge_holdback', 'default')}; max ms " +
              ", ".join(f"{r['rate'] // 1000}k: {r['max']:.1f}" for r in results) +
              "; events merged out of order (status late, all sources): " +
-             ", ".join(f"{r['rate'] // 1000}k: {r['late']}" for r in results)]
+             ", ".join(f"{r['rate'] // 1000}k: {r['late']}" for r in results) +
+             "; losses told to the subscriber: " +
+             ", ".join(f"{r['rate'] // 1000}k: {r['lost'] or 0}" for r in results)]
     return {"title": "Latency: kernel time to subscriber receipt", "rows": rows, "notes": notes,
             "raw": results}
 

@@ -225,8 +225,8 @@ class Planner:
                 if not ev["exec_filename"] and kernel_name:
                     batch["exec_filename"][i] = kernel_name
                     ev = batch[i]
-                if not ev["exec_command_line"]:
-                    batch["exec_command_line"][i] = _cmdline(pid) or ev["exec_filename"]
+                if not ev["exec_command_line"]:  # unknown stays empty: never a guess
+                    batch["exec_command_line"][i] = _cmdline(pid)
                     ev = batch[i]
                 cmdline = ev["exec_command_line"].decode(errors="replace")
                 pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"), cmdline)

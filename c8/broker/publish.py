@@ -40,8 +40,11 @@ class Publisher:
         else:
             peer = peer[1:]
         try:
-            # Big batches go zero-copy (zmq keeps a reference instead of a memcpy).
-            sock.send_multipart([peer, *envelope[1:], payload], zmq.NOBLOCK, copy=len(payload) < 65536)
+            frames = [peer, *envelope[1:], payload]
+            if len(payload) >= 65536:  # big batches zero-copy: zmq keeps a reference, no memcpy
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            else:
+                sock.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
