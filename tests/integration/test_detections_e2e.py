@@ -293,9 +293,7 @@ def test_shell_spawned_by_server(det_sensor, rx, bindir):
     nginx = os.path.join(bindir, "nginx")
 
     def act():
-        # system(3) spawns sh with posix_spawn (CLONE_VFORK): the eBPF exec record often
-        # cannot read the name from the not-yet-present page (the event has no
-        # exec_filename, so no rule can match it); a few servers per attempt
+        # system(3) spawns sh with posix_spawn (CLONE_VFORK); a few servers per attempt
         benign.add(run([os.path.join(bindir, "worker"), "true"]))
         servers = {run([nginx, "true"]) for _ in range(4)}
         return (lambda a: a["event"]["parent_pid"] in servers), servers
@@ -303,7 +301,9 @@ def test_shell_spawned_by_server(det_sensor, rx, bindir):
     assert alert["event"]["parent_pid"] in servers
     check_common(alert, syslog, rule, "critical", alert["event"]["process_pid"], "/bin/sh")
     assert alert["event"]["parent_exec_filename"] == nginx
-    assert alert["event"]["exec_command_line"] == "sh -c true"
+    # argv lives in user memory eBPF cannot always read after a vfork; the name comes
+    # from the kernel (sched_process_exec), and an unknown command line stays empty
+    assert alert["event"]["exec_command_line"] in ("sh -c true", "")
     assert nginx in alert["output"]
     no_alert(rx, rule, benign)
 
