@@ -39,6 +39,8 @@ class Telemetry:
 
     def __init__(self, sensor, *flags):
         self.sensor = sensor
+        # an earlier client's subscription may linger until the broker sees it gone
+        self.before = {s["subscription"] for s in sensor.status()["subscriptions"]}
         self.proc = subprocess.Popen([sys.executable, "-m", "c8.clients.telemetry", "--run-dir", sensor.run_dir,
                                       *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -54,10 +56,16 @@ class Telemetry:
         def ready():
             st = self.sensor.status()
             gen = st["plan"]["generation"]
-            return len(st["subscriptions"]) == 1 and all(c["generation"] >= gen for c in st["collectors"].values())
+            mine = {s["subscription"] for s in st["subscriptions"]} - self.before
+            return mine and all(c["generation"] >= gen for c in st["collectors"].values())
         wait_for(ready, 15, 0.1, "c8-telemetry's subscription to be collected")
         # its subscribe returns once the collectors run the plan; host opens print soon after
         return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
     def until(self, done, timeout=40.0) -> list[str]:
         """Its lines once done(lines) holds or after the timeout; then stops it."""
@@ -72,6 +80,21 @@ class Telemetry:
         return list(self.lines)
 
 
+@pytest.fixture
+def telemetry(shared_sensor):
+    """Starts c8-telemetry against the shared sensor; always stopped, so its
+    subscription never outlives the test."""
+    started = []
+
+    def start(*flags):
+        tel = Telemetry(shared_sensor, *flags)
+        started.append(tel)
+        return tel.collecting()
+    yield start
+    for tel in started:
+        tel.stop()
+
+
 def run_workload(tmp_path):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -82,9 +105,8 @@ def run_workload(tmp_path):
     return child, port
 
 
-def test_telemetry_prints_the_workload(shared_sensor, tmp_path):
-    tel = Telemetry(shared_sensor).collecting()
-    wait_for(lambda: tel.lines, 15, what="c8-telemetry's first line")
+def test_telemetry_prints_the_workload(telemetry, tmp_path):
+    tel = telemetry()
     _, port = run_workload(tmp_path)
     foo = os.path.join(str(tmp_path), "foo-telemetry")
     wants = {
@@ -103,9 +125,8 @@ def test_telemetry_prints_the_workload(shared_sensor, tmp_path):
     assert all("family:2 " in ln for ln in lines if "network:<" in ln)
 
 
-def test_telemetry_json(shared_sensor, tmp_path):
-    tel = Telemetry(shared_sensor, "-json").collecting()
-    wait_for(lambda: tel.lines, 15, what="c8-telemetry's first line")
+def test_telemetry_json(telemetry, tmp_path):
+    tel = telemetry("-json")
     child, port = run_workload(tmp_path)
     lines = tel.until(lambda ls: any('"CONNECT_ATTEMPT"' in ln and str(port) in ln for ln in ls))
     events = [json.loads(ln) for ln in lines]
@@ -116,8 +137,8 @@ def test_telemetry_json(shared_sensor, tmp_path):
     assert all(e["kind"] == "EXIT" and e["id"] in (2, 85, 257, 437) for e in sys_exits)
 
 
-def test_telemetry_image_filter_hides_the_host(shared_sensor, tmp_path):
-    tel = Telemetry(shared_sensor, "-image", "no-such-image-*").collecting()
+def test_telemetry_image_filter_hides_the_host(shared_sensor, telemetry, tmp_path):
+    tel = telemetry("-image", "no-such-image-*")
     run_workload(tmp_path)
     # a plain subscriber proves the workload's events were published meanwhile
     with shared_sensor.client.subscribe({"events": {"process": {"filter": 'kind == "EXEC"'}}}) as sub:
