@@ -208,6 +208,12 @@ class Broker:
             self.planner.on_stats(header)
 
     def _build(self, source: str, raw: np.ndarray) -> None:
+        # The sensor never reports itself; dropped before numbering keeps the sequence gap-free.
+        own = np.isin(raw["pid"], np.fromiter(self.own_pids, np.int32))
+        if own.any():
+            raw = raw[~own]
+            if not len(raw):
+                return
         if source == "sched:sched_process_exec" and "exec" not in self.planner.failed_bpf:
             # only a hint for execs whose name eBPF could not read (few: exec rate)
             for pid, name in zip(raw["pid"].tolist(), raw["filename"].tolist(), strict=True):
@@ -307,9 +313,6 @@ class Broker:
                 if category != "container":
                     batch["container"] = self.planner.container_indices(batch)
                 self.processes.fill(batch)
-                keep = ~np.isin(batch["process_pid"], np.fromiter(self.own_pids, np.int32))
-                if not keep.all():
-                    window[category] = batch = batch[keep]
         total = sum(len(b) for c, b in window.items() if c not in ("lost", "limiter"))
         if self.limiter is not None:
             self.limiter.count(total)
