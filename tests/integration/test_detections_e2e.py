@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from c8.detections.rules import default_rules_path
+from c8.detections.rules import default_rules_path, load_rules
 from tests.integration.runtimes import busybox_rootfs, docker  # noqa: F401  (fixtures)
 from tests.integration.sensor import Sensor, wait_for
 
@@ -465,12 +465,18 @@ def subscribed_and_collecting(sensor: Sensor) -> bool:
 
 def test_alert_limiter_5_per_60s(tmp_path):
     limited, full = Receivers(), Receivers()
-    s = Sensor(tmp_path, **sensor_config([
+    rule = "Read sensitive file"
+    config = sensor_config([
         {"type": "webhook", "url": limited.url, "limit_per_period": 5, "limit_period": "60s"},
         {"type": "webhook", "url": full.url},
         {"type": "syslog", "address": limited.syslog_address, "protocol": "udp",
-         "limit_per_period": 5, "limit_period": "60s"}])).start()
-    rule = "Read sensitive file"
+         "limit_per_period": 5, "limit_period": "60s"}])
+    # Only the rule under test: any other alert on the host would use the limited slots.
+    others = [r.name for r in load_rules([default_rules_path()])[0] if r.name != rule]
+    only = tmp_path / "only-one-rule.yaml"
+    only.write_text("".join(f"- rule: {json.dumps(n)}\n  enabled: false\n" for n in others))
+    config["detections"]["rules"].append(str(only))
+    s = Sensor(tmp_path, **config).start()
     try:
         wait_for(lambda: subscribed_and_collecting(s), 30, 0.2, "the detector's subscription")
         pids = set()
