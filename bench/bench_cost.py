@@ -12,7 +12,6 @@ Usage: python bench/bench_cost.py [--quick]
 
 from __future__ import annotations
 
-import sys
 import time
 
 import common as c
@@ -61,8 +60,4 @@ def run(quick: bool = False, storm: dict | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    t = time.time()
-    res = run("--quick" in sys.argv)
-    for r in res["rows"]:
-        print(r)
-    print(res["notes"], f"{time.time() - t:.0f}s")
+    c.standalone(run)

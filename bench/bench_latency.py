@@ -12,9 +12,6 @@ Usage: python bench/bench_latency.py [--quick]
 
 from __future__ import annotations
 
-import sys
-import time
-
 import common as c
 import numpy as np
 
@@ -60,8 +57,4 @@ def run(quick: bool = False, **overrides) -> dict:
 
 
 if __name__ == "__main__":
-    t = time.time()
-    res = run("--quick" in sys.argv)
-    for r in res["rows"]:
-        print(r)
-    print(res["notes"], f"{time.time() - t:.0f}s")
+    c.standalone(run)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
-import time
 
 import common as c
 
@@ -84,8 +82,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    t = time.time()
-    res = run("--quick" in sys.argv)
-    for r in res["rows"]:
-        print(r)
-    print(res["notes"], res["raw"], f"{time.time() - t:.0f}s")
+    c.standalone(run)

@@ -438,3 +438,12 @@ def fmt_ratio(a: float, b: float) -> str:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+def standalone(run) -> None:
+    """Run one benchmark module on its own (``--quick`` for a short run) and print it."""
+    t = time.time()
+    res = run("--quick" in sys.argv)
+    for r in res["rows"]:
+        print(r)
+    print(res["notes"], f"{time.time() - t:.0f}s")

@@ -8,6 +8,7 @@ live subscriptions want, and pushes filters using each source's field map.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,8 +60,6 @@ class Source:
     build: Callable[[np.ndarray], Built]
     # schema field -> tracepoint field, for PERF_EVENT_IOC_SET_FILTER pushdown
     kernel_fields: dict[str, str] = field(default_factory=dict)
-    # the eBPF family whose string filter the broker configures (bpf sources)
-    bpf_family: str | None = None
 
 
 def base(category: str, raw: np.ndarray, kind: str | np.ndarray) -> np.ndarray:
@@ -86,6 +85,17 @@ def split_exit_code(code: np.ndarray, out: np.ndarray, prefix: str = "exit_") ->
     out[prefix + "status"] = np.where(sig == 0, (code >> 8) & 0xFF, 0)
     if prefix + "core_dumped" in out.dtype.names:
         out[prefix + "core_dumped"] = (code & 0x80) != 0
+
+
+def lost_event(source: str, count: int, cpu: int = 0, when: int | None = None) -> np.ndarray:
+    """One ``lost`` event: ``count`` events lost at ``source`` (kernel, subscriber, ...)."""
+    out = schema.empty("lost", 1)
+    out["kind"] = schema.kind_code("lost", "LOST")
+    out["cpu"] = max(cpu, 0)
+    out["sensor_monotime_nanos"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if when is None else when
+    out["source"] = source.encode()
+    out["count"] = count
+    return out
 
 
 # -- process -------------------------------------------------------------------
@@ -229,16 +239,16 @@ def build_nothing(raw: np.ndarray) -> Built:
 
 SOURCES: dict[str, Source] = {
     "task:task_newtask": Source("task:task_newtask", build_newtask),
-    "bpf:exec": Source("bpf:exec", build_exec_bpf, bpf_family="exec"),
-    "bpf:exit": Source("bpf:exit", build_exit_bpf, bpf_family="exit"),
+    "bpf:exec": Source("bpf:exec", build_exec_bpf),
+    "bpf:exit": Source("bpf:exit", build_exit_bpf),
     "raw_syscalls:sys_enter": Source("raw_syscalls:sys_enter", build_sys_enter,
                                      {"id": "id", "process_tid": "common_pid"}),
     "raw_syscalls:sys_exit": Source("raw_syscalls:sys_exit", build_sys_exit,
                                     {"id": "id", "ret": "ret", "process_tid": "common_pid"}),
-    "bpf:open": Source("bpf:open", build_open, bpf_family="open"),
-    "bpf:file1": Source("bpf:file1", build_file1, bpf_family="file1"),
-    "bpf:file2": Source("bpf:file2", build_file2, bpf_family="file2"),
-    "bpf:sock": Source("bpf:sock", build_sock, bpf_family="sock"),
+    "bpf:open": Source("bpf:open", build_open),
+    "bpf:file1": Source("bpf:file1", build_file1),
+    "bpf:file2": Source("bpf:file2", build_file2),
+    "bpf:sock": Source("bpf:sock", build_sock),
     "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_nothing),
     "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_nothing),
     "cgroup:cgroup_attach_task": Source("cgroup:cgroup_attach_task", build_nothing),

@@ -233,13 +233,7 @@ class Broker:
 
     def _lost(self, source: str, cpu: int, count: int, when: int) -> None:
         self.counts["lost_" + source] = self.counts.get("lost_" + source, 0) + count
-        out = schema.empty("lost", 1)
-        out["kind"] = 1
-        out["cpu"] = max(cpu, 0)
-        out["sensor_monotime_nanos"] = when
-        out["source"] = source.encode()
-        out["count"] = count
-        self.merger.add("lost", out)
+        self.merger.add("lost", catalog.lost_event(source, count, cpu, when))
 
     # -- containers ---------------------------------------------------------------------
     def _container_cgroup(self, source: str, raw: np.ndarray):

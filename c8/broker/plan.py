@@ -34,7 +34,6 @@ class Planner:
         self.probe_sources: dict[str, catalog.Source] = {}
         self.probe_errors: dict[str, str] = {}
         self.exec_names: dict[int, bytes] = {}  # tgid -> name from sched_process_exec
-        self.running_containers: dict[int, int] = {}  # container index -> host pid of init
 
     # -- computing the plan -----------------------------------------------------------------
     def update(self) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from c8 import schema
+from c8.broker import catalog
 from c8.protocol import batch as wire
 
 log = logging.getLogger("c8.broker.publish")
@@ -113,12 +114,7 @@ class Publisher:
         msgs = []
         if sub.lost_pending:
             for source, count in sub.lost_pending.items():
-                lost = schema.empty("lost", 1)
-                lost["kind"] = 1
-                lost["sensor_monotime_nanos"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                lost["source"] = source.encode()
-                lost["count"] = count
-                msgs.append(("lost", lost))
+                msgs.append(("lost", catalog.lost_event(source, count)))
         msgs.extend(batches)
         payload = self._encode(sub, msgs)
         n = sum(len(b) for c, b in batches if c != "lost")

@@ -258,23 +258,23 @@ class Children:
         """SIGTERM every child, wait up to `timeout`, then SIGKILL stragglers."""
         for c in self.children:
             c.stop()
-        deadline = self.os.now() + timeout
-        while self.live() and self.os.now() < deadline:
-            self.reap()
-            if self.live():
-                self.os.sleep(0.05)
+        self._reap_for(timeout)
         for c in self.live():
             log.warning("%s (pid %s) did not stop within %gs: SIGKILL", c.name, c.pid, timeout)
             if c.state is not S.STOPPING:
                 c.change(S.STOPPING, "stop")
             self.os.kill(c.pid, signal.SIGKILL)
+        self._reap_for(timeout)
+        for c in self.live():
+            log.error("%s (pid %s) survived SIGKILL (uninterruptible sleep?)", c.name, c.pid)
+
+    def _reap_for(self, timeout: float) -> None:
+        """Reap exits until no child is live or the timeout passes."""
         deadline = self.os.now() + timeout
         while self.live() and self.os.now() < deadline:
             self.reap()
             if self.live():
                 self.os.sleep(0.05)
-        for c in self.live():
-            log.error("%s (pid %s) survived SIGKILL (uninterruptible sleep?)", c.name, c.pid)
 
     def status(self) -> list[dict]:
         return [c.status() for c in self.children]

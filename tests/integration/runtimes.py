@@ -457,58 +457,47 @@ def _runtime_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=f"c8-{prefix}-", dir="/tmp")
 
 
-def _teardown(base: str, close: Callable[[], None]) -> None:
+@contextlib.contextmanager
+def _started(kind: str, make: Callable[[str], object]) -> Iterator:
+    """A runtime made in its own temp dir; closed, unmounted and removed afterwards."""
+    base = _runtime_dir(kind)
+    runtime = None
     try:
-        close()
+        runtime = make(base)
+        yield runtime
     finally:
-        unmount_under(base)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            if runtime is not None:
+                runtime.close()
+        finally:
+            unmount_under(base)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def docker(busybox_rootfs) -> Iterator[Docker]:
     """A private dockerd with the busybox image imported."""
-    base = _runtime_dir("docker")
-    runtime = None
-    try:
-        runtime = Docker(base, busybox_rootfs[1])
+    with _started("docker", lambda base: Docker(base, busybox_rootfs[1])) as runtime:
         yield runtime
-    finally:
-        _teardown(base, runtime.close if runtime else lambda: None)
 
 
 @pytest.fixture(scope="session")
 def podman(busybox_rootfs) -> Iterator[Podman]:
     """podman on private storage with the busybox image imported."""
-    base = _runtime_dir("podman")
-    runtime = None
-    try:
-        runtime = Podman(base, busybox_rootfs[1])
+    with _started("podman", lambda base: Podman(base, busybox_rootfs[1])) as runtime:
         yield runtime
-    finally:
-        _teardown(base, runtime.close if runtime else lambda: None)
 
 
 @pytest.fixture(scope="session")
 def runc(busybox_rootfs) -> Iterator[Runc]:
     """runc with a private state root and busybox bundles."""
-    base = _runtime_dir("runc")
-    runtime = None
-    try:
-        runtime = Runc(base, busybox_rootfs[0])
+    with _started("runc", lambda base: Runc(base, busybox_rootfs[0])) as runtime:
         yield runtime
-    finally:
-        _teardown(base, runtime.close if runtime else lambda: None)
 
 
 @pytest.fixture(scope="session")
 def crun(busybox_rootfs) -> Iterator[Crun]:
     """crun with a private state root and busybox bundles. On a hybrid cgroup
     host, run its containers inside ``with crun_hybrid_workaround():``."""
-    base = _runtime_dir("crun")
-    runtime = None
-    try:
-        runtime = Crun(base, busybox_rootfs[0])
+    with _started("crun", lambda base: Crun(base, busybox_rootfs[0])) as runtime:
         yield runtime
-    finally:
-        _teardown(base, runtime.close if runtime else lambda: None)
