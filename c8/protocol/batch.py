@@ -4,8 +4,10 @@ Two forms:
 - *packed* (collectors -> broker, internal): a header map plus the array's raw
   little-endian buffer as one frame. The dtype travels as numpy's ``descr``.
 - *columnar* (broker -> clients): one msgpack map ``{"type": "batch",
-  "category", "n", "columns": {name: bytes}, "dtypes": {name: "<u8"}, ...}`` so a
-  client in any language decodes each column from its type string alone.
+  "category", "n", "columns": {name: bytes}, "dtypes": {name: "<u8"},
+  "widths": {name: 256}, ...}`` so a client in any language decodes each
+  column from its type string alone; string columns are cut to the batch's
+  longest value and ``widths`` gives the declared width to pad them back to.
 """
 
 from __future__ import annotations
@@ -57,15 +59,43 @@ def unpack(frames: list) -> tuple[dict, np.ndarray | None]:
 
 
 def columns(category: str, array: np.ndarray, **extra: Any) -> dict:
-    """A batch as a msgpack-able map: column name -> typed buffer, plus types."""
+    """A batch as a msgpack-able map: column name -> typed buffer, plus types.
+
+    Byte-string columns travel cut to the longest value of the batch (most of
+    a 256-byte path column is NUL padding): ``dtypes`` names the type on the
+    wire, ``widths`` the declared width a decoder pads them back to.
+    """
     cols = {}
     types = {}
+    widths = {}
     for name in array.dtype.names:
         col = np.ascontiguousarray(array[name])
+        types[name] = _format(array.dtype.fields[name][0])  # subarrays keep their shape
+        if col.dtype.kind == "S" and col.dtype.itemsize >= NARROW_MIN_WIDTH:
+            used = max(_used_width(col), 1)
+            if used < col.dtype.itemsize:
+                widths[name] = col.dtype.itemsize
+                col = col.astype(f"S{used}")
+                types[name] = col.dtype.str
         cols[name] = col.tobytes()
-        types[name] = col.dtype.str
     return {"type": "batch", "category": category, "n": len(array),
-            "columns": cols, "dtypes": types, **extra}
+            "columns": cols, "dtypes": types, "widths": widths, **extra}
+
+
+NARROW_MIN_WIDTH = 16  # narrower string columns are sent as they are
+
+
+def _used_width(col: np.ndarray) -> int:
+    """Bytes up to the last non-NUL byte of any value of a contiguous ``S`` column."""
+    n, w = len(col), col.dtype.itemsize
+    if n == 0:
+        return 0
+    if w % 8 == 0:  # OR the rows together 8 bytes at a time
+        seen = np.bitwise_or.reduce(col.view(np.uint64).reshape(n, w // 8), axis=0).view(np.uint8)
+    else:
+        seen = col.view(np.uint8).reshape(n, w).any(axis=0)
+    nz = np.flatnonzero(seen)
+    return int(nz[-1]) + 1 if len(nz) else 0
 
 
 def encode_columns(category: str, array: np.ndarray, **extra: Any) -> bytes:
@@ -74,10 +104,11 @@ def encode_columns(category: str, array: np.ndarray, **extra: Any) -> bytes:
 
 
 def decode_columns(msg: dict) -> np.ndarray:
-    """The structured array of a decoded columnar message."""
+    """The structured array of a decoded columnar message (strings padded back)."""
     names = list(msg["dtypes"])
-    dt = np.dtype([(n, msg["dtypes"][n]) for n in names])
+    widths = msg.get("widths") or {}
+    dt = np.dtype([(n, f"S{widths[n]}" if n in widths else msg["dtypes"][n]) for n in names])
     out = np.empty(msg["n"], dt)
     for n in names:
-        out[n] = np.frombuffer(msg["columns"][n], dtype=dt[n], count=msg["n"])
+        out[n] = np.frombuffer(msg["columns"][n], dtype=msg["dtypes"][n], count=msg["n"])
     return out
