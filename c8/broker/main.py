@@ -31,10 +31,11 @@ from c8.broker.publish import Publisher
 from c8.broker.subscriptions import Subscription, parse_spec
 from c8.protocol import batch as wire
 from c8.protocol import control, errors, paths
+from c8.schema import rows
 
 log = logging.getLogger("c8.broker")
 
-TICK_SECONDS = 0.005
+TICK_SECONDS = 0.01  # a release every 10 ms: per-window costs halve against 5 ms, latency +2.5 ms on average
 PLAN_REPUBLISH_SECONDS = 1.0
 MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
 EXIT_LIMITER = 78
@@ -301,7 +302,7 @@ class Broker:
         if proc is not None:
             extra = self.planner.track_processes(proc)
             if extra is not None and len(extra):
-                window["container"] = (np.concatenate([window["container"], extra])
+                window["container"] = (rows.concat([window["container"], extra])
                                        if "container" in window else extra)
                 self.merger.renumber(window)  # RUNNING/EXITED take their place in the sequence
         if "container" in window:  # metadata may have refined the cgroup's guess (runc -> crun)

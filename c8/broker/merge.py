@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from c8.schema import rows
+
 
 class Merger:
     def __init__(self, holdback_ns: int):
@@ -48,8 +50,8 @@ class Merger:
                     keep_bounds.append((tmin, tmax))
                 else:
                     r = part["sensor_monotime_nanos"] <= cutoff
-                    ready.append(part[r])
-                    rest = part[~r]
+                    ready.append(rows.take(part, r))
+                    rest = rows.take(part, ~r)
                     keep.append(rest)
                     keep_bounds.append((int(rest["sensor_monotime_nanos"].min()), tmax))
             if keep:
@@ -59,10 +61,10 @@ class Merger:
                 del self.pending[category], self._bounds[category]
             if not ready:
                 continue
-            batch = ready[0] if len(ready) == 1 else np.concatenate(ready)
+            batch = rows.concat(ready)
             t = batch["sensor_monotime_nanos"]
             if len(t) > 1 and not (t[1:] >= t[:-1]).all():  # one CPU's drain is already in order
-                batch = batch[np.argsort(t, kind="stable")]
+                batch = rows.take(batch, np.argsort(t, kind="stable"))
             self.late += int(np.count_nonzero(batch["sensor_monotime_nanos"] < self.released_until))
             out[category] = batch
         self._number(out)
@@ -75,7 +77,7 @@ class Merger:
         (container RUNNING/EXITED derived from its process events): same first
         number, still gap-free, each category re-sorted by time."""
         for c, batch in out.items():
-            out[c] = batch[np.argsort(batch["sensor_monotime_nanos"], kind="stable")]
+            out[c] = rows.take(batch, np.argsort(batch["sensor_monotime_nanos"], kind="stable"))
         self.next_seq = self.window_first
         self._number(out)
 

@@ -19,6 +19,7 @@ import zmq
 from c8 import schema
 from c8.broker import catalog
 from c8.protocol import batch as wire
+from c8.schema import rows
 
 log = logging.getLogger("c8.broker.publish")
 
@@ -104,7 +105,7 @@ class Publisher:
             cm = sub.container_mask(batch, table)
             if cm is not None:
                 mask = cm if mask is None else mask & cm
-            part = batch if mask is None or mask.all() else batch[mask]
+            part = batch if mask is None or mask.all() else rows.take(batch, mask)
             if len(part):
                 yield part
 

@@ -16,9 +16,12 @@ so filters and users still see the four named fields.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+from c8.schema import rows
 
 WIRE_VERSION = 1
 
@@ -206,7 +209,15 @@ def field_types(category: str) -> dict[str, str]:
 
 def empty(category: str, n: int) -> np.ndarray:
     """A batch of n events with every field zero, credentials -1."""
-    a = np.zeros(n, dtype(category))
+    a = np.empty(n, dtype(category))
+    rows.fill(a, _blank(category))
+    return a
+
+
+@functools.cache
+def _blank(category: str) -> np.ndarray:
+    a = np.zeros(1, dtype(category))
     for name in ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid"):
         a[name] = -1
+    a.flags.writeable = False
     return a

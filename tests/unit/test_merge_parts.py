@@ -54,3 +54,19 @@ def test_part_entirely_in_the_future_is_kept_whole():
     w = m.release(125)
     assert w["file"]["sensor_monotime_nanos"].tolist() == [100, 110]
     assert m.pending["file"][0]["sensor_monotime_nanos"].tolist() == [120]
+
+
+def test_row_helpers_match_numpy():
+    from c8 import schema
+    from c8.schema import rows
+
+    a = schema.empty("file", 5)
+    a["sensor_monotime_nanos"] = [5, 3, 4, 1, 2]
+    a["path"] = [b"/a", b"/b", b"/c", b"/d", b"/e"]
+    order = np.argsort(a["sensor_monotime_nanos"])
+    assert rows.take(a, order).tobytes() == a[order].tobytes()
+    mask = a["sensor_monotime_nanos"] > 2
+    assert rows.take(a, mask).tobytes() == a[mask].tobytes()
+    assert rows.concat([a, a[:2]]).tobytes() == np.concatenate([a, a[:2]]).tobytes()
+    assert rows.concat([a[:1], a[1:]]).dtype == a.dtype
+    assert (schema.empty("file", 3)["uid"] == -1).all() and (schema.empty("file", 3)["process_pid"] == 0).all()
