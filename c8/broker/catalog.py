@@ -16,6 +16,7 @@ import numpy as np
 
 from c8 import schema
 from c8.broker import paths, sockaddr
+from c8.schema import rows
 
 CLONE_THREAD = 0x00010000
 
@@ -42,11 +43,11 @@ FILE_KIND_BY_NR = {
     **{NR[n]: "SYMLINK" for n in ("symlink", "symlinkat")},
 }
 
-NET_KIND_BY_NR = {
-    NR["connect"]: "CONNECT", NR["bind"]: "BIND", NR["listen"]: "LISTEN",
-    NR["accept"]: "ACCEPT", NR["accept4"]: "ACCEPT",
-    NR["sendto"]: "SENDTO", NR["sendmsg"]: "SENDTO", NR["sendmmsg"]: "SENDTO",
-    NR["recvfrom"]: "RECVFROM", NR["recvmsg"]: "RECVFROM", NR["recvmmsg"]: "RECVFROM",
+NET_KIND_BY_NR = {  # the ATTEMPT kind of each call; its RESULT is the next kind code
+    NR["connect"]: "CONNECT_ATTEMPT", NR["bind"]: "BIND_ATTEMPT", NR["listen"]: "LISTEN_ATTEMPT",
+    NR["accept"]: "ACCEPT_ATTEMPT", NR["accept4"]: "ACCEPT_ATTEMPT",
+    NR["sendto"]: "SENDTO_ATTEMPT", NR["sendmsg"]: "SENDTO_ATTEMPT", NR["sendmmsg"]: "SENDTO_ATTEMPT",
+    NR["recvfrom"]: "RECVFROM_ATTEMPT", NR["recvmsg"]: "RECVFROM_ATTEMPT", NR["recvmmsg"]: "RECVFROM_ATTEMPT",
 }
 
 Built = list[tuple[str, np.ndarray]]
@@ -166,16 +167,35 @@ def build_open(raw: np.ndarray) -> Built:
     return [("file", out)]
 
 
-def _kinds_by_nr(nrs: np.ndarray, table: dict[int, str], category: str) -> np.ndarray:
-    kinds = np.zeros(len(nrs), np.uint8)
+def _kind_table(table: dict[int, str], category: str) -> np.ndarray:
+    """syscall number -> kind code (0: not this category's), as an array to index."""
+    lut = np.zeros(max(table) + 1, np.uint8)
     for nr, name in table.items():
-        kinds[nrs == nr] = schema.kind_code(category, name)
-    return kinds
+        lut[nr] = schema.kind_code(category, name)
+    return lut
+
+
+FILE_KINDS = _kind_table(FILE_KIND_BY_NR, "file")
+NET_KINDS = _kind_table(NET_KIND_BY_NR, "network")
+
+
+def _kinds_by_nr(nrs: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    nrs = nrs.astype(np.int64)
+    known = (nrs >= 0) & (nrs < len(lut))
+    return np.where(known, lut[np.where(known, nrs, 0)], 0).astype(np.uint8)
+
+
+def _only_known(raw: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The records whose syscall has a kind here (usually all of them)."""
+    known = kinds != 0
+    if known.all():
+        return raw, kinds
+    return rows.take(raw, known), kinds[known]
 
 
 def build_file1(raw: np.ndarray) -> Built:
-    kinds = _kinds_by_nr(raw["nr"], FILE_KIND_BY_NR, "file")
-    raw, kinds = raw[kinds != 0], kinds[kinds != 0]
+    kinds = _kinds_by_nr(raw["nr"], FILE_KINDS)
+    raw, kinds = _only_known(raw, kinds)
     out = base("file", raw, kinds)
     out["filename"] = raw["filename"]
     out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"])
@@ -188,8 +208,8 @@ def build_file1(raw: np.ndarray) -> Built:
 
 
 def build_file2(raw: np.ndarray) -> Built:
-    kinds = _kinds_by_nr(raw["nr"], FILE_KIND_BY_NR, "file")
-    raw, kinds = raw[kinds != 0], kinds[kinds != 0]
+    kinds = _kinds_by_nr(raw["nr"], FILE_KINDS)
+    raw, kinds = _only_known(raw, kinds)
     out = base("file", raw, kinds)
     out["oldname"] = raw["oldname"]
     out["newname"] = raw["newname"]
@@ -203,10 +223,8 @@ def build_file2(raw: np.ndarray) -> Built:
 # -- network -------------------------------------------------------------------
 def build_sock(raw: np.ndarray) -> Built:
     """One record per call: an ATTEMPT (at enter time) and a RESULT (at exit)."""
-    op = np.zeros(len(raw), np.uint8)
-    for nr, name in NET_KIND_BY_NR.items():
-        op[raw["nr"] == nr] = schema.kind_code("network", name + "_ATTEMPT")
-    raw, op = raw[op != 0], op[op != 0]
+    op = _kinds_by_nr(raw["nr"], NET_KINDS)
+    raw, op = _only_known(raw, op)
     attempt = base("network", raw, op)
     # The record is written at exit; the attempt is stamped just before its result.
     attempt["sensor_monotime_nanos"] = raw["time"] - 1
@@ -218,12 +236,12 @@ def build_sock(raw: np.ndarray) -> Built:
     attempt["address"] = addr
     attempt["port"] = port
     attempt["port_raw"] = port_raw
-    result = attempt.copy()
+    result = rows.copy(attempt)
     result["kind"] = op + 1  # *_RESULT follows its *_ATTEMPT in KINDS
     result["sensor_monotime_nanos"] = raw["time"]
     result["ret"] = raw["ret"]
     # accept and recv* learn the peer only when they return: their ATTEMPT carries no address
-    acc = np.isin(raw["nr"], [NR[n] for n in ("accept", "accept4", "recvfrom", "recvmsg", "recvmmsg")])
+    acc = (op == schema.kind_code("network", "ACCEPT_ATTEMPT")) | (op == schema.kind_code("network", "RECVFROM_ATTEMPT"))
     attempt["address"][acc] = b""
     attempt["port"][acc] = 0
     attempt["port_raw"][acc] = 0

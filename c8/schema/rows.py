@@ -29,6 +29,11 @@ def take(arr: np.ndarray, index: np.ndarray) -> np.ndarray:
     return _opaque(arr)[index].view(arr.dtype)
 
 
+def copy(arr: np.ndarray) -> np.ndarray:
+    """``arr.copy()``."""
+    return _opaque(arr).copy().view(arr.dtype)
+
+
 def fill(arr: np.ndarray, row: np.ndarray) -> None:
     """Set every row of ``arr`` to ``row`` (a one-row batch of the same dtype)."""
     _opaque(arr)[:] = _opaque(row)[0]
