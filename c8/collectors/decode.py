@@ -134,6 +134,9 @@ class Decoder:
         self._tp: dict[int, _Tracepoint] = {}
         self._bpf_ids: set[int] = set()
         self.unknown = 0        # samples of ids we do not know (closed events)
+        # sample id -> [since, until) sample times it owns: a source handed over from
+        # one perf event to its replacement is read once, from one or the other
+        self._windows: dict[int, tuple[int, int]] = {}
         self.unknown_bpf = 0    # eBPF records of unregistered tags
 
     def add_tracepoint(self, sample_id: int, fmt: EventFormat, source: str | None = None) -> None:
@@ -152,9 +155,14 @@ class Decoder:
         """Samples of ``sample_id`` are eBPF records (tag first)."""
         self._bpf_ids.add(int(sample_id))
 
+    def limit(self, sample_id: int, since: int = 0, until: int = 2**64 - 1) -> None:
+        """Keep only samples of ``sample_id`` stamped in [since, until)."""
+        self._windows[int(sample_id)] = (since, until)
+
     def remove(self, sample_id: int) -> None:
         self._tp.pop(int(sample_id), None)
         self._bpf_ids.discard(int(sample_id))
+        self._windows.pop(int(sample_id), None)
 
     def sources(self) -> dict[int, str]:
         return {i: t.source for i, t in self._tp.items()}
@@ -173,6 +181,10 @@ class Decoder:
         uniq = np.unique(ids)
         for sid in uniq.tolist():
             pos = samples[ids == sid] if len(uniq) > 1 else samples
+            window = self._windows.get(sid)
+            if window is not None:
+                t = u64[(pos >> 3) + 3]
+                pos = pos[(t >= np.uint64(window[0])) & (t < np.uint64(window[1]))]
             tp = self._tp.get(sid)
             if tp is not None:
                 out.append((tp.source, self._decode_tp(buf, u64, pos, tp)))

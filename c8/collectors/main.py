@@ -150,11 +150,15 @@ class Collector:
         if wanted or plan.get("bpf"):
             self._ensure_ring()
         for name, flt in wanted.items():
-            src = self.sources.get(name)
-            if src is not None and src.filter != flt:
-                self._close(name)  # the kernel sets a filter once: reopen to change it
-            if name not in self.sources:
-                self._open(name, flt)
+            old = self.sources.get(name)
+            if old is not None and old.filter == flt:
+                continue
+            new = self._open(name, flt)
+            if new is None:
+                continue  # the error is reported; a running source keeps running
+            if old is not None:
+                self._hand_over(old, new)  # the kernel sets a filter once: a new event replaces it
+            self.sources[name] = new
         owner = plan.get("bpf_owner")
         if self.cpu != 0 and owner != self.bpf_owner:
             # cpu0's collector restarted with new maps: plug this ring into them
@@ -169,20 +173,21 @@ class Collector:
             self._set_enabled(src, self.state.enabled)
         self._release_ring()
 
-    def _open(self, name: str, flt: str | None) -> None:
+    def _open(self, name: str, flt: str | None) -> Source | None:
+        """A new (disabled) perf event of tracepoint ``name`` in the ring, or None on error."""
         try:
             fmt = tracefs.read_format(name, self.tracefs)
             fd = perf.open_tracepoint(fmt.id, self.cpu, name, wakeup_watermark=self.watermark_bytes)
         except (OSError, ValueError) as exc:
             self._error(name, str(exc))
-            return
+            return None
         try:
             perf.set_output(fd, self.ring_fd, name)
             sid = perf.event_id(fd, name)
         except OSError as exc:
             os.close(fd)
             self._error(name, str(exc))
-            return
+            return None
         src = Source(name, fd, sid, flt)
         if flt:
             try:
@@ -191,11 +196,24 @@ class Collector:
                 src.filter_error = exc.strerror or str(exc)
                 log(f"{name}: kernel refused filter {flt!r}: {exc}; running unfiltered")
         self.decoder.add_tracepoint(sid, fmt, name)
-        self.sources[name] = src
         self.state.errors.pop(name, None)
+        return src
+
+    def _hand_over(self, old: Source, new: Source) -> None:
+        """Replace a running event without a gap: the new one starts before the old
+        one stops, and each sample time is read from exactly one of them."""
+        if self.state.enabled and old.enabled:
+            self._set_enabled(new, True)
+            switch = perf.monotonic_ns()  # new records everything from here on
+            self.decoder.limit(old.sample_id, until=switch)
+            self.decoder.limit(new.sample_id, since=switch)
+        self._close_source(old)
 
     def _close(self, name: str) -> None:
-        src = self.sources.pop(name)
+        self._close_source(self.sources.pop(name))
+
+    def _close_source(self, src: Source) -> None:
+        name = src.name
         try:
             perf.disable(src.fd, name)
         except OSError as exc:

@@ -35,6 +35,8 @@ int main(int argc, char **argv) {
             snprintf(path, sizeof path, "%s%ld", argv[5], i);
             int fd = open(path, O_RDONLY | O_CREAT, 0600); if (fd >= 0) close(fd);
         }
+    } else if (argv[1][0] == 'p') {      /* paced: getsid matches 1 ms apart */
+        for (long i = 0; i < matches; i++) { syscall(SYS_getsid, 0); usleep(1000); }
     } else {                             /* syscalls: getppid noise, getsid matches */
         for (long i = 0; i < storm; i++) syscall(SYS_getppid);
         for (long i = 0; i < matches; i++) syscall(SYS_getsid, 0);
@@ -128,3 +130,31 @@ def test_syscall_id_filter_is_set_on_the_tracepoint(shared_sensor, workload):
     # the storm's 100k getppid calls never reached a ring: only getsid calls did (getsid,
     # not getpid: libzmq calls getpid on every send, so the sensors here make thousands)
     assert MATCHES <= after - before < STORM // 10, (before, after)
+
+
+def test_another_subscriber_changing_the_filter_loses_nothing(shared_sensor, workload):
+    """Subscriptions coming and going change a tracepoint's kernel filter, which
+    the kernel sets once per perf event: the collectors replace the event. A
+    subscriber already running sees every event exactly once meanwhile."""
+    n = 1500
+    spec = {"events": {"syscall": {"kinds": ["ENTER"], "filter": "id == 124"}}}
+    other = {"events": {"syscall": {"kinds": ["ENTER"], "filter": "id == 124 and process_pid == 1"}}}
+    with shared_sensor.client.subscribe(spec, queue=100000) as sub:
+        child = subprocess.Popen([workload, "paced", "0", str(n)])
+        changes = 0
+        while child.poll() is None and changes < 8:
+            with shared_sensor.client.subscribe(other) as joined:  # the filter changes
+                time.sleep(0.1)
+                shared_sensor.client.unsubscribe(joined.id)  # and changes back
+            changes += 2
+            time.sleep(0.1)
+        child.wait()
+        mine = []
+        for ev in sub.events(timeout=10, idle=3):
+            if ev["type"] == "syscall" and ev["process_pid"] == child.pid:
+                mine.append(ev)
+                if len(mine) >= n + 10:
+                    break
+    assert changes >= 4  # the filter changed while the child ran
+    assert len(mine) == n, f"{len(mine)} of {n} getsid calls, lost {sub.lost}"
+    assert len({e["sensor_monotime_nanos"] for e in mine}) == n  # none read twice
