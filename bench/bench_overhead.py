@@ -54,6 +54,9 @@ def run(quick: bool = False) -> dict:
                     with_c8.append(w.run()[1])
                     cpu_c8.append(sensor.cpu_seconds() - cpu0)
                     events_c8 += counter.settle(quiet=1.0)
+                # perf record next: c8's programs and events must be gone, or
+                # the anchor runs with c8 still collecting
+                sensor.wait_idle()
                 w = c.Workload("mixed", *args, path)
                 with c.PerfRecord(PERF_EVENTS) as pr:
                     with_perf.append(w.run()[1])

@@ -196,6 +196,19 @@ class BenchSensor(Sensor):
         finally:
             self._tmp.cleanup()
 
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no source is planned and every collector runs that plan: nothing of
+        c8's is attached to the kernel (a run of another tool comes next)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            plan = st.get("plan") or {}
+            if not (plan.get("tracepoints") or plan.get("bpf") or plan.get("probes")) and all(
+                    c.get("generation") == plan.get("generation") for c in st.get("collectors", {}).values()):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the sensor still collects after its subscriptions ended")
+
     def tree(self) -> dict[int, str]:
         """pid -> name of the supervisor and every descendant."""
         pids = {self.proc.pid: "supervisor"}
@@ -325,6 +338,10 @@ class Counter:
                     if self._stop.is_set():
                         break
             self.lost = dict(sub.lost)
+            try:  # end it at the broker now: a closed socket is noticed only at its next send
+                Client(self.run_dir, timeout=10).unsubscribe(sub.id)
+            except Exception:
+                pass
         self.cpu = time.thread_time() - t0
 
     def settle(self, quiet: float = 1.5, timeout: float = 120.0, broker: bool = False) -> int:

@@ -101,27 +101,40 @@ def report(results: dict[str, dict], m: dict, quick: bool, total: float) -> str:
             + FINDINGS)
 
 
-# Findings from profiles (py-spy on the broker and collectors, 2026-11-23); kept
-# with the table because the figures alone do not say what holds a goal back.
+# Findings from measurements (per-phase thread_time in the broker, SIGSTOP and
+# taskset decompositions, 2026-11-29); kept with the table because the figures
+# alone do not say where the cost is.
 FINDINGS = """
-## What holds back the goals not met (measured)
+## Where the remaining cost is (measured)
 
-- Overhead (goal: c8 slowdown <= 1.2x perf record's; measured 1.3x-2x, noisy on
-  this shared 2-core VM): not the kernel side. The same sensor with the eBPF and
-  tracepoint sources attached but every event dropped in the kernel (file
-  subscription with a glob pushed down) ran the workload at bare speed (0.638 s
-  vs 0.736 s bare, 0.900 s fully subscribed, medians of 5). The cost is the
-  sensor's user-space CPU competing with the workload for the 2 cores: ~0.5-0.9
-  CPU s per 1.2 s run, against ~0.01 s for perf record (which only copies rings
-  to a file). py-spy of the broker during the workload: 21% in zmq send and 10%
-  msgpack of the subscriber payloads (file events are 1387 bytes, process 1933
-  bytes per row on the wire: fixed-width S256 strings), then the merge
-  concatenation, ProcessTable.fill and batch building. Closing it needs a
-  narrower wire (variable-length string columns) in c8.protocol.batch.
-- Storm tracer CPU (no goal): ~1.2 CPU s per million events for the tree
-  against 0.07-0.35 for perf record; delivery itself is >= 99.8% of perf's.
-- Latency at 100k/s: p99 grows past 50 ms in some runs when the broker falls
-  behind (same CPU cost as above); 1k and 10k/s stay under 40 ms.
+- Overhead (goal: c8's slowdown <= 1.2x perf record's): met, 1.11-1.12 in
+  the runs after 2026-11-29's fixes. Until then the anchor was wrong both
+  ways: c8's eBPF programs returned 0, which hides a tracepoint's events from
+  every other perf event on it, so a `perf record` run right after a c8 one
+  (whose subscription the broker had not yet dropped) captured almost no
+  openat samples while c8 still collected. Programs now return 1, and the
+  benchmark ends c8's subscription and waits until nothing of c8's is
+  attached before perf record runs. Decomposed on the open-heavy part of the
+  workload (medians of 7, slowdown against bare): sensor attached with every
+  process SIGSTOPped (kernel side only: tracepoints, eBPF, ring writes)
+  1.85; perf record 1.79; c8 running 2.01. The kernel side costs about what
+  perf record does in all; the rest is the sensor's user-space work.
+- That user-space work, in steady state under the mixed workload (CPU time
+  per event delivered): broker 2.6 us, each collector 0.8 us, the subscriber
+  0.55 us. Measured per broker phase with thread_time (py-spy's wall-clock
+  samples blamed zmq send, which is 2% of the CPU): building rows from raw
+  records 30%, merging and sorting 18%, encoding for the subscriber 16%,
+  process tracking and fill 17%.
+- Done on 2026-11-29 (broker 4.0 -> 2.6 us per event): copied sends instead of
+  zero-copy (each zero-copy send woke pyzmq's garbage-collector thread: 12%
+  of the broker); whole-row copies as opaque bytes (c8.schema.rows: numpy
+  copies structured rows field by field, 4-6x a memcpy); a release every
+  10 ms instead of 5; string columns cut to the batch's longest value on the
+  wire; syscall kinds by lookup table.
+- Next: rows are wide inside the broker (file 1387 bytes, process 1933, five
+  256-byte string columns, mostly NUL): variable-length string storage from
+  the build on, and per-subscription column projection.
+- Storm: the tree spends 1.2x perf record's CPU per event; it delivers as much.
 """
 
 

@@ -490,3 +490,30 @@ def test_btf_offsets_of_the_running_kernel():
     pid = btf.member_offset("task_struct", "pid")
     assert btf.member_offset("task_struct", "tgid") == pid + 4
     assert btf.member_offset("task_struct", "real_parent") > pid
+
+
+def test_other_tools_still_see_the_tracepoints(manager):
+    """With the programs attached, a perf event of another tool on the same
+    tracepoint still counts every call: the programs return non-zero, which lets
+    the kernel go on to the tracepoint's perf events (zero would hide the event
+    from perf record, perf stat and other tracers while c8 runs)."""
+    from c8.collectors import perf, tracefs
+
+    for tp, call in (("syscalls:sys_enter_openat", lambda: os.close(os.open("/dev/null", os.O_RDONLY))),
+                     ("syscalls:sys_exit_openat", lambda: os.close(os.open("/dev/null", os.O_RDONLY))),
+                     ("syscalls:sys_enter_connect", lambda: socket.socket().connect_ex(("127.0.0.1", 9)))):
+        attr = perf.PerfEventAttr()
+        attr.type = perf.PERF_TYPE_TRACEPOINT
+        attr.size = ctypes.sizeof(perf.PerfEventAttr)
+        attr.config = tracefs.event_id(tp)
+        attr.flags = perf.FLAG_DISABLED
+        fd = perf.perf_event_open(attr, 0, -1, tp)  # this process, any CPU: like `perf stat`
+        try:
+            perf.enable(fd, tp)
+            for _ in range(100):
+                call()
+            perf.disable(fd, tp)
+            count = struct.unpack("<Q", os.read(fd, 8))[0]
+        finally:
+            os.close(fd)
+        assert count >= 100, (tp, count)

@@ -63,6 +63,10 @@ AT_FDCWD = rec.AT_FDCWD
 O_CREAT_WRONLY_TRUNC = 0o1101
 AT_SYMLINK_NOFOLLOW = 0x100
 MAX_ARGS = 64
+# What a tracepoint program returns: non-zero lets the kernel go on to the perf
+# events of the tracepoint. Zero would hide the event from every other tool
+# (perf record, another tracer) tracing the same tracepoint while c8 runs.
+KEEP_EVENT = 1
 
 KEY0, PID_TGID, TGID, TMP = -8, -16, -24, -48
 
@@ -402,7 +406,7 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     p.call(MAP_UPDATE_ELEM)
     p.label(drop)
     p.label(out)
-    p.movi(R0, 0).exit()
+    p.movi(R0, KEEP_EVENT).exit()
     return p
 
 
@@ -442,7 +446,7 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     p.label("delete")
     p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).call(MAP_DELETE_ELEM)
     p.label("out")
-    p.movi(R0, 0).exit()
+    p.movi(R0, KEEP_EVENT).exit()
     return p
 
 
@@ -464,7 +468,7 @@ def sched_exit_program(maps: MapFds, exit_code_offset: int, group_dead_offset: i
     p.mov(R1, R8).addi(R1, rec.offset(dt, "exit_code")).movi(R2, 4).call(PROBE_READ_KERNEL)
     _output(p, maps.perf, dt.itemsize)
     p.label("out")
-    p.movi(R0, 0).exit()
+    p.movi(R0, KEEP_EVENT).exit()
     return p
 
 
