@@ -338,10 +338,6 @@ class Counter:
                     if self._stop.is_set():
                         break
             self.lost = dict(sub.lost)
-            try:  # end it at the broker now: a closed socket is noticed only at its next send
-                Client(self.run_dir, timeout=10).unsubscribe(sub.id)
-            except Exception:
-                pass
         self.cpu = time.thread_time() - t0
 
     def settle(self, quiet: float = 1.5, timeout: float = 120.0, broker: bool = False) -> int:

@@ -130,6 +130,7 @@ def _await_reply(sock: zmq.Socket, rid: Any, timeout: float) -> dict:
         return msg
 
 
+UNSUBSCRIBE_LINGER_MS = 200  # how long close() lets the unsubscribe request leave
 BROKER_SILENCE = 3.0  # the broker ticks every second; this much silence means it restarted
 
 
@@ -158,8 +159,19 @@ class Subscription:
         self.close()
 
     def close(self) -> None:
-        if not self.sock.closed:
-            self.sock.close()
+        """End the subscription at the broker now, then close the connection.
+
+        The broker would notice a closed connection only at its next send to
+        it (up to a second): meanwhile it would go on collecting for nobody.
+        """
+        if self.sock.closed:
+            return
+        if self.ended is None:
+            try:
+                self.sock.send(control.request("unsubscribe", {"subscription": self.id}, "close"), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.sock.close(linger=UNSUBSCRIBE_LINGER_MS)
 
     def messages(self, timeout: float | None = None) -> Iterator[dict]:
         """Raw decoded messages; stops at the end of the subscription or after

@@ -417,3 +417,15 @@ def test_unauthorized_tcp_clients_get_nothing(scale_sensor, keys, who):
     assert {s["subscription"] for s in scale_sensor.status()["subscriptions"]} <= known
     assert tcp_client(scale_sensor, keys, "client").status()["sensor_id"]
     assert {c["name"]: c["pid"] for c in scale_sensor.children()} == before
+
+
+def test_closing_a_subscription_ends_it_at_once(scale_sensor):
+    """close() unsubscribes: the broker stops collecting for it straight away,
+    not at its next send to the closed connection (up to a second later)."""
+    sub = scale_sensor.client.subscribe({"events": {"file": {"filter": 'filename like "/c8-close-test/*"'}}})
+    assert any(s["subscription"] == sub.id for s in scale_sensor.client.subscriptions())
+    sub.close()
+    t0 = time.monotonic()
+    wait_for(lambda: all(s["subscription"] != sub.id for s in scale_sensor.client.subscriptions()), 0.5,
+             what="the closed subscription to end")
+    assert time.monotonic() - t0 < 0.5
