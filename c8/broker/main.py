@@ -199,7 +199,13 @@ class Broker:
             self.counts["received"] += len(raw)
             if self.dormant:
                 return
-            self._build(header["source"], raw)
+            try:
+                self._build(header["source"], raw)
+            except Exception:  # a builder bug must not lose events silently
+                log.exception("building %d events of %s failed; they are reported lost",
+                              len(raw), header.get("source"))
+                self._lost("broker", int(header.get("cpu", -1)), len(raw),
+                           int(header.get("watermark") or time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
         elif kind == "lost":
             self._lost(str(header.get("source", "kernel")), int(header.get("cpu", -1)), int(header["count"]),
                        int(header.get("time") or time.clock_gettime_ns(time.CLOCK_MONOTONIC)))

@@ -131,3 +131,18 @@ def test_process_table_identity(tmp_path):
     pt.fill(b)
     assert b["process_id"].tolist() == [me.process_id, b""]
     assert b["uid"][0] == os.getuid()
+
+
+def test_a_batch_that_fails_to_build_is_reported_lost(tmp_path):
+    from c8.broker.main import Broker
+    from c8.protocol import batch as wire
+
+    b = Broker({"run_dir": str(tmp_path), "sensor_id_file": str(tmp_path / "id")})
+    # a bpf:sock batch without its record fields: the builder raises
+    raw = np.zeros(7, [("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4"), ("nr", "<i4")])
+    raw["pid"] = 999_999
+    frames = [bytes(f) for f in wire.pack({"kind": "samples", "cpu": 1, "source": "bpf:sock", "watermark": 5}, raw)]
+    b._ingest(frames)
+    lost = b.merger.release(0, flush=True)["lost"]
+    assert lost["count"].tolist() == [7] and lost["source"].tolist() == [b"broker"]
+    assert b.counts["lost_broker"] == 7
