@@ -172,7 +172,9 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("exit_signal", "i4", "EXITED: terminating signal", "derived"),
     ),
     "lost": (
-        Field("source", "S16", "where events were lost: kernel, broker or subscriber", "collector/broker"),
+        Field("source", "S16", "where events were lost: kernel (ring full), collector (broker not reading), "
+                       "broker (a batch it could not build), subscriber (its queue full), rate_cap",
+              "collector/broker"),
         Field("count", "u8", "number of events lost", "PERF_RECORD_LOST or counters"),
     ),
     "limiter": (
