@@ -168,7 +168,8 @@ def build_open(raw: np.ndarray) -> Built:
 
 
 def _kind_table(table: dict[int, str], category: str) -> np.ndarray:
-    """syscall number -> kind code (0: not this category's), as an array to index."""
+    """syscall number -> kind code (0: not this category's), as an array to index.
+    Entry 0 (read) is in no table: out-of-range numbers are looked up there."""
     lut = np.zeros(max(table) + 1, np.uint8)
     for nr, name in table.items():
         lut[nr] = schema.kind_code(category, name)
@@ -181,8 +182,7 @@ NET_KINDS = _kind_table(NET_KIND_BY_NR, "network")
 
 def _kinds_by_nr(nrs: np.ndarray, lut: np.ndarray) -> np.ndarray:
     nrs = nrs.astype(np.int64)
-    known = (nrs >= 0) & (nrs < len(lut))
-    return np.where(known, lut[np.where(known, nrs, 0)], 0).astype(np.uint8)
+    return lut[np.where((nrs >= 0) & (nrs < len(lut)), nrs, 0)]
 
 
 def _only_known(raw: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

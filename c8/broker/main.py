@@ -85,7 +85,6 @@ class Broker:
         self.watermarks: dict[int, tuple[int, float]] = {}  # cpu -> (read up to ns, when told)
         self.counts = {"received": 0, "published": 0, "lost_kernel": 0, "bad_messages": 0}
         self.own_pids: set[int] = {os.getpid(), os.getppid()}
-        self._own_sorted = np.array(sorted(self.own_pids), np.int32)
         self.running = True
         self.exit_status = 0
         self.limiter = self._make_limiter()
@@ -217,12 +216,12 @@ class Broker:
 
     def _build(self, source: str, raw: np.ndarray) -> None:
         # The sensor never reports itself; dropped before numbering keeps the sequence gap-free.
+        own_sorted = np.sort(np.fromiter(self.own_pids, np.int32))
         pids = raw["pid"]
-        own_sorted = self._own_sorted
         at = np.searchsorted(own_sorted, pids).clip(max=len(own_sorted) - 1)
         own = own_sorted[at] == pids  # membership without np.isin's per-call set-up
         if own.any():
-            raw = raw[~own]
+            raw = rows.take(raw, ~own)
             if not len(raw):
                 return
         if source == "sched:sched_process_exec" and "exec" not in self.planner.failed_bpf:
@@ -456,7 +455,6 @@ class Broker:
             pids.add(int(sup["pid"]))
         if pids != self.own_pids:
             self.own_pids = pids
-            self._own_sorted = np.array(sorted(pids), np.int32)
             self.planner.update()
 
     def _limiter_poll(self) -> None:

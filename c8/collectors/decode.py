@@ -156,8 +156,12 @@ class Decoder:
         self._bpf_ids.add(int(sample_id))
 
     def limit(self, sample_id: int, since: int = 0, until: int = 2**64 - 1) -> None:
-        """Keep only samples of ``sample_id`` stamped in [since, until)."""
+        """Keep only samples of ``sample_id`` stamped in [since, until), until
+        :meth:`clear_limits` (after the read that follows a hand-over)."""
         self._windows[int(sample_id)] = (since, until)
+
+    def clear_limits(self) -> None:
+        self._windows.clear()
 
     def remove(self, sample_id: int) -> None:
         self._tp.pop(int(sample_id), None)

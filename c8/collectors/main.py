@@ -353,10 +353,13 @@ class Collector:
         return total
 
     def _forget_closed(self) -> None:
+        """After a ring read: records of closed events are all read, and so are
+        the overlapping ones of a hand-over (both events ran before it)."""
         while self._closed_ids:
             sid = self._closed_ids.pop()
             if sid not in {s.sample_id for s in self.sources.values()}:
                 self.decoder.remove(sid)
+        self.decoder.clear_limits()
 
     def stats(self) -> dict:
         return {"kind": "stats", "cpu": self.cpu, "pid": os.getpid(),

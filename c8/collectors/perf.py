@@ -143,15 +143,16 @@ def open_tracepoint(tp_id: int, cpu: int, name: str, wakeup_events: int = 1,
                                      wakeup_watermark), -1, cpu, name)
 
 
-def open_bpf_attach(tp_id: int, cpu: int, name: str) -> int:
-    """A disabled, counting (never sampling) tracepoint event to attach an eBPF
-    program to: it writes no sample anywhere, and costs a counter increment."""
+def open_counter(tp_id: int, cpu: int, name: str, pid: int = -1) -> int:
+    """A disabled, counting (never sampling) tracepoint event, read with os.read:
+    what an eBPF program attaches to (it writes no sample anywhere and costs a
+    counter increment), and what ``perf stat`` opens."""
     attr = PerfEventAttr()
     attr.type = PERF_TYPE_TRACEPOINT
     attr.size = ctypes.sizeof(PerfEventAttr)
     attr.config = tp_id
     attr.flags = FLAG_DISABLED
-    return perf_event_open(attr, -1, cpu, name)
+    return perf_event_open(attr, pid, cpu, name)
 
 
 def open_bpf_output(cpu: int, wakeup_events: int = 1, wakeup_watermark: int = 0) -> int:

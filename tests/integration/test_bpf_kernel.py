@@ -502,12 +502,7 @@ def test_other_tools_still_see_the_tracepoints(manager):
     for tp, call in (("syscalls:sys_enter_openat", lambda: os.close(os.open("/dev/null", os.O_RDONLY))),
                      ("syscalls:sys_exit_openat", lambda: os.close(os.open("/dev/null", os.O_RDONLY))),
                      ("syscalls:sys_enter_connect", lambda: socket.socket().connect_ex(("127.0.0.1", 9)))):
-        attr = perf.PerfEventAttr()
-        attr.type = perf.PERF_TYPE_TRACEPOINT
-        attr.size = ctypes.sizeof(perf.PerfEventAttr)
-        attr.config = tracefs.event_id(tp)
-        attr.flags = perf.FLAG_DISABLED
-        fd = perf.perf_event_open(attr, 0, -1, tp)  # this process, any CPU: like `perf stat`
+        fd = perf.open_counter(tracefs.event_id(tp), -1, tp, pid=0)  # this process, any CPU: like `perf stat`
         try:
             perf.enable(fd, tp)
             for _ in range(100):

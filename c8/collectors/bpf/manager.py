@@ -170,7 +170,7 @@ class BpfManager:
         except sc.VerifierError as exc:
             raise FamilyError(f"program {prog.name} ({tracepoint}): {exc}") from exc
         fam.progs.append(prog_fd)
-        ev = perf.open_bpf_attach(tracefs.event_id(tracepoint), self.attach_cpu, tracepoint)
+        ev = perf.open_counter(tracefs.event_id(tracepoint), self.attach_cpu, tracepoint)
         fam.events.append(ev)
         perf.set_bpf(ev, prog_fd, tracepoint)
         perf.enable(ev, tracepoint)
