@@ -108,7 +108,7 @@ FINDINGS = """
 ## Where the remaining cost is (measured)
 
 - Overhead (goal: c8's slowdown <= 1.2x perf record's): at the goal, not
-  clear of it: 1.11-1.21 over eight runs after 2026-11-29's fixes (1.3-2.0
+  clear of it: 1.11-1.21 over nine runs after 2026-11-29's fixes (1.3-2.0
   before). Until then the anchor was also wrong: c8's eBPF programs
   returned 0, which hides a tracepoint's events from every other perf event
   on it, so a `perf record` run right after a c8 one
@@ -121,12 +121,12 @@ FINDINGS = """
   1.85; perf record 1.79; c8 running 2.01. The kernel side costs about what
   perf record does in all; the rest is the sensor's user-space work.
 - That user-space work, in steady state under the mixed workload (CPU time
-  per event delivered): broker 2.6 us, each collector 0.8 us, the subscriber
-  0.55 us. Measured per broker phase with thread_time (py-spy's wall-clock
+  per event delivered): broker 2.6-3.1 us (it varies with the machine's
+  load from hour to hour), each collector 0.8-1.0 us, the subscriber 0.55-0.7 us. Measured per broker phase with thread_time (py-spy's wall-clock
   samples blamed zmq send, which is 2% of the CPU): building rows from raw
   records 30%, merging and sorting 18%, encoding for the subscriber 16%,
   process tracking and fill 17%.
-- Done on 2026-11-29 (broker 4.0 -> 2.6 us per event): copied sends instead of
+- Done on 2026-11-29 (broker 4.0 -> 2.6 us per event, same hour): copied sends instead of
   zero-copy (each zero-copy send woke pyzmq's garbage-collector thread: 12%
   of the broker); whole-row copies as opaque bytes (c8.schema.rows: numpy
   copies structured rows field by field, 4-6x a memcpy); a release every
