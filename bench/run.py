@@ -122,8 +122,9 @@ FINDINGS = """
   perf record does in all; the rest is the sensor's user-space work.
 - That user-space work, in steady state under the mixed workload (CPU time
   per event delivered): broker 2.6-3.1 us (it varies with the machine's
-  load from hour to hour), each collector 0.8-1.0 us, the subscriber 0.55-0.7 us. Measured per broker phase with thread_time (py-spy's wall-clock
-  samples blamed zmq send, which is 2% of the CPU): building rows from raw
+  load from hour to hour), each collector 0.8-1.0 us, the subscriber
+  0.55-0.7 us. Measured per broker phase with thread_time (py-spy's
+  wall-clock samples blamed zmq send, which is 2% of the CPU): building rows from raw
   records 30%, merging and sorting 18%, encoding for the subscriber 16%,
   process tracking and fill 17%.
 - Done on 2026-11-29 (broker 4.0 -> 2.6 us per event, same hour): copied sends instead of
