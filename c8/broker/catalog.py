@@ -290,17 +290,29 @@ PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit", "sched:sched_pro
 CGROUP_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir", "cgroup:cgroup_attach_task")
 
 
-def sources_for(category: str, kinds: set[str] | None = None) -> list[str]:
-    """The sources a subscription to a category needs (kinds narrow syscalls)."""
+# The sources of each kind, where a category's kinds come from different sources:
+# a subscription whose kinds (listed, or implied by its filter) miss a source
+# leaves that source out of the plan.
+KIND_SOURCES: dict[str, dict[str, str]] = {
+    "syscall": {"ENTER": "raw_syscalls:sys_enter", "EXIT": "raw_syscalls:sys_exit"},
+    "file": {"OPEN": "bpf:open", "CREATE": "bpf:file1", "DELETE": "bpf:file1",
+             "ATTRIBUTE_CHANGE": "bpf:file1", "RENAME": "bpf:file2", "LINK": "bpf:file2",
+             "SYMLINK": "bpf:file2"},
+}
+
+
+def sources_for(category: str, kinds: set[str] | frozenset[str] | None = None) -> list[str]:
+    """The sources a subscription to a category needs; ``kinds`` (None: all) narrow
+    the syscall and file sources. Process and cgroup sources feed the tables and
+    are never narrowed."""
+    by_kind = KIND_SOURCES.get(category)
+    if by_kind is not None:
+        wanted = by_kind if kinds is None else {k: s for k, s in by_kind.items() if k in kinds}
+        return list(dict.fromkeys(wanted.values()))
     if category == "process":
         return list(PROCESS_SOURCES)
-    if category == "syscall":
-        kinds = kinds or {"ENTER", "EXIT"}
-        return [s for k, s in (("ENTER", "raw_syscalls:sys_enter"), ("EXIT", "raw_syscalls:sys_exit")) if k in kinds]
-    if category == "file":
-        return ["bpf:open", "bpf:file1", "bpf:file2"]
     if category == "network":
-        return ["bpf:sock"]
+        return ["bpf:sock"] if kinds is None or kinds else []
     if category == "container":
         return list(CGROUP_SOURCES) + list(PROCESS_SOURCES)
     return []

@@ -38,83 +38,17 @@ class Planner:
     # -- computing the plan -----------------------------------------------------------------
     def update(self) -> None:
         subs = list(self.broker.subscriptions.values())
-        wanted: dict[str, list] = {}  # source -> expression nodes (None = everything)
-        probes: dict[str, str] = {}
-        for sub in subs:
-            for category, filters in sub.categories.items():
-                for cf in filters:
-                    if cf.probe is not None:
-                        d = cf.probe["definition"]
-                        probes[d.source] = {"definition": d.line}  # INTERNALS: plan "probes"
-                        wanted.setdefault(d.source, []).append(cf.node)
-                        continue
-                    for src in catalog.sources_for(category, cf.kinds):
-                        # process sources feed the tables: never filter them
-                        node = None if src in catalog.PROCESS_SOURCES else cf.node
-                        wanted.setdefault(src, []).append(node)
-        if subs:
-            # Process and cgroup sources keep the process and container tables, which
-            # stamp identity on every event: they run whenever anything is subscribed.
-            for src in catalog.PROCESS_SOURCES + catalog.CGROUP_SOURCES:
-                wanted.setdefault(src, []).append(None)
-        tracepoints: dict[str, dict] = {}
-        bpf: dict[str, dict] = {}
-        ignore = sorted(self.broker.own_pids)
-        pushdown = bool(self.broker.config.get("pushdown", True))  # false: broker filters alone
-        for src, nodes in wanted.items():
-            src = self._fallback(src)
-            source = catalog.SOURCES.get(src)
-            if src.startswith("bpf:"):
-                family = src[4:]
-                flt: dict = {"ignore_tgids": ignore}
-                if pushdown and source is not None and family in ("open", "file1", "file2"):
-                    bound = self._string_bound(nodes)
-                    if bound:
-                        flt.update(bound)
-                bpf[family] = {"filter": flt}
-            else:
-                fmap = source.kernel_fields if source else {}
-                kf = None
-                if pushdown and fmap and all(n is not None for n in nodes) and src not in self.filter_errors:
-                    try:
-                        kf = expr.kernel_filter_any(nodes, fmap)
-                    except Exception as exc:
-                        log.warning("no kernel filter for %s: %s", src, exc)
-                if pushdown and src.startswith("raw_syscalls:") and src not in self.filter_errors:
-                    kf = _exclude_threads(kf, self.broker.own_pids)
-                tracepoints[src] = {"filter": kf}
-        # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
-        # the new map and plug their rings into it again.
-        owner = self.broker.collectors.get(0, {}).get("pid") if bpf else None
-        plan = {"enabled": bool(subs) and not self.broker.dormant, "tracepoints": tracepoints,
-                "probes": probes, "bpf": bpf, "bpf_owner": owner}
+        bpf_owner = self.broker.collectors.get(0, {}).get("pid")
+        plan = compute_plan(subs, failed_bpf=self.failed_bpf, filter_errors=self.filter_errors,
+                            own_pids=self.broker.own_pids, bpf_owner=bpf_owner,
+                            pushdown=bool(self.broker.config.get("pushdown", True)),
+                            dormant=self.broker.dormant)
         if {k: v for k, v in self.plan.items() if k != "generation"} != plan:
             self.generation += 1
             self.plan = dict(plan, generation=self.generation)
-            log.info("plan %d: %s", self.generation, sorted(tracepoints) + ["bpf:" + f for f in bpf])
+            log.info("plan %d: %s", self.generation,
+                     sorted(plan["tracepoints"]) + ["bpf:" + f for f in plan["bpf"]])
             self.publish()
-
-    def _string_bound(self, nodes: list) -> dict | None:
-        """eBPF prefix/exact filter covering every subscription's filename filter."""
-        prefixes: set[str] = set()
-        exact: set[str] = set()
-        for node in nodes:
-            if node is None:
-                return None
-            bound = expr.prefix_filter(node, "filename")
-            if bound is None:
-                return None
-            prefixes.update(bound.get("prefixes", []))
-            exact.update(bound.get("exact", []))
-        if len(prefixes) + len(exact) > 8:
-            return None  # more than the program's slots: collect everything
-        return {"prefixes": sorted(prefixes), "exact": sorted(exact)}
-
-    def _fallback(self, src: str) -> str:
-        family = src[4:] if src.startswith("bpf:") else None
-        if family and family in self.failed_bpf and src in catalog.FALLBACK:
-            return catalog.FALLBACK[src]
-        return src
 
     def publish(self) -> None:
         self.broker.plan_pub.send(msgpack.packb(self.plan))
@@ -278,6 +212,92 @@ class Planner:
         pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
         idx = np.array([ct.lookup_pid(p) if p > 0 else 0 for p in pids.tolist()], np.uint32)
         return idx[inverse]
+
+
+def compute_plan(subscriptions: list, *, failed_bpf: dict[str, str] | None = None,
+                 filter_errors: dict[str, str] | None = None, own_pids: set[int] | frozenset = frozenset(),
+                 bpf_owner: int | None = None, pushdown: bool = True, dormant: bool = False) -> dict:
+    """The plan (docs/INTERNALS.md) for these subscriptions: a pure function of them,
+    the eBPF families and kernel filters that failed, the sensor's own pids and config.
+
+    Sources are the union of what each category filter can reach (its kinds, listed
+    or implied by the expression); each tracepoint's kernel filter is the OR of the
+    expressions that read it, when the kernel can express them all.
+    """
+    failed_bpf = failed_bpf or {}
+    filter_errors = filter_errors or {}
+    wanted: dict[str, list] = {}  # source -> expression nodes (None = everything)
+    probes: dict[str, dict] = {}
+    for sub in subscriptions:
+        for category, filters in sub.categories.items():
+            for cf in filters:
+                if cf.probe is not None:
+                    d = cf.probe["definition"]
+                    probes[d.source] = {"definition": d.line}  # INTERNALS: plan "probes"
+                    wanted.setdefault(d.source, []).append(cf.node)
+                    continue
+                for src in catalog.sources_for(category, cf.reach):
+                    # process sources feed the tables: never filter them
+                    node = None if src in catalog.PROCESS_SOURCES else cf.node
+                    wanted.setdefault(src, []).append(node)
+    if subscriptions:
+        # Process and cgroup sources keep the process and container tables, which
+        # stamp identity on every event: they run whenever anything is subscribed.
+        for src in catalog.PROCESS_SOURCES + catalog.CGROUP_SOURCES:
+            wanted.setdefault(src, []).append(None)
+    tracepoints: dict[str, dict] = {}
+    bpf: dict[str, dict] = {}
+    ignore = sorted(own_pids)
+    for src, nodes in wanted.items():
+        src = _fallback(src, failed_bpf)
+        source = catalog.SOURCES.get(src)
+        if src.startswith("bpf:"):
+            family = src[4:]
+            flt: dict = {"ignore_tgids": ignore}
+            if pushdown and source is not None and family in ("open", "file1", "file2"):
+                bound = string_bound(nodes)
+                if bound:
+                    flt.update(bound)
+            bpf[family] = {"filter": flt}
+        else:
+            fmap = source.kernel_fields if source else {}
+            kf = None
+            if pushdown and fmap and all(n is not None for n in nodes) and src not in filter_errors:
+                try:
+                    kf = expr.kernel_filter_any(nodes, fmap)
+                except Exception as exc:
+                    log.warning("no kernel filter for %s: %s", src, exc)
+            if pushdown and src.startswith("raw_syscalls:") and src not in filter_errors:
+                kf = _exclude_threads(kf, own_pids)
+            tracepoints[src] = {"filter": kf}
+    # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
+    # the new map and plug their rings into it again.
+    return {"enabled": bool(subscriptions) and not dormant, "tracepoints": tracepoints,
+            "probes": probes, "bpf": bpf, "bpf_owner": bpf_owner if bpf else None}
+
+
+def string_bound(nodes: list) -> dict | None:
+    """eBPF prefix/exact filter covering every subscription's filename filter."""
+    prefixes: set[str] = set()
+    exact: set[str] = set()
+    for node in nodes:
+        if node is None:
+            return None
+        bound = expr.prefix_filter(node, "filename")
+        if bound is None:
+            return None
+        prefixes.update(bound.get("prefixes", []))
+        exact.update(bound.get("exact", []))
+    if len(prefixes) + len(exact) > 8:
+        return None  # more than the program's slots: collect everything
+    return {"prefixes": sorted(prefixes), "exact": sorted(exact)}
+
+
+def _fallback(src: str, failed_bpf: dict[str, str]) -> str:
+    family = src[4:] if src.startswith("bpf:") else None
+    if family and family in failed_bpf and src in catalog.FALLBACK:
+        return catalog.FALLBACK[src]
+    return src
 
 
 def _exclude_threads(kf: str | None, pids: set[int]) -> str:

@@ -36,8 +36,17 @@ class CategoryFilter:
     text: str | None
     node: Any = None
     mask: Any = None  # fn(batch, containers) -> bool array
-    kinds: set[str] | None = None
+    kinds: set[str] | None = None  # the spec's "kinds" list, applied by the publisher
     probe: dict | None = None  # kernel_call/user_call: the probe wanted
+
+    @property
+    def reach(self) -> frozenset[str] | None:
+        """The kinds this filter can match (the "kinds" list and the expression's
+        ``kind`` predicates): the plan collects only their sources. None: all."""
+        derived = expr.kinds_of(self.node, self.category)
+        if self.kinds is None:
+            return derived
+        return frozenset(self.kinds) if derived is None else derived & frozenset(self.kinds)
 
 
 @dataclass

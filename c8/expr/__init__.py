@@ -11,6 +11,7 @@ from c8.expr.check import check
 from c8.expr.errors import ExprError, ExprFieldError, ExprSyntaxError, ExprTypeError
 from c8.expr.evaluate import evaluate
 from c8.expr.kernel import kernel_filter, kernel_filter_any
+from c8.expr.kinds import kinds_of
 from c8.expr.mask import compile_mask
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or, fields, nnf, unparse
 from c8.expr.parser import parse
@@ -19,5 +20,5 @@ from c8.expr.prefix import prefix_filter
 __all__ = [
     "And", "Compare", "ExprError", "ExprFieldError", "ExprSyntaxError", "ExprTypeError", "In",
     "IsNull", "Like", "Node", "Not", "Or", "check", "compile_mask", "evaluate", "fields",
-    "kernel_filter", "kernel_filter_any", "nnf", "parse", "prefix_filter", "unparse",
+    "kernel_filter", "kernel_filter_any", "kinds_of", "nnf", "parse", "prefix_filter", "unparse",
 ]

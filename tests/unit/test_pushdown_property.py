@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from c8.broker import catalog
-from c8.broker.plan import Planner
+from c8.broker.plan import string_bound
 from c8.expr import compile_mask, evaluate, kernel_filter_any, unparse
 from tests.unit.test_expr_properties import (
     CONTAINERS,
@@ -49,7 +49,7 @@ def kernel_keeps(category: str, nodes: list, batch: np.ndarray, fieldmap: dict) 
     """Which events the kernel and the eBPF program let through for these subscriptions."""
     keep = np.ones(len(batch), bool)
     text = kernel_filter_any(nodes, fieldmap)
-    bound = Planner._string_bound(None, nodes) if category == "file" else None
+    bound = string_bound(nodes) if category == "file" else None
     for i, event in enumerate(events(category, batch)):
         if text is not None:
             keep[i] = kernel_eval(text, kernel_event(event, {f: t for f, t in fieldmap.items() if f in event}))
