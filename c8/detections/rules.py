@@ -146,6 +146,9 @@ def _parse_yaml(text: str, path: str, errors: list[RuleError]):
         problem = getattr(exc, "problem", None) or str(exc)
         errors.append(RuleError(path, None, f"YAML error{where}: {problem}; no rule of this file loaded"))
         return None
+    except ValueError as exc:  # an integer too long for int() (over 4,300 digits)
+        errors.append(RuleError(path, None, f"a number in the file is too long ({exc}); no rule of this file loaded"))
+        return None
 
 
 def _read_file(path: str, defs: Definitions, errors: list[RuleError]) -> None:

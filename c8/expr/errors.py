@@ -48,3 +48,13 @@ class ExprTypeError(ExprError):
     def __init__(self, reason: str, position: int | None = None, field: str = ""):
         super().__init__(reason, position)
         self.field = field
+
+
+class ExprLimitError(ExprSyntaxError):
+    """The text exceeds a bound on its cost: ``limit`` names which (``number_digits``,
+    ``terms``) and ``maximum`` its value, so callers can name their configuration key."""
+
+    def __init__(self, reason: str, position: int | None = None, limit: str = "", maximum: int = 0):
+        super().__init__(reason, position)
+        self.limit = limit
+        self.maximum = maximum

@@ -21,19 +21,23 @@ Grammar (keywords are case-insensitive; whitespace separates tokens)::
 
 ``field & MASK op value`` tests bits: ``open_flags & 3 != 0``. ``and`` binds tighter than ``or``; ``not`` tighter than both. Chains of the
 same operator are built as balanced trees, and nesting is bounded, so later
-recursive passes never run out of stack on long or hostile input.
+recursive passes never run out of stack on long or hostile input. Costs are
+bounded too: a number has at most ``max_number_digits`` digits (checked
+before conversion: int() of a long digit string is quadratic, and over 4,300
+digits raises) and an expression at most ``max_terms`` predicates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from c8.expr.errors import ExprSyntaxError
+from c8.expr.errors import ExprLimitError, ExprSyntaxError
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or, Value
 
 KEYWORDS = frozenset({"and", "or", "not", "like", "in", "is", "null"})
 MAX_NESTING = 50  # parentheses and `not`s inside one another
 MAX_DEPTH = 200  # depth of the resulting tree
+MAX_NUMBER_DIGITS = 32  # a 64-bit value has at most 20 decimal or 16 hex digits: room for leading zeros
 
 _DIGITS = frozenset("0123456789")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -64,8 +68,9 @@ class Token:
         return f"'{self.text}'"
 
 
-def tokenize(text: str) -> list[Token]:
-    """Split text into tokens; raises ExprSyntaxError on a bad character."""
+def tokenize(text: str, max_number_digits: int = MAX_NUMBER_DIGITS) -> list[Token]:
+    """Split text into tokens; raises ExprSyntaxError on a bad character,
+    ExprLimitError on a number of more than ``max_number_digits`` digits."""
     tokens: list[Token] = []
     i, n = 0, len(text)
     while i < n:
@@ -83,7 +88,7 @@ def tokenize(text: str) -> list[Token]:
                 tokens.append(Token("name", word, None, i))
             i = j
         elif c in _DIGITS or (c == "-" and i + 1 < n and text[i + 1] in _DIGITS):
-            i = _number(text, i, tokens)
+            i = _number(text, i, tokens, max_number_digits)
         elif c == "-":
             raise ExprSyntaxError("expected a number after '-'", i)
         elif c in "\"'":
@@ -119,20 +124,19 @@ def _hint(c: str) -> str:
     }.get(c, "")
 
 
-def _number(text: str, start: int, tokens: list[Token]) -> int:
+def _number(text: str, start: int, tokens: list[Token], max_digits: int) -> int:
     i = start + 1 if text[start] == "-" else start
-    if text.startswith(("0x", "0X"), i):
-        j = i + 2
-        while j < len(text) and text[j] in _HEX:
-            j += 1
-        if j == i + 2:
-            raise ExprSyntaxError("expected hexadecimal digits after '0x'", start)
-        value = int(text[i + 2 : j], 16)
-    else:
-        j = i
-        while j < len(text) and text[j] in _DIGITS:
-            j += 1
-        value = int(text[i:j])
+    hexadecimal = text.startswith(("0x", "0X"), i)
+    first = i + 2 if hexadecimal else i
+    j = first
+    while j < len(text) and text[j] in (_HEX if hexadecimal else _DIGITS):
+        j += 1
+    if hexadecimal and j == first:
+        raise ExprSyntaxError("expected hexadecimal digits after '0x'", start)
+    if j - first > max_digits:
+        raise ExprLimitError(f"number of {j - first} digits ({text[start:start + 12]}...): "
+                             f"at most {max_digits} digits", start, "number_digits", max_digits)
+    value = int(text[first:j], 16 if hexadecimal else 10)
     if j < len(text) and (text[j] in _NAME_CHARS or text[j] == "."):
         raise ExprSyntaxError(
             f"malformed number {text[start:j + 1]!r} (integers only: decimal or 0x hex)", start)
@@ -184,10 +188,12 @@ def _string(text: str, start: int, tokens: list[Token]) -> int:
 
 
 class _Parser:
-    def __init__(self, text: str):
-        self.tokens = tokenize(text)
+    def __init__(self, text: str, max_number_digits: int, max_terms: int | None):
+        self.tokens = tokenize(text, max_number_digits)
         self.i = 0
         self.nesting = 0
+        self.terms = 0
+        self.max_terms = max_terms
 
     @property
     def tok(self) -> Token:
@@ -263,6 +269,10 @@ class _Parser:
 
     def predicate(self) -> Node:
         name = self.advance()
+        self.terms += 1
+        if self.max_terms is not None and self.terms > self.max_terms:
+            raise ExprLimitError(f"more than {self.max_terms} terms (comparisons, like, in, is null)",
+                                 name.pos, "terms", self.max_terms)
         field, pos = name.text, name.pos
         t = self.tok
         mask = None
@@ -347,17 +357,19 @@ def _depth(node: Node) -> int:
     return depth
 
 
-def parse(text: str) -> Node:
+def parse(text: str, max_number_digits: int = MAX_NUMBER_DIGITS, max_terms: int | None = None) -> Node:
     """Parse a filter expression into an AST.
 
     Raises ExprSyntaxError naming the column and what was expected, e.g.
-    ``at column 14: expected a value (number or quoted string) after '==', got end of input``.
+    ``at column 14: expected a value (number or quoted string) after '==', got end of input``;
+    ExprLimitError (a subclass) past ``max_number_digits`` digits in a number or
+    ``max_terms`` predicates (None: unbounded).
     """
     if not isinstance(text, str):
         raise ExprSyntaxError(f"expression must be text, got {type(text).__name__}", None)
     if not text.strip():
         raise ExprSyntaxError("empty expression: expected a field name, 'not' or '('", 0)
-    node = _Parser(text).expression()
+    node = _Parser(text, max_number_digits, max_terms).expression()
     if _depth(node) > MAX_DEPTH:
         raise ExprSyntaxError(f"expression nested too deeply (tree depth over {MAX_DEPTH})", 0)
     return node

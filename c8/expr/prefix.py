@@ -10,6 +10,8 @@ either side (the tighter one is kept); an OR needs both sides bounded.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Or, nnf
 
 Bound = tuple[frozenset[str], frozenset[str]]  # (prefixes, exact)
@@ -72,6 +74,21 @@ def _looseness(bound: Bound) -> tuple[int, int]:
 
 
 def _normalise(bound: Bound) -> Bound:
+    """Drop prefixes covered by a shorter one, and exact values a prefix covers.
+
+    O(k log k): sorted, the strings starting with a prefix follow it
+    contiguously, so a prefix is covered exactly when it starts with the last
+    one kept; an exact value is covered only by the greatest kept prefix not
+    above it (kept prefixes are prefix-free).
+    """
     prefixes, exact = bound
-    kept = {p for p in prefixes if not any(q != p and p.startswith(q) for q in prefixes)}
-    return frozenset(kept), frozenset(e for e in exact if not any(e.startswith(p) for p in kept))
+    kept: list[str] = []
+    for p in sorted(prefixes):
+        if not kept or not p.startswith(kept[-1]):
+            kept.append(p)
+
+    def covered(e: str) -> bool:
+        at = bisect_right(kept, e) - 1
+        return at >= 0 and e.startswith(kept[at])
+
+    return frozenset(kept), frozenset(e for e in exact if not covered(e))

@@ -56,6 +56,9 @@ MAX_ARGS = 128          # MAX_TRACE_ARGS
 MAX_NAME_LEN = 32       # MAX_ARG_NAME_LEN
 MAX_ARRAY_LEN = 64      # MAX_ARRAY_LEN
 MAX_DEREF_DEPTH = 8     # well inside FETCH_INSN_MAX (16)
+# A 64-bit value has at most 22 octal, 20 decimal or 16 hex digits; longer ones are
+# refused before int() (quadratic in the length, and over 4,300 digits it raises).
+MAX_NUMBER_DIGITS = 24
 DEFAULT_TYPE = "x64"    # the kernel's default for unsigned long on 64-bit
 STRING_TYPES = frozenset(("string", "ustring", "symstr", "%pd", "%pD"))
 _KPROBE_ONLY_TYPES = frozenset(("symbol", "symstr", "%pd", "%pD"))
@@ -66,6 +69,7 @@ _NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 _SCALAR = re.compile(r"([usx])(8|16|32|64)\Z")
 _BITFIELD = re.compile(r"b(\d+)@(\d+)/(8|16|32|64)\Z")
 _ARRAY = re.compile(r"(.+)\[(\d+)\]\Z")
+_LONG_NUMBER = re.compile(rf"0[xX][0-9a-fA-F]{{{MAX_NUMBER_DIGITS + 1},}}|[0-9]{{{MAX_NUMBER_DIGITS + 1},}}")
 
 
 def _number(text: str) -> int:
@@ -209,12 +213,17 @@ def normalize_fetchargs(text: str, kind: Kind, is_return: bool) -> str:
     return render_fetchargs(parse_fetchargs(text, kind, is_return))
 
 
+def _short(token: str, keep: int = 64) -> str:
+    """A token as shown in messages: long (hostile) ones cut, saying so."""
+    return token if len(token) <= keep else f"{token[:keep]}... ({len(token)} characters)"
+
+
 class _Parser:
     """Recursive-descent parser of one ``NAME=FETCH:TYPE`` token."""
 
     def __init__(self, token: str, kind: Kind, is_return: bool, entry: bool, index: int):
         self.token, self.kind, self.is_return, self.entry, self.index = token, kind, is_return, entry, index
-        self.label = f"argument {index} ({token})"
+        self.label = f"argument {index} ({_short(token)})"
 
     def fail(self, problem: str) -> FetchArgError:
         return FetchArgError(f"{self.label}: {problem}")
@@ -225,7 +234,7 @@ class _Parser:
         head, eq, rest = body.partition("=")
         if eq and not head.startswith(("+", "-", "\\", "%", "@", "$")):
             name, body = head, rest
-            self.label = f"argument {name!r} ({self.token})"
+            self.label = f"argument {name!r} ({_short(self.token)})"
             if not _NAME.match(name):
                 raise self.fail("invalid name: use letters, digits and '_', not starting with a digit")
             if len(name) > MAX_NAME_LEN:
@@ -234,6 +243,11 @@ class _Parser:
                 raise self.fail(f"name {name!r} is reserved by the kernel")
         if not body:
             raise self.fail("empty fetch expression")
+        long = _LONG_NUMBER.search(body)
+        if long:
+            digits = len(long.group(0)) - (2 if long.group(0)[:2] in ("0x", "0X") else 0)
+            raise self.fail(f"number of {digits} digits ({long.group(0)[:12]}...): at most "
+                            f"{MAX_NUMBER_DIGITS} digits (no 64-bit value is longer)")
         fetch_text, type_text = self._split_type(body)
         fetch, end = self.fetch(fetch_text, 0, depth=0)
         if end != len(fetch_text):
