@@ -37,6 +37,31 @@ class ConfigError(Exception):
     """A configuration that stops start-up; the message names key, value and source."""
 
 
+def _probe_grants(value: Any) -> tuple[str, ...]:
+    """allow_probes: uids, user names and ``group:NAME`` entries that must exist."""
+    import grp
+    import pwd
+
+    if isinstance(value, str):
+        value = cv.string_list(value)
+    if not isinstance(value, list):
+        raise cv.ConvertError(value, "must be a list of uids, user names or group:NAME")
+    out = []
+    for v in value:
+        text = str(v).strip() if isinstance(v, int | str) and not isinstance(v, bool) else ""
+        try:
+            if text.startswith("group:"):
+                grp.getgrnam(text[6:])
+            elif not text.isdigit():
+                pwd.getpwnam(text)
+        except KeyError:
+            raise cv.ConvertError(value, f"no such {'group' if text.startswith('group:') else 'user'}: {text!r}") from None
+        if not text:
+            raise cv.ConvertError(value, "must be a list of uids, user names or group:NAME")
+        out.append(text)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: its default (raw, as a user would write it) and converter."""
@@ -80,6 +105,14 @@ KEYS: dict[str, Key] = {
         Key("listen_tcp", None, cv.host_port),
         Key("curve_server_secret_key_file", None, cv.optional_path),
         Key("curve_authorized_keys_dir", None, cv.optional_path),
+        Key("curve_admin_keys_dir", None, cv.optional_path),
+        Key("allow_probes", [], _probe_grants),
+        Key("limits.filter_bytes", 65536, cv.positive_int),
+        Key("limits.filter_terms", 1000, cv.positive_int),
+        Key("limits.number_digits", 32, cv.positive_int),
+        Key("limits.subscriptions_per_peer", 16, cv.positive_int),
+        Key("limits.subscriptions", 256, cv.positive_int),
+        Key("limits.probes", 64, cv.positive_int),
         Key("sensor_id_file", "/var/lib/capsule8/sensor_id", cv.path),
         Key("log_level", "info", cv.log_level),
     )
@@ -115,6 +148,18 @@ class DetectionsConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """limits.*: bounds on what one client's requests may cost the broker (docs/security.md)."""
+
+    filter_bytes: int
+    filter_terms: int
+    number_digits: int
+    subscriptions_per_peer: int
+    subscriptions: int
+    probes: int
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated configuration. Durations are seconds, sizes bytes."""
 
@@ -137,6 +182,9 @@ class Config:
     listen_tcp: str | None
     curve_server_secret_key_file: str | None
     curve_authorized_keys_dir: str | None
+    curve_admin_keys_dir: str | None
+    allow_probes: tuple[str, ...]
+    limits: LimitsConfig
     sensor_id_file: str
     log_level: str
     # The file the values came from (None: defaults and environment only).
@@ -253,5 +301,6 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         limiter=section(LimiterConfig, "limiter"),
         alert_output=section(AlertOutputConfig, "alert_output"),
         detections=section(DetectionsConfig, "detections"),
+        limits=section(LimitsConfig, "limits"),
         config_path=used_path,
     )

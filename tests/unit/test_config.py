@@ -336,7 +336,9 @@ def test_every_key_loads_from_its_env_name():
                "run_dir": "/tmp/r", "ring_pages": "64", "string_width": "128",
                "merge_holdback": "10ms", "subscriber_queue": "8", "detections.rules": "/r",
                "listen_tcp": "", "curve_server_secret_key_file": "/k",
-               "curve_authorized_keys_dir": "/d", "sensor_id_file": "/s", "log_level": "debug"}
+               "curve_authorized_keys_dir": "/d", "sensor_id_file": "/s", "log_level": "debug",
+               "curve_admin_keys_dir": "/a", "allow_probes": "0,group:root",
+               **{n: "7" for n in config.KEYS if n.startswith("limits.")}}
     env = {}
     for name, key in config.KEYS.items():
         env[key.env] = samples.get(name, "true")
