@@ -10,6 +10,7 @@ else
   apt-get update -qq
   apt-get install -y -qq linux-perf gcc busybox-static docker.io podman runc crun containerd >/dev/null
 fi
-apt-get install -y -qq linux-perf gcc binutils iproute2 util-linux passwd >/dev/null
+# systemd: systemd-analyze verifies the unit scripts/install.sh installs (tests/integration/test_install.py).
+apt-get install -y -qq linux-perf gcc binutils iproute2 util-linux passwd systemd >/dev/null
 python -m pip install -q -e '.[test]'
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing

@@ -1,0 +1,278 @@
+"""The README's first command on this host's system Python: install, upgrade, uninstall.
+
+The command is read from README.md (its first code block), so the README and
+this test cannot drift, and run through /bin/sh from the checkout with PATH
+reduced to the system directories: /usr/bin/python3, marked externally
+managed (PEP 668), is the only Python it can find. It installs for real into
+/opt/c8, /usr/local/bin, /etc/capsule8 and /etc/systemd/system, so the test
+refuses to run over an existing installation and removes what it made, even
+when it fails; an /etc/capsule8/capsule8-sensor.yaml present before is left
+as it was. The sensor it starts uses a private run_dir and sensor id file
+(CAPSULE8_RUN_DIR, CAPSULE8_SENSOR_ID_FILE in the environment, which the
+script passes on), so it cannot collide with other sensors on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.sensor import wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_PYTHON = "/usr/bin/python3"
+VENV = "/opt/c8/venv"
+COMMANDS = ("c8-supervisor", "c8ctl", "c8-telemetry")
+UNIT = "/etc/systemd/system/c8-supervisor.service"
+INSTALLED = ("/opt/c8", UNIT, *(f"/usr/local/bin/{c}" for c in COMMANDS))
+CONF = Path("/etc/capsule8/capsule8-sensor.yaml")
+CONF_DIR, STATE_DIR, LOG_DIR = "/etc/capsule8", "/var/lib/capsule8", "/var/log/capsule8"
+SUPERVISOR_LOG = Path(LOG_DIR) / "c8-supervisor.log"
+# Where an installation could leave something: entries named *c8* or *capsule8*.
+WATCHED = ("/opt", "/usr/local/bin", "/usr/local/sbin", "/etc", "/etc/systemd/system",
+           "/etc/systemd/system/multi-user.target.wants", "/var/lib", "/var/log", "/run")
+INSTALL_TIMEOUT = 600  # a first install downloads the dependencies from PyPI
+
+
+def readme_first_command() -> str:
+    """The README's first code block: the one command a new user types."""
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert m, "README.md has no ```sh code block"
+    cmd = m.group(1).strip()
+    assert "\n" not in cmd, f"the README's first block should be one command: {cmd!r}"
+    assert "scripts/install.sh" in cmd, f"the README's first command is not scripts/install.sh: {cmd!r}"
+    return cmd
+
+
+def traces() -> set[str]:
+    """Paths under WATCHED whose name mentions c8 or capsule8."""
+    found = set()
+    for d in WATCHED:
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        found |= {os.path.join(d, n) for n in names if "c8" in n or "capsule8" in n}
+    return found
+
+
+def supervisor_json(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "supervisor.json")) as f:
+        return json.load(f)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def status_uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("Uid:")).split()[1])
+
+
+class Host:
+    """The reduced environment the commands run in, as a user's root shell would be."""
+
+    def __init__(self, tmp_path: Path):
+        self.run_dir = str(tmp_path / "run")
+        self.env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"),
+                    "LANG": "C.UTF-8", "CAPSULE8_RUN_DIR": self.run_dir,
+                    "CAPSULE8_SENSOR_ID_FILE": str(tmp_path / "sensor_id")}
+        # How pip reaches PyPI here (proxies, mirrors) is not a Python choice.
+        self.env.update({k: v for k, v in os.environ.items()
+                         if k.startswith("PIP_") or k.lower().endswith("_proxy")})
+        self.pids: set[int] = set()  # every supervisor this test started
+
+    def sh(self, cmd: str, cwd: Path | str = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
+        res = subprocess.run(["/bin/sh", "-c", cmd], cwd=cwd, env=self.env, capture_output=True,
+                             text=True, timeout=timeout)
+        self.note_supervisor()
+        return res
+
+    def note_supervisor(self) -> int | None:
+        try:
+            pid = int(supervisor_json(self.run_dir)["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+        self.pids.add(pid)
+        return pid
+
+    def sees_exec(self, marker: str) -> None:
+        """The installed c8ctl's subscription receives the EXEC of `/bin/true <marker>`."""
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", f"exec c8ctl subscribe --events process "
+                              f"--filter 'exec_command_line like \"*{marker}*\"' --limit 1"],
+            cwd="/", env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # c8ctl prints the subscription id once the collectors run the plan.
+            first = proc.stderr.readline()
+            assert "subscription" in first, first
+            subprocess.run(["/bin/true", marker], check=True)
+            out, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        events = [json.loads(line) for line in out.splitlines()]
+        assert [(e["kind"], e["exec_command_line"]) for e in events] == \
+            [("EXEC", f"/bin/true {marker}")], (events, err)
+
+
+def upgraded_checkout(dest: Path) -> tuple[Path, str]:
+    """A copy of the checkout with a new version number: the 'new code'."""
+    shutil.copytree(REPO, dest, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", ".ruff_cache"))
+    pyproject = dest / "pyproject.toml"
+    text = pyproject.read_text()
+    m = re.search(r'^version = "([^"]+)"$', text, re.M)
+    assert m, "no version line in pyproject.toml"
+    version = f"{m.group(1)}+upgradetest"
+    pyproject.write_text(text[:m.start(1)] + version + text[m.end(1):])
+    return dest, version
+
+
+def installed_version() -> str:
+    return subprocess.run([f"{VENV}/bin/python", "-I", "-c",
+                           "from importlib.metadata import version; print(version('c8'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def check_running(host: Host, want_config: bytes) -> int:
+    """The sensor answers c8ctl status, runs the system Python from the venv, its
+    children as sensor_user; returns the supervisor's pid."""
+    st = host.sh("c8ctl status")
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert "c8-broker" in st.stdout, st.stdout
+    sup = wait_for(lambda: (s := supervisor_json(host.run_dir))["children"] and all(
+        c["state"] == "RUNNING" for c in s["children"]) and s, 30, what="every child RUNNING")
+    pid = sup["pid"]
+    python = os.path.realpath(SYSTEM_PYTHON)
+    assert os.path.realpath(f"/proc/{pid}/exe") == python
+    user = pwd.getpwnam("capsule8")
+    for child in sup["children"]:
+        assert os.path.realpath(f"/proc/{child['pid']}/exe") == python
+        assert status_uid(child["pid"]) == user.pw_uid, child
+    assert CONF.read_bytes() == want_config
+    return pid
+
+
+@pytest.fixture
+def host(tmp_path):
+    """Refuse to run over an installation; afterwards remove whatever the test left."""
+    existing = [p for p in INSTALLED if os.path.lexists(p)]
+    if existing:
+        pytest.fail(f"{', '.join(existing)} exist: this test installs there and would "
+                    "replace a real installation; uninstall it first (scripts/install.sh --uninstall)")
+    h = Host(tmp_path)
+    h.conf_before = CONF.read_bytes() if CONF.exists() else None
+    h.dirs_before = {d: os.path.lexists(d) for d in (CONF_DIR, STATE_DIR, LOG_DIR)}
+    h.traces_before = traces()
+    try:
+        yield h
+    finally:
+        if any(os.path.lexists(p) for p in INSTALLED) or any(alive(p) for p in h.pids):
+            subprocess.run([str(REPO / "scripts/install.sh"), "--uninstall"], env=h.env,
+                           cwd="/", capture_output=True, timeout=120)
+        for pid in h.pids:  # only supervisors this test started, should uninstall have failed
+            if alive(pid) and b"c8-supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, 9)
+        if h.conf_before is not None and CONF.read_bytes() != h.conf_before:
+            CONF.write_bytes(h.conf_before)
+        for d, existed in h.dirs_before.items():
+            if not existed:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def test_readme_first_command_installs_upgrades_and_uninstalls(host, tmp_path):
+    cmd = readme_first_command()
+    # The premise: the only Python on the reduced PATH is the system's, externally managed.
+    assert shutil.which("python3", path=SYSTEM_PATH) == SYSTEM_PYTHON
+    stdlib = subprocess.run([SYSTEM_PYTHON, "-I", "-c", "import sysconfig; print(sysconfig.get_path('stdlib'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.exists(os.path.join(stdlib, "EXTERNALLY-MANAGED"))
+    assert not os.path.exists("/run/systemd/system"), "this test covers hosts without systemd"
+
+    # Install.
+    res = host.sh(cmd, timeout=INSTALL_TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for c in COMMANDS:
+        assert os.readlink(f"/usr/local/bin/{c}") == f"{VENV}/bin/{c}"
+        assert shutil.which(c, path=SYSTEM_PATH) == f"/usr/local/bin/{c}"
+    assert os.path.realpath(f"{VENV}/bin/python") == os.path.realpath(SYSTEM_PYTHON)
+    shipped = (REPO / "conf/capsule8-sensor.yaml").read_bytes()
+    config = host.conf_before if host.conf_before is not None else shipped
+    pid1 = check_running(host, config)
+    host.sees_exec(f"c8-install-{uuid.uuid4().hex[:8]}")
+    # What each child does after dropping privileges, done without any capability:
+    # run the venv's interpreter and import the package from the venv.
+    user = pwd.getpwnam("capsule8")
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+         f"{VENV}/bin/python", "-I", "-c",
+         "import c8, c8.broker.main, c8.collectors.main, c8.detections.main; print(c8.__file__)"],
+        cwd="/", capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0 and probe.stdout.startswith(f"{VENV}/lib/"), probe.stderr
+    verify = subprocess.run(["systemd-analyze", "verify", UNIT], capture_output=True, text=True,
+                            timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "c8-supervisor" not in verify.stdout + verify.stderr, verify.stdout + verify.stderr
+
+    # Upgrade in place from newer code: the running sensor restarts on it, its
+    # configuration (edited by the user) kept.
+    if host.conf_before is None:
+        config = shipped + b"\nlog_level: info  # edited after install\n"
+        CONF.write_bytes(config)
+    newer, version = upgraded_checkout(tmp_path / "newer")
+    started = time.time()
+    res = host.sh(cmd, cwd=newer, timeout=INSTALL_TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "keeping the configuration" in res.stdout, res.stdout
+    assert installed_version() == version
+    assert not alive(pid1)
+    pid2 = check_running(host, config)
+    assert pid2 != pid1
+    sup = supervisor_json(host.run_dir)
+    # ctime: when the upgrade wrote (or chmod-ed) the file; no one can set it back.
+    code = [p.stat().st_ctime for p in Path(VENV).glob("lib/python3*/site-packages/c8/**/*.py")]
+    assert code and started <= min(code) and max(code) <= sup["started_unix"], \
+        "the sensor was not restarted on the upgraded code"
+    host.sees_exec(f"c8-upgrade-{uuid.uuid4().hex[:8]}")
+
+    # Uninstall: the sensor stops; venv, links and unit go; configuration and logs stay.
+    children = [c["pid"] for c in sup["children"]]
+    res = host.sh(f"{REPO}/scripts/install.sh --uninstall", cwd="/", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not any(alive(p) for p in [pid2, *children])
+    assert [p for p in INSTALLED if os.path.lexists(p)] == []
+    assert not os.path.exists(host.run_dir)
+    kept = {d for d in (CONF_DIR, LOG_DIR) if not host.dirs_before[d]}
+    assert traces() - host.traces_before == kept
+    assert CONF.read_bytes() == config
+    assert "stopped" in SUPERVISOR_LOG.read_text()
+    if not host.dirs_before[CONF_DIR]:
+        assert os.listdir(CONF_DIR) == ["capsule8-sensor.yaml"]
+    if not host.dirs_before[LOG_DIR]:
+        assert os.listdir(LOG_DIR) == ["c8-supervisor.log"]
+
+    # --purge takes the kept files too; only done when none of them were there before.
+    if not any(host.dirs_before.values()):
+        res = host.sh(f"{REPO}/scripts/install.sh --uninstall --purge", cwd="/", timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert traces() == host.traces_before
