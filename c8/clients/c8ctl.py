@@ -21,6 +21,7 @@ import sys
 import yaml
 
 from c8 import schema
+from c8.clients import jsonlines
 from c8.clients.client import Client, SensorError, SensorUnavailable
 
 
@@ -65,18 +66,25 @@ def build_spec(args: argparse.Namespace) -> dict:
 
 
 def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
+    """JSON lines on stdout, each window's events in sensor sequence order, one
+    write per window; a loss (this reader too slow, the kernel's ring full) is a
+    ``lost`` line where it happened."""
     spec = build_spec(args)
     if not spec.get("events"):
         print("c8ctl subscribe: name event types with --events or --spec", file=sys.stderr)
         return 2
+    out = sys.stdout.buffer
     with client.subscribe(spec) as sub:
         print(json.dumps({"subscription": sub.id}), file=sys.stderr)
         try:
-            for ev in sub.events(timeout=args.timeout):
-                sys.stdout.write(json.dumps(ev, default=str) + "\n")
-                sys.stdout.flush()
+            for window in sub.windows(timeout=args.timeout):
+                out.write(jsonlines.window_lines(window, sub.sensor_id))
+                out.flush()
         except KeyboardInterrupt:
             pass
+        except BrokenPipeError:  # the reader is gone (| head): end quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if sub.ended:
             print(json.dumps({"ended": sub.ended}), file=sys.stderr)
     return 0

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from c8 import schema
+from c8.clients import jsonlines
 from c8.protocol import batch as wire
 from c8.protocol import control, paths
 
@@ -201,15 +201,18 @@ class Subscription:
                 continue
             yield msg
 
-    def batches(self, timeout: float | None = None, idle: float | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
-        """(category, structured array, container table) per batch.
+    def windows(self, timeout: float | None = None, idle: float | None = None) -> Iterator[list[tuple[str, np.ndarray, dict]]]:
+        """The batches of one broker window at a time: [(category, array, container table)].
 
+        The broker numbers every category of a window in one time order and sends
+        them in one message, so a window is the unit to put back in sequence order.
         ``timeout`` bounds the wait for any message; ``idle`` ends the iteration
         when no events have come for that many seconds (ticks don't count).
         """
         last = time.monotonic()
         for msg in self.messages(timeout):
             if msg.get("type") == "batches":
+                window = []
                 for b in msg["batches"]:
                     arr = wire.decode_columns(b)
                     if b["category"] == "lost":
@@ -217,19 +220,30 @@ class Subscription:
                             key = src.decode()
                             self.lost[key] = self.lost.get(key, 0) + int(count)
                     table = {int(k): tuple(v) for k, v in (b.get("containers") or {}).items()}
+                    window.append((b["category"], arr, table))
+                if window:
                     last = time.monotonic()
-                    yield b["category"], arr, table
+                    yield window
             if idle is not None and time.monotonic() - last > idle:
                 return
 
-    def events(self, timeout: float | None = None, idle: float | None = None) -> Iterator[dict]:
-        """One dict per event, in sensor sequence order within each message."""
-        pending: list[dict] = []
-        for category, arr, table in self.batches(timeout, idle):
-            pending.extend(to_dicts(category, arr, table, self.sensor_id))
-            pending.sort(key=lambda e: e["sensor_sequence_number"])
-            yield from pending
-            pending.clear()
+    def batches(self, timeout: float | None = None, idle: float | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """(category, structured array, container table) per batch; see ``windows``."""
+        for window in self.windows(timeout, idle):
+            yield from window
+
+    def events(self, timeout: float | None = None, idle: float | None = None,
+               ordered: bool = True) -> Iterator[dict]:
+        """One dict per event. ``ordered`` (the default) gives every window's events
+        in sensor sequence order across categories (a container's RUNNING before the
+        EXECs in it, an EXEC before the opens it makes); without it, batch by batch,
+        each batch in order. A ``lost`` notice for this subscriber leads its window."""
+        for window in self.windows(timeout, idle):
+            if ordered:
+                yield from jsonlines.window_dicts(window, self.sensor_id)
+            else:
+                for category, arr, table in window:
+                    yield from jsonlines.dicts(category, arr, table, self.sensor_id)
 
 
 def event_id(sensor_id: str, seq: int, monotime: int) -> str:
@@ -239,35 +253,4 @@ def event_id(sensor_id: str, seq: int, monotime: int) -> str:
 
 def to_dicts(category: str, arr: np.ndarray, table: dict, sensor_id: str = "") -> list[dict]:
     """Per-event dicts for a batch: strings decoded, kinds named, containers expanded."""
-    names = arr.dtype.names
-    cols = {n: arr[n].tolist() for n in names}
-    out = []
-    kinds = schema.KINDS.get(category, ())
-    arg_names = [n for n in names if n.startswith(schema.ARGUMENT_PREFIX)]
-    for i in range(len(arr)):
-        ev: dict[str, Any] = {"type": category}
-        for n in names:
-            if n in arg_names:
-                continue
-            v = cols[n][i]
-            ev[n] = v.decode(errors="replace") if isinstance(v, bytes) else v
-        ev["kind"] = kinds[ev["kind"] - 1] if 0 < ev.get("kind", 0) <= len(kinds) else str(ev.get("kind"))
-        row = table.get(ev.get("container", 0)) or ("", "", "", "", "")
-        ev["container_id"], ev["container_name"], ev["image_id"], ev["image_name"] = row[:4]
-        if category == "container":
-            ev["name"], ev["image_id"], ev["image_name"] = row[1], row[2], row[3]
-        ev["sensor_id"] = sensor_id
-        eid = event_id(sensor_id, ev.get("sensor_sequence_number", 0), ev.get("sensor_monotime_nanos", 0))
-        # Every event has ``event_id``; ``id`` is the same except on syscall events,
-        # where ``id`` is the syscall number (the field filters and Capsule8 name so).
-        ev["event_id"] = eid
-        if "id" not in ev:
-            ev["id"] = eid
-        if arg_names:
-            ev["arguments"] = {n[len(schema.ARGUMENT_PREFIX):]: _plain(cols[n][i]) for n in arg_names}
-        out.append(ev)
-    return out
-
-
-def _plain(v: Any) -> Any:
-    return v.decode(errors="replace") if isinstance(v, bytes) else v
+    return jsonlines.dicts(category, arr, table, sensor_id)
