@@ -22,6 +22,12 @@ Semantics (docs/detections.md has the user-facing version):
   resumes by itself, with a fresh streak.
 - After ``max_retries`` dormancies, the next trip is EXITING: no more
   dormancy; the broker stops the sensor with exit status 1.
+- Attribution: ``count_batches`` also tallies events per pid, uid and
+  container index in each window (np.unique with counts). A trip names the
+  top ``TOP`` of each over the windows of the streak that tripped it, so a
+  flood meant to blind the sensor shows who made it. Each window keeps only
+  its ``KEEP`` heaviest keys, which bounds memory whatever the pid churn
+  (counts of keys below that are approximate; the top ones are exact).
 
 States and edges (every edge goes through ``_enter``):
 
@@ -36,7 +42,9 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 ACTIVE = "ACTIVE"
 DORMANT = "DORMANT"
@@ -46,6 +54,41 @@ TRIPPED = "TRIPPED"
 RESUMED = "RESUMED"
 EXITING = "EXITING"
 
+TOP = 5                # keys named per field in a TRIPPED/EXITING transition
+KEEP = 1024            # keys a window keeps per field (its heaviest)
+# columns tallied, each batch has them (schema.COMMON); container is the broker's index
+ATTRIBUTED = ("process_pid", "uid", "container")
+
+Top = tuple[tuple[int, int], ...]  # ((key, events), ...), most events first
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum (keys, counts) pairs by key; keep the ``keep`` heaviest keys."""
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(parts) == 1:
+        keys, counts = parts[0]
+    else:
+        keys, inverse = np.unique(np.concatenate([k for k, _ in parts]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([c for _, c in parts]),
+                             minlength=len(keys)).astype(np.int64)
+    if len(keys) > keep:
+        idx = np.argpartition(counts, len(counts) - keep)[-keep:]
+        keys, counts = keys[idx], counts[idx]
+    return keys, counts
+
+
+def _top(keys: np.ndarray, counts: np.ndarray, n: int = TOP) -> Top:
+    # most events first; equal counts by key, so the order is deterministic
+    order = np.lexsort((keys, -counts))[:n]
+    return tuple(zip(keys[order].tolist(), counts[order].tolist(), strict=True))
+
+
+def format_top(top: Top, label=str) -> str:
+    """``"1234:5000,99:20"``: each key (through ``label``) and its events."""
+    return ",".join(f"{label(k)}:{c}" for k, c in top)
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -53,12 +96,18 @@ class Transition:
 
     kind: TRIPPED, RESUMED or EXITING; dormancy_s: how long collection sleeps
     (TRIPPED only, else 0); trips: trips so far; at: clock time of the change.
+    top_pids, top_uids, top_containers (TRIPPED and EXITING): the heaviest
+    keys with their events over the windows that tripped the breaker, most
+    first (container: the broker's container index, 0 the host).
     """
 
     kind: str
     dormancy_s: float
     trips: int
     at: float
+    top_pids: Top = field(default=())
+    top_uids: Top = field(default=())
+    top_containers: Top = field(default=())
 
     @property
     def dormancy(self) -> float:
@@ -102,15 +151,35 @@ class EventLimiter:
         self._window_start = now
         self._window_count = 0
         self._streak = 0
+        self._tally = self._empty_tally()
+        self._streak_tallies: deque[dict] = deque(maxlen=self.windows_to_trip)
+
+    @staticmethod
+    def _empty_tally() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {name: (np.zeros(0, np.int64), np.zeros(0, np.int64)) for name in ATTRIBUTED}
 
     def count(self, n: int) -> None:
-        """Add n collected events to the current window."""
+        """Add n collected events to the current window (no attribution)."""
         now = self.clock()
         self._advance(now)
         if self.state != ACTIVE:
             self.ignored += n
             return
         self._window_count += n
+
+    def count_batches(self, batches) -> None:
+        """Add the events of these batches to the current window, tallying who
+        made them (each batch a structured array with the ATTRIBUTED columns)."""
+        batches = [b for b in batches if len(b)]
+        n = sum(len(b) for b in batches)
+        self.count(n)
+        if self.state != ACTIVE or not n:
+            return
+        for name in ATTRIBUTED:
+            keys, counts = np.unique(np.concatenate([b[name].astype(np.int64) for b in batches]),
+                                     return_counts=True)
+            # a window may outgrow KEEP keys (pid churn): trim at 4x, keeping the heaviest
+            self._tally[name] = _merge([self._tally[name], (keys, counts.astype(np.int64))], 4 * KEEP)
 
     def poll(self) -> Transition | None:
         """The next transition, if one is due; call it from the broker's loop."""
@@ -134,6 +203,11 @@ class EventLimiter:
             end = self._window_start + self.window_s
             over = self._window_count > self.window_limit
             self._streak = self._streak + 1 if over else 0
+            if over:
+                self._streak_tallies.append({k: _merge([v], KEEP) for k, v in self._tally.items()})
+            else:
+                self._streak_tallies.clear()
+            self._tally = self._empty_tally()
             self._window_start = end
             self._window_count = 0
             if self._streak >= self.windows_to_trip:
@@ -147,17 +221,27 @@ class EventLimiter:
                 skipped = math.floor((now - end) / self.window_s)
                 self._window_start = end + skipped * self.window_s
                 self._streak = 0
+                self._streak_tallies.clear()
+
+    def _culprits(self) -> dict[str, Top]:
+        """The top keys of each tallied column over the streak's windows."""
+        out = {}
+        for name, label in zip(ATTRIBUTED, ("top_pids", "top_uids", "top_containers"), strict=True):
+            out[label] = _top(*_merge([t[name] for t in self._streak_tallies], KEEP))
+        return out
 
     def _trip(self, at: float) -> None:
         self.trips += 1
+        culprits = self._culprits()
+        self._streak_tallies.clear()
         if self.trips > self.max_retries:
             # ACTIVE -> EXITED: retries spent
-            self._enter(EXITED, Transition(EXITING, 0.0, self.trips, at))
+            self._enter(EXITED, Transition(EXITING, 0.0, self.trips, at, **culprits))
             return
         dormancy = self.duration_s * 2 ** (self.trips - 1)
         self.dormant_until = at + dormancy
         # ACTIVE -> DORMANT: dormancy doubles with every trip
-        self._enter(DORMANT, Transition(TRIPPED, dormancy, self.trips, at))
+        self._enter(DORMANT, Transition(TRIPPED, dormancy, self.trips, at, **culprits))
 
     def _enter(self, state: str, transition: Transition) -> None:
         self.state = state

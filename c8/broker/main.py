@@ -319,7 +319,8 @@ class Broker:
                 self.processes.fill(batch)
         total = sum(len(b) for c, b in window.items() if c not in ("lost", "limiter"))
         if self.limiter is not None:
-            self.limiter.count(total)
+            # the batches, not just their size: a trip names the pids, uids, containers
+            self.limiter.count_batches(b for c, b in window.items() if c not in ("lost", "limiter"))
         self.counts["published"] += total
         self.publisher.publish(window)
         self.processes.end_window()
@@ -457,6 +458,19 @@ class Broker:
             self.own_pids = pids
             self.planner.update()
 
+    def _limiter_culprits(self, t, out) -> str:
+        """Fill the limiter event's top_* fields from the transition; the log's text."""
+        from c8.broker.limiter import format_top
+
+        def container(index: int) -> str:
+            return self.containers.row(index)[0][:12] or "host"
+
+        texts = {"top_pids": format_top(t.top_pids), "top_uids": format_top(t.top_uids),
+                 "top_containers": format_top(t.top_containers, container)}
+        for name, text in texts.items():
+            out[name] = text.encode()[:128]
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in texts.items() if v)
+
     def _limiter_poll(self) -> None:
         """Act on the event limiter's next transition (called every second)."""
         if self.exit_status == EXIT_LIMITER:
@@ -474,14 +488,15 @@ class Broker:
         out["sensor_monotime_nanos"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         out["dormancy_nanos"] = int(dormancy * 1e9)
         out["trips"] = int(getattr(t, "trips", 0) or 0)
+        culprits = self._limiter_culprits(t, out)
         if name == "TRIPPED":
-            log.warning("event limiter tripped: collection dormant for %.0fs", dormancy)
+            log.warning("event limiter tripped: collection dormant for %.0fs (%s)", dormancy, culprits)
             self.dormant = True
         elif name == "RESUMED":
             log.warning("event limiter: collection resumes")
             self.dormant = False
         elif name == "EXITING":
-            log.error("event limiter tripped after max_retries dormancies: the sensor exits")
+            log.error("event limiter tripped after max_retries dormancies: the sensor exits (%s)", culprits)
             self.exit_status = EXIT_LIMITER
             self.dormant = True  # collect nothing more; the loop stops at the next poll
         self.planner.update()

@@ -2,10 +2,12 @@
 
 Each output is wrapped by its own limiter, so a noisy rule can silence the
 webhook without starving the local file. Beyond the limit alerts are discarded
-for that output only and counted; when the period rolls over, one summary line
-("N alerts suppressed by <output> in the last 60s") goes out through the same
-output and to stderr, so suppression is never silent. Periods are fixed windows
-of limit_period starting when the limiter is made.
+for that output only and counted, per rule; when the period rolls over, one
+summary line ("N alerts suppressed by <output> in the last 60s: "Rule A" 12,
+"Rule B" 3") goes out through the same output and to stderr, so suppression is
+never silent and a flood of one rule meant to hide another shows which rules
+were silenced. Periods are fixed windows of limit_period starting when the
+limiter is made.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger("c8.detections.limiter")
+
+NAMED_RULES = 10        # rules named in a summary line, most suppressed first
+MAX_RULES = 1000        # distinct rule names counted per period; beyond, under "other"
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)")
@@ -47,6 +52,17 @@ def _fmt_seconds(s: float) -> str:
     return f"{int(s)}s" if s == int(s) else f"{s}s"
 
 
+def _rule_of(alert) -> str:
+    rule = alert.get("rule") if isinstance(alert, dict) else getattr(alert, "rule", None)
+    return str(rule) if rule else "?"
+
+
+def _json_quote(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a rule name with quotes or control characters stays one token
+
+
 class AlertLimiter:
     """Wraps an output; forwards at most limit_per_period alerts per limit_period.
 
@@ -70,6 +86,7 @@ class AlertLimiter:
         self._period_start = clock()
         self._sent = 0
         self._suppressed = 0
+        self._by_rule: dict[str, int] = {}
         self.suppressed_total = 0
         self.delivered_total = 0
 
@@ -84,6 +101,10 @@ class AlertLimiter:
             if self.limit is not None and self._sent >= self.limit:
                 self._suppressed += 1
                 self.suppressed_total += 1
+                rule = _rule_of(alert)
+                if rule not in self._by_rule and len(self._by_rule) >= MAX_RULES:
+                    rule = "other"
+                self._by_rule[rule] = self._by_rule.get(rule, 0) + 1
                 return False
             self._sent += 1
             self.delivered_total += 1
@@ -91,14 +112,24 @@ class AlertLimiter:
         return True
 
     def tick(self) -> None:
-        """Roll the period if it is over (emitting the summary if alerts were dropped)."""
+        """Roll the period if it is over (emitting the summary if alerts were dropped),
+        and let the output report its own drops (a stalled receiver)."""
         with self._lock:
             self._roll()
+        self.output.tick()
 
     def close(self) -> None:
         with self._lock:
             self._summary()
         self.output.close()
+        log.info("output %s: %s", self.output.name,
+                 ", ".join(f"{k} {v}" for k, v in self.stats().items()))
+
+    def stats(self) -> dict:
+        """Alerts delivered to and suppressed before the output, with its own counts
+        (sent, dropped when its queue was full, failed)."""
+        return {"delivered": self.delivered_total, "suppressed": self.suppressed_total,
+                **self.output.stats()}
 
     def _roll(self) -> None:
         if self.period is None:
@@ -114,11 +145,17 @@ class AlertLimiter:
     def _summary(self) -> None:
         if not self._suppressed:
             return
+        ranked = sorted(self._by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
+        rules = ", ".join(f"{_json_quote(r)} {n}" for r, n in ranked[:NAMED_RULES])
+        if len(ranked) > NAMED_RULES:
+            rules += f" and {len(ranked) - NAMED_RULES} more rules"
         text = (f"{self._suppressed} alerts suppressed by {self.output.name} "
-                f"in the last {_fmt_seconds(self.period)}")
+                f"in the last {_fmt_seconds(self.period)}: {rules}")
+        details = {"suppressed": self._suppressed, "rules": dict(ranked)}
         self._suppressed = 0
+        self._by_rule = {}
         log.warning("%s", text)
         try:
-            self.output.notice(text)
+            self.output.notice(text, details)
         except Exception:  # an output failing must not take the detector down
             log.exception("output %s: could not send the suppression summary", self.output.name)

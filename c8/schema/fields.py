@@ -180,6 +180,11 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
     "limiter": (
         Field("dormancy_nanos", "u8", "how long collection sleeps (TRIPPED)", "event limiter"),
         Field("trips", "u4", "trips so far", "event limiter"),
+        Field("top_pids", "S128", "TRIPPED/EXITING: the pids with the most events in the windows that "
+              "tripped it, most first: pid:events,... (up to 5)", "event limiter"),
+        Field("top_uids", "S128", "TRIPPED/EXITING: the same by uid (-1: unknown)", "event limiter"),
+        Field("top_containers", "S128", "TRIPPED/EXITING: the same by container (first 12 characters "
+              "of its id; host for the host)", "event limiter"),
     ),
 }
 

@@ -226,13 +226,37 @@ _TYPED_OUTPUT_KEYS = {
     "stdout": {},
     "file": {"path": path, "max_bytes": byte_size, "backups": count},
     "webhook": {"url": path, "timeout": positive_duration, "queue_size": positive_int,
-                "retries": count},
-    "syslog": {"address": path, "protocol": None, "facility": None},
+                "retries": count, "insecure": boolean},
+    "syslog": {"address": path, "protocol": None, "facility": None, "timeout": positive_duration,
+               "queue_size": positive_int},
 }
 _REQUIRED_OUTPUT_KEYS = {"file": ("path",), "webhook": ("url",)}
 _SYSLOG_PROTOCOLS = ("udp", "tcp", "unix")
 _SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
                       "uucp", "cron", "authpriv", "ftp") + tuple(f"local{i}" for i in range(8))
+
+
+def _redact_url(url: Any) -> str:
+    """scheme://host:port of a webhook URL, the rest (user info, path, query) as ***:
+    a URL may carry a token, and config errors are logged (the detector's
+    outputs/webhook.py shows more of it, with the same care)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(str(url))
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "***"
+    rest = "/***" if parts.path.strip("/") or parts.query or parts.fragment else parts.path
+    return (f"{parts.scheme}://" + ("***@" if "@" in parts.netloc else "") + host
+            + (f":{port}" if port else "") + rest)
+
+
+def _shown(out: Any) -> Any:
+    """An output map as an error may show it: a webhook's url redacted."""
+    if isinstance(out, dict) and "url" in out:
+        return {**out, "url": _redact_url(out["url"])}
+    return out
 
 
 def alert_outputs(value: Any) -> list[dict[str, Any]]:
@@ -254,7 +278,7 @@ def alert_outputs(value: Any) -> list[dict[str, Any]]:
     for i, out in enumerate(value):
         where = f"outputs[{i}]"
         if not isinstance(out, dict):
-            raise ConvertError(out, f"{where} must be a map with a type")
+            raise ConvertError(_shown(out), f"{where} must be a map with a type")
         kind = out.get("type")
         if kind not in OUTPUT_TYPES:
             raise ConvertError(kind, f"{where}.type must be one of " + ", ".join(OUTPUT_TYPES))
@@ -269,7 +293,8 @@ def alert_outputs(value: Any) -> list[dict[str, Any]]:
             try:
                 clean[key] = conv(raw)
             except ConvertError as e:
-                raise ConvertError(raw, f"{where}.{key} {e.reason}") from None
+                shown = _redact_url(raw) if key == "url" else raw
+                raise ConvertError(shown, f"{where}.{key} {e.reason}") from None
         if kind == "syslog":
             proto = out.get("protocol", "udp")
             if proto not in _SYSLOG_PROTOCOLS:
@@ -280,8 +305,16 @@ def alert_outputs(value: Any) -> list[dict[str, Any]]:
             clean["protocol"], clean["facility"] = proto, facility
         for key in _REQUIRED_OUTPUT_KEYS.get(kind, ()):
             if key not in clean:
-                raise ConvertError(out, f"{where}: a {kind} output needs {key}")
+                raise ConvertError(_shown(out), f"{where}: a {kind} output needs {key}")
+        if kind == "webhook":
+            scheme = clean["url"].partition("://")[0].lower()
+            if scheme not in ("http", "https"):
+                raise ConvertError(_redact_url(clean["url"]), f"{where}.url must be https://...")
+            if scheme == "http" and not clean.get("insecure"):
+                raise ConvertError(_redact_url(clean["url"]),
+                                   f"{where}.url is plain http (alerts and any token in the URL "
+                                   "in clear): use https://, or set insecure: true on this output")
         if ("limit_per_period" in clean) != ("limit_period" in clean):
-            raise ConvertError(out, f"{where}: limit_per_period and limit_period go together")
+            raise ConvertError(_shown(out), f"{where}: limit_per_period and limit_period go together")
         result.append(clean)
     return result

@@ -174,7 +174,7 @@ def bindir():
 @pytest.fixture(scope="module")
 def det_sensor(tmp_path_factory, rx, workdir):
     s = Sensor(tmp_path_factory.mktemp("det"), **sensor_config([
-        {"type": "webhook", "url": rx.url},
+        {"type": "webhook", "url": rx.url, "insecure": True},  # plain http to the local receiver
         {"type": "syslog", "address": rx.syslog_address, "protocol": "udp"}])).start()
     try:
         detector_ready(s, rx, workdir)
@@ -467,8 +467,9 @@ def test_alert_limiter_5_per_60s(tmp_path):
     limited, full = Receivers(), Receivers()
     rule = "Read sensitive file"
     config = sensor_config([
-        {"type": "webhook", "url": limited.url, "limit_per_period": 5, "limit_period": "60s"},
-        {"type": "webhook", "url": full.url},
+        {"type": "webhook", "url": limited.url, "insecure": True, "limit_per_period": 5,
+         "limit_period": "60s"},
+        {"type": "webhook", "url": full.url, "insecure": True},
         {"type": "syslog", "address": limited.syslog_address, "protocol": "udp",
          "limit_per_period": 5, "limit_period": "60s"}])
     # Only the rule under test: any other alert on the host would use the limited slots.
@@ -496,11 +497,13 @@ def test_alert_limiter_5_per_60s(tmp_path):
         assert len(mine(limited)) == 5 and len(limited.syslog_alerts(rule)) == 5
         assert len([p for p in limited.posts if p.get("type") == "alert"]) == 5
         notices = [p["message"] for p in limited.posts if p.get("type") == "notice"]
-        assert notices == ["15 alerts suppressed by webhook in the last 60s"]
+        # the summary names the rules it suppressed, with counts
+        assert notices == ['15 alerts suppressed by webhook in the last 60s: "Read sensitive file" 15']
         sys_notices = [m for m in limited.syslog if " notice " in m]
-        assert len(sys_notices) == 1 and sys_notices[0].endswith("15 alerts suppressed by syslog in the last 60s")
+        assert len(sys_notices) == 1 and sys_notices[0].endswith(
+            '15 alerts suppressed by syslog in the last 60s: "Read sensitive file" 15')
         assert not [p for p in full.posts if p.get("type") == "notice"]
-        assert "15 alerts suppressed by webhook in the last 60s" in s.output()
+        assert '15 alerts suppressed by webhook in the last 60s: "Read sensitive file" 15' in s.output()
     finally:
         limited.close()
         full.close()

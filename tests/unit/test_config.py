@@ -137,7 +137,7 @@ def test_alert_outputs_normalises():
         {"type": "file", "path": "/tmp/a.log", "max_bytes": "10M", "backups": 3,
          "enabled": False},
         {"type": "webhook", "url": "http://127.0.0.1:9/x", "timeout": "5s", "queue_size": 10,
-         "retries": 2},
+         "retries": 2, "insecure": True},
         {"type": "syslog", "address": "/dev/log", "protocol": "unix", "facility": "local3"},
     ])
     assert outs[0] == {"type": "stdout", "enabled": True, "limit_per_period": 5,

@@ -144,7 +144,7 @@ def receiver_factory():
 
 def test_webhook_posts_json(receiver_factory):
     rx = receiver_factory()
-    out = WebhookOutput(rx.url, timeout=2)
+    out = WebhookOutput(rx.url, timeout=2, insecure=True)
     out.send(ALERT)
     out.notice("1 alerts suppressed by webhook in the last 60s")
     assert wait_for(lambda: len(rx.bodies) == 2)
@@ -156,7 +156,7 @@ def test_webhook_posts_json(receiver_factory):
 
 def test_webhook_retries_with_backoff_until_success(receiver_factory):
     rx = receiver_factory(failures=2)
-    out = WebhookOutput(rx.url, timeout=2, retries=3, backoff_s=0.05)
+    out = WebhookOutput(rx.url, timeout=2, retries=3, backoff_s=0.05, insecure=True)
     t0 = time.monotonic()
     out.send(ALERT)
     assert wait_for(lambda: len(rx.bodies) == 1)
@@ -169,7 +169,7 @@ def test_webhook_retries_with_backoff_until_success(receiver_factory):
 
 def test_webhook_gives_up_after_retries(receiver_factory):
     rx = receiver_factory(failures=100)
-    out = WebhookOutput(rx.url, timeout=2, retries=2, backoff_s=0.01)
+    out = WebhookOutput(rx.url, timeout=2, retries=2, backoff_s=0.01, insecure=True)
     out.send(ALERT)
     assert wait_for(lambda: out.failed == 1)
     assert rx.requests == 3 and rx.bodies == []
@@ -183,7 +183,7 @@ def test_webhook_bounded_queue_counts_drops():
     srv.listen(16)
     try:
         out = WebhookOutput(f"http://127.0.0.1:{srv.getsockname()[1]}/", timeout=1.0,
-                            queue_size=2, retries=0)
+                            queue_size=2, retries=0, insecure=True)
         for _ in range(10):
             out.send(ALERT)
         # the worker holds at most one, the queue two: at least 7 dropped
@@ -267,7 +267,7 @@ def test_syslog_tcp_octet_counting():
         first, second = (parse_5424(m) for m in read_octet_counted(conn, 2))
         assert int(first["pri"]) == 4 * 8 + 4
         assert int(second["pri"]) == 4 * 8 + 2
-        assert second["msg"] == "second\nline"      # framing keeps embedded newlines
+        assert second["msg"] == "second\\nline"     # escaped: one message is one line
         conn.close()
         out.close()
     finally:
@@ -340,3 +340,259 @@ def test_bad_output_config_names_the_problem(entry, words):
     with pytest.raises(OutputConfigError, match=re.escape(words)) as exc:
         build_outputs({"alert_output": {"outputs": [entry]}})
     assert "alert_output.outputs[0]" in str(exc.value)
+
+
+# ---- hostile input and stalled receivers ---------------------------------------------
+
+HOSTILE = 'evil\nFAKE 1 line\r\x1b[2J\x07\x7f\u2028\udcff\udcfe ]"\\ end'
+
+
+@pytest.mark.parametrize("raw,escaped", [
+    ("plain text é", "plain text é"),
+    ("a\nb\rc\td", "a\\nb\\rc\\td"),
+    ("\x1b[31mred", "\\x1b[31mred"),
+    ("nul\x00 del\x7f c1\x85", "nul\\x00 del\\x7f c1\\x85"),
+    ("ls\u2028sep \u202eevil", "ls\\u2028sep \\u202eevil"),
+    (b"bad \xff\xfe utf8", "bad \\xff\\xfe utf8"),
+    ("surrogate \udcff", "surrogate \\xff"),
+    ('back\\slash ]"', 'back\\\\slash ]"'),
+])
+def test_escape(raw, escaped):
+    from c8.detections.outputs.syslog import escape
+
+    assert escape(raw) == escaped
+
+
+def test_hostile_alert_is_one_escaped_syslog_message():
+    """argv with newline, CR, ESC, BEL, DEL, U+2028, invalid UTF-8 and ]"\\ in both the
+    message and a structured-data value: one datagram, one line, parsed back exactly."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    try:
+        out = SyslogOutput(f"127.0.0.1:{rx.getsockname()[1]}", protocol="udp")
+        out.send({**ALERT, "output": f"exec {HOSTILE}",
+                  "process": {"pid": 42, "exec_filename": HOSTILE}})
+        data = rx.recv(65536)
+        out.close()
+    finally:
+        rx.close()
+    text = data.decode("utf-8")                 # valid UTF-8
+    assert not any(c in text for c in "\n\r\x1b\x07\x7f\u2028")
+    assert len(text.splitlines()) == 1
+    d = parse_5424(text)
+    expected = 'evil\\nFAKE 1 line\\r\\x1b[2J\\x07\\x7f\\u2028\\xff\\xfe ]"\\\\ end'
+    assert d["msg"] == f"exec {expected}"
+    # structured data: our escapes, then RFC 5424's (\\ \" \])
+    sd_value = expected.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+    assert f'exe="{sd_value}"' in d["sd"]
+
+
+def test_hostile_alert_is_valid_json_in_the_file(tmp_path):
+    path = tmp_path / "alerts.json"
+    out = FileOutput(str(path))
+    out.send({**ALERT, "output": HOSTILE.encode("utf-8", "surrogateescape").decode("utf-8", "replace")})
+    out.close()
+    [line] = path.read_bytes().split(b"\n")[:-1]
+    assert json.loads(line.decode("ascii"))["output"].startswith("evil\nFAKE")
+
+
+def blackhole_tcp():
+    """A TCP receiver that never accepts, its backlog already full: connects to it hang."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    while True:  # fill the accept queue until a connect times out
+        c = socket.socket()
+        c.settimeout(0.3)
+        try:
+            c.connect(srv.getsockname())
+        except (TimeoutError, OSError):
+            c.close()
+            break
+        fillers.append(c)
+        assert len(fillers) < 10, "the accept queue does not fill"
+    return srv, fillers
+
+
+def test_blackholed_tcp_syslog_never_blocks_and_counts_drops(caplog):
+    srv, fillers = blackhole_tcp()
+    try:
+        out = SyslogOutput(f"127.0.0.1:{srv.getsockname()[1]}", protocol="tcp", timeout=0.5,
+                           queue_size=5)
+        t0 = time.monotonic()
+        for _ in range(100):
+            out.send(ALERT)
+        assert time.monotonic() - t0 < 0.1     # enqueued, never sent by the caller
+        # the worker holds one, the queue five: the rest are dropped and counted
+        assert out.stats()["dropped"] >= 94
+        out.tick()
+        assert re.search(r"(9[4-9]) alerts dropped by syslog: its queue of 5 was full", caplog.text)
+        assert wait_for(lambda: out.stats()["failed"] >= 1, 5)  # each message ends at its deadline
+        out.close(timeout=0.5)
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+
+
+def test_tcp_syslog_peer_that_never_reads_costs_one_deadline_per_message():
+    """Accepted but never read, tiny receive buffer: big messages fill the path, sends time out."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    try:
+        out = SyslogOutput(f"127.0.0.1:{srv.getsockname()[1]}", protocol="tcp", timeout=0.3,
+                           queue_size=1000)
+        big = {**ALERT, "output": "x" * (1 << 20)}   # 1 MiB each: more than any socket buffers
+        t0 = time.monotonic()
+        for _ in range(20):
+            out.send(big)
+        assert time.monotonic() - t0 < 0.5
+        conn, _ = srv.accept()                       # accepted, never read
+        assert wait_for(lambda: out.stats()["failed"] >= 2, 10)
+        out.close(timeout=0.5)
+        conn.close()
+    finally:
+        srv.close()
+
+
+def test_webhook_refuses_plain_http():
+    with pytest.raises(ValueError, match="insecure: true"):
+        WebhookOutput("http://127.0.0.1:9/x?token=s3cr3t-token")
+    with pytest.raises(OutputConfigError) as exc:
+        build_outputs({"alert_output": {"outputs": [
+            {"type": "stdout"},
+            {"type": "webhook", "name": "siem", "url": "http://u:pw@127.0.0.1:9/hooks/s3cr3t?token=t0k3n"}]}})
+    msg = str(exc.value)
+    assert "alert_output.outputs[1] 'siem' (webhook)" in msg and "url" in msg and "insecure" in msg
+    assert "s3cr3t" not in msg and "t0k3n" not in msg and "pw" not in msg
+    assert "http://***@127.0.0.1:9/hooks/***?token=***" in msg
+    # allowed when the output says so
+    [lim] = build_outputs({"alert_output": {"outputs": [
+        {"type": "webhook", "url": "http://127.0.0.1:9/x", "insecure": True}]}})
+    lim.close()
+
+
+@pytest.mark.parametrize("url", ["ftp://h/x", "file:///etc/passwd", "https:///nohost", "nonsense"])
+def test_webhook_refuses_other_schemes(url):
+    with pytest.raises(ValueError, match="https://"):
+        WebhookOutput(url, insecure=True)
+
+
+def test_supervisor_config_refuses_plain_http_webhook_without_leaking_the_token():
+    from c8.supervisor import converters as cv
+
+    with pytest.raises(cv.ConvertError) as exc:
+        cv.alert_outputs([{"type": "webhook", "url": "http://u:pw@h:8080/x/s3cr3t?token=t0k3n"}])
+    assert "outputs[0].url is plain http" in exc.value.reason and "insecure: true" in exc.value.reason
+    assert "s3cr3t" not in str(exc.value) and "t0k3n" not in str(exc.value)
+    assert exc.value.value == "http://***@h:8080/***"
+    with pytest.raises(cv.ConvertError) as exc:
+        cv.alert_outputs([{"type": "webhook", "url": "https://h/x?token=t0k3n", "limit_period": "1m"}])
+    assert "t0k3n" not in str(exc.value)
+    [out] = cv.alert_outputs([{"type": "webhook", "url": "http://h/x", "insecure": "true"}])
+    assert out["insecure"] is True
+
+
+class Redirector(http.server.ThreadingHTTPServer):
+    """Answers every POST with 307 to `location` (a receiver that would take the alerts)."""
+
+    def __init__(self, location):
+        self.requests = []
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                srv.requests.append((self.path, dict(self.headers)))
+                self.send_response(307)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_webhook_follows_no_redirect_and_logs_no_secret(receiver_factory, caplog):
+    caplog.set_level("DEBUG")
+    target = receiver_factory()
+    redirector = Redirector(target.url + "?stolen=T4RG3T")
+    try:
+        port = redirector.server_address[1]
+        url = f"http://alice:pa55w0rd@127.0.0.1:{port}/hooks/T0K3NPATH?token=QU3RYT0K3N"
+        out = WebhookOutput(url, timeout=2, retries=3, backoff_s=0.01, insecure=True)
+        out.send(ALERT)
+        assert wait_for(lambda: out.stats()["failed"] == 1)
+        out.close()
+        assert len(redirector.requests) == 1            # a redirect is not retried either
+        time.sleep(0.2)                                  # time for a wrong follow to arrive
+        assert target.requests == 0 and out.stats()["redirects"] == 1
+        path, headers = redirector.requests[0]
+        assert path == "/hooks/T0K3NPATH?token=QU3RYT0K3N"
+        assert headers["Authorization"] == "Basic YWxpY2U6cGE1NXcwcmQ="   # user info -> header
+        assert "redirects are not followed" in caplog.text
+        for secret in ("alice", "pa55w0rd", "T0K3NPATH", "QU3RYT0K3N", "T4RG3T", "YWxpY2U6"):
+            assert secret not in caplog.text, secret
+        assert f"http://***@127.0.0.1:{port}/hooks/***?token=***" in caplog.text
+    finally:
+        redirector.shutdown()
+        redirector.server_close()
+
+
+def test_webhook_error_logs_carry_no_secret(caplog):
+    # a port nobody listens on: connection refused, logged after the retries
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    out = WebhookOutput(f"http://bob:hunter22@127.0.0.1:{port}/a/SECRETPATH?k=SECRETQ", timeout=1,
+                        retries=1, backoff_s=0.01, insecure=True,
+                        headers={"Authorization": "Bearer SECRETBEARER"})
+    out.send(ALERT)
+    assert wait_for(lambda: out.stats()["failed"] == 1)
+    out.close()
+    assert "giving up after 2 attempts" in caplog.text
+    for secret in ("hunter22", "SECRETPATH", "SECRETQ", "SECRETBEARER"):
+        assert secret not in caplog.text
+        assert secret not in repr(out.stats())
+
+
+def test_webhook_deadline_bounds_a_trickling_receiver():
+    """A receiver that answers one byte every 0.2 s: the POST ends at its deadline."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.send(bytes([b]))
+                except OSError:
+                    return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        out = WebhookOutput(f"http://127.0.0.1:{srv.getsockname()[1]}/", timeout=1.0, retries=0,
+                            insecure=True)
+        t0 = time.monotonic()
+        out.send(ALERT)
+        assert wait_for(lambda: out.stats()["failed"] == 1, 5)
+        assert time.monotonic() - t0 < 2.0            # 1 s deadline, not 200 s of trickle
+        out.close()
+    finally:
+        stop.set()
+        srv.close()

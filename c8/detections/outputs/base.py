@@ -5,7 +5,8 @@ from __future__ import annotations
 
 class Output:
     """An alert destination. ``send`` takes an Alert (or its dict form);
-    ``notice`` takes an operational line (the alert limiter's summaries)."""
+    ``notice`` takes an operational line (the alert limiter's summaries) and,
+    optionally, its details as a map (JSON outputs include them)."""
 
     type = "base"
 
@@ -15,8 +16,11 @@ class Output:
     def send(self, alert) -> None:
         raise NotImplementedError
 
-    def notice(self, text: str) -> None:
+    def notice(self, text: str, details: dict | None = None) -> None:
         raise NotImplementedError
+
+    def tick(self) -> None:
+        """Called about once a second by the detector (reports of drops, ...)."""
 
     def close(self) -> None:
         """Flush and release resources; the output is not used afterwards."""
@@ -30,5 +34,5 @@ def alert_dict(alert) -> dict:
     return alert if isinstance(alert, dict) else alert.to_dict()
 
 
-def notice_dict(text: str) -> dict:
-    return {"type": "notice", "message": text}
+def notice_dict(text: str, details: dict | None = None) -> dict:
+    return {"type": "notice", "message": text, **(details or {})}

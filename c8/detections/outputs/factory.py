@@ -3,8 +3,11 @@
 Each entry is a map: ``type`` (stdout, file, webhook, syslog), ``enabled``
 (default true), ``limit_per_period`` and ``limit_period`` (the alert limiter;
 default no limit), and the type's own keys:
-file: path, max_bytes, backups; webhook: url, timeout, queue_size, retries;
-syslog: address, protocol, facility, app_name. Unknown keys are errors.
+file: path, max_bytes, backups; webhook: url, insecure, timeout, queue_size,
+retries; syslog: address, protocol, facility, app_name, timeout, queue_size.
+Unknown keys are errors. Webhook and syslog deliver from their own thread
+behind a bounded queue (outputs/queued.py). An error names the entry (index,
+type and name) and the key, and never shows a webhook URL's secrets.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ COMMON_KEYS = {"type", "enabled", "limit_per_period", "limit_period", "name"}
 TYPES = {
     "stdout": (StdoutOutput, set()),
     "file": (FileOutput, {"path", "max_bytes", "backups"}),
-    "webhook": (WebhookOutput, {"url", "timeout", "queue_size", "retries", "backoff", "headers"}),
-    "syslog": (SyslogOutput, {"address", "protocol", "facility", "app_name", "timeout"}),
+    "webhook": (WebhookOutput, {"url", "timeout", "queue_size", "retries", "backoff", "headers",
+                                "insecure"}),
+    "syslog": (SyslogOutput, {"address", "protocol", "facility", "app_name", "timeout", "queue_size"}),
 }
 REQUIRED = {"file": {"path"}, "webhook": {"url"}}
 
@@ -48,6 +52,8 @@ def build_output(entry: dict, index: int = 0) -> AlertLimiter | None:
     if kind not in TYPES:
         raise OutputConfigError(f"{where}: type {kind!r} is not one of {', '.join(TYPES)}")
     cls, keys = TYPES[kind]
+    if entry.get("name"):
+        where += f" {entry['name']!r}"
     unknown = set(entry) - COMMON_KEYS - keys
     if unknown:
         raise OutputConfigError(f"{where} ({kind}): unknown key(s) {', '.join(sorted(unknown))}; "
@@ -65,6 +71,8 @@ def build_output(entry: dict, index: int = 0) -> AlertLimiter | None:
             kwargs["timeout"] = parse_duration(kwargs["timeout"])
         if "backoff" in kwargs:
             kwargs["backoff_s"] = parse_duration(kwargs.pop("backoff"))
+        if "insecure" in kwargs and not isinstance(kwargs["insecure"], bool):
+            raise ValueError(f"insecure must be true or false, got {kwargs['insecure']!r}")
         output = cls(name=entry.get("name") or kind, **kwargs)
         return AlertLimiter(output, entry.get("limit_per_period"), entry.get("limit_period"))
     except (ValueError, TypeError, OSError) as exc:

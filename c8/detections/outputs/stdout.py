@@ -29,5 +29,5 @@ class StdoutOutput(Output):
     def send(self, alert) -> None:
         self._write(alert_dict(alert))
 
-    def notice(self, text: str) -> None:
-        self._write(notice_dict(text))
+    def notice(self, text: str, details: dict | None = None) -> None:
+        self._write(notice_dict(text, details))

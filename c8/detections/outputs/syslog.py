@@ -1,4 +1,4 @@
-"""Alerts as RFC 5424 syslog messages over UDP, TCP or a unix socket.
+r"""Alerts as RFC 5424 syslog messages over UDP, TCP or a unix socket.
 
     <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [c8@32473 rule=".." ..] MSG
 
@@ -6,6 +6,21 @@ PRI is facility * 8 + severity, the severity being the rule's priority
 (emergency 0 .. debug 7). UDP sends one message per datagram; TCP uses
 octet-counting framing (RFC 6587: "LEN SP MSG"); a unix socket is tried as a
 datagram socket first (as /dev/log is), then as a stream with octet counting.
+
+Monitored processes choose argv and file names, so every text from an event is
+escaped (``escape``): backslash, newline, CR, tab, ESC and every other C0
+control, DEL, C1 controls, Unicode line/paragraph separators and bidi
+overrides become backslash escapes (``\\``, ``\n``, ``\r``, ``\t``, ``\x1b``,
+``\u2028``), and bytes that are not UTF-8 (raw bytes, or surrogate-escaped
+text) become ``\xNN``. A message is thus always one line, whatever its
+framing, and a receiver or terminal showing it runs no escape sequence.
+Structured-data values are escaped first, then get RFC 5424's own escapes
+(``\"``, ``\\``, ``\]``).
+
+Delivery runs on the output's own thread behind a bounded queue
+(``QueuedOutput``), each message within ``timeout``: a stalled receiver
+(a TCP peer that never reads, a full /dev/log) drops and counts alerts of this
+output only, and never holds the detector.
 """
 
 from __future__ import annotations
@@ -14,9 +29,11 @@ import datetime
 import errno
 import logging
 import os
+import re
 import socket
+import time
 
-from c8.detections.outputs.base import Output, alert_dict
+from c8.detections.outputs.queued import QueuedOutput
 
 log = logging.getLogger("c8.detections.outputs.syslog")
 
@@ -42,8 +59,31 @@ def facility_code(value) -> int:
     raise ValueError(f"unknown syslog facility {value!r}; use one of {', '.join(FACILITIES)} or 0..23")
 
 
+# backslash, C0, DEL, C1, line/paragraph separators, bidi controls, lone surrogates
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(m: re.Match) -> str:
+    c = m.group()
+    if c in _NAMED:
+        return _NAMED[c]
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(value) -> str:
+    """One line of safe text: control characters and non-UTF-8 bytes as backslash escapes."""
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", "surrogateescape")
+    return _UNSAFE.sub(_escape_one, str(value))
+
+
 def _sd_escape(value) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+    # RFC 5424 section 6.3.3 escapes on top of ours, so ours survive its unescaping
+    return escape(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
 def _token(value, limit: int) -> str:
@@ -66,7 +106,7 @@ def format_message(facility: int, severity: int, msg: str, *, app_name: str = "c
         sd_text = NILVALUE
     return (f"<{facility * 8 + severity}>1 {ts_text} {_token(hostname or socket.gethostname(), 255)} "
             f"{_token(app_name, 48)} {_token(procid if procid is not None else os.getpid(), 128)} "
-            f"{_token(msgid, 32)} {sd_text} {msg}")
+            f"{_token(msgid, 32)} {sd_text} {escape(msg)}")
 
 
 def parse_address(address: str, protocol: str) -> tuple[str, int] | str:
@@ -86,16 +126,23 @@ def parse_address(address: str, protocol: str) -> tuple[str, int] | str:
     return host, port
 
 
-class SyslogOutput(Output):
-    """Sends alerts to a syslog receiver (protocol: udp, tcp or unix)."""
+class SyslogOutput(QueuedOutput):
+    """Sends alerts to a syslog receiver (protocol: udp, tcp or unix) from its own thread.
+
+    ``timeout`` bounds each message (connect and send together); ``queue_size``
+    bounds the alerts waiting for the receiver (beyond it they are dropped and
+    counted).
+    """
 
     type = "syslog"
 
     def __init__(self, address: str | None = None, protocol: str = "udp", facility="daemon",
-                 app_name: str = "c8", timeout: float = 5.0, name: str | None = None):
-        super().__init__(name)
+                 app_name: str = "c8", timeout: float = 5.0, queue_size: int = 1000,
+                 name: str | None = None):
         if protocol not in ("udp", "tcp", "unix"):
             raise ValueError(f"syslog protocol must be udp, tcp or unix, got {protocol!r}")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"syslog timeout must be > 0, got {timeout!r}")
         self.protocol = protocol
         if address is None:
             address = "/dev/log" if protocol == "unix" else "127.0.0.1:514"
@@ -104,19 +151,20 @@ class SyslogOutput(Output):
         self.app_name = app_name
         self.timeout = timeout
         self.hostname = socket.gethostname()
-        self.sent = 0
-        self.failed = 0
         self._sock: socket.socket | None = None
         self._framed = protocol == "tcp"
+        super().__init__(name, queue_size)  # starts the worker: everything above is set
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, deadline: float) -> socket.socket:
+        remaining = max(deadline - time.monotonic(), 0.001)
         if self.protocol == "udp":
             family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
             s = socket.socket(family, socket.SOCK_DGRAM)
         elif self.protocol == "tcp":
-            s = socket.create_connection(self.address, timeout=self.timeout)
+            s = socket.create_connection(self.address, timeout=remaining)
         else:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.settimeout(remaining)
             try:
                 s.connect(self.address)
             except OSError as exc:
@@ -124,55 +172,60 @@ class SyslogOutput(Output):
                 if exc.errno != errno.EPROTOTYPE:  # the socket is a stream
                     raise
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(remaining)
                 s.connect(self.address)
                 self._framed = True
-        s.settimeout(self.timeout)
         return s
 
-    def _transmit(self, text: str) -> None:
+    def _transmit(self, text: str) -> bool:
         raw = text.encode("utf-8", "replace")
-        for attempt in (0, 1):
+        deadline = time.monotonic() + self.timeout
+        for attempt in (0, 1):  # a second try on a fresh connection (the peer may have closed it)
             try:
                 if self._sock is None:
-                    self._sock = self._connect()
+                    self._sock = self._connect(deadline)
                 # framing is known once connected (a unix socket may be a stream)
                 data = str(len(raw)).encode() + b" " + raw if self._framed else raw
+                # sendall's timeout bounds the whole send: a peer that never reads costs
+                # at most the time left to this message
+                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 if self.protocol == "udp":
                     self._sock.sendto(data, self.address)
                 else:
                     self._sock.sendall(data)
-                self.sent += 1
-                return
+                return True
             except OSError as exc:
+                # a partial frame would corrupt the stream: start a new connection
                 self._drop_socket()
-                if attempt:
-                    self.failed += 1
+                if attempt or time.monotonic() >= deadline:
                     log.warning("syslog %s %s: %s", self.protocol, self.address, exc)
+                    return False
+        return False
 
     def _drop_socket(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
-    def send(self, alert) -> None:
-        d = alert_dict(alert)
-        proc = d.get("process") or {}
-        cont = d.get("container") or {}
-        sd = {"rule": d.get("rule"), "priority": d.get("priority"),
+    def deliver(self, kind: str, obj: dict) -> bool:
+        if kind == "notice":
+            return self._transmit(format_message(self.facility, SEVERITIES["warning"],
+                                                 obj.get("message", ""), app_name=self.app_name,
+                                                 hostname=self.hostname, msgid="notice"))
+        proc = obj.get("process") or {}
+        cont = obj.get("container") or {}
+        sd = {"rule": obj.get("rule"), "priority": obj.get("priority"),
               "process_id": proc.get("process_id"), "pid": proc.get("pid"),
               "exe": proc.get("exec_filename"), "container_id": cont.get("container_id")}
-        severity = SEVERITIES.get(str(d.get("priority", "")).lower(), SEVERITIES["warning"])
-        msg = d.get("output") or d.get("rule") or ""
-        self._transmit(format_message(self.facility, severity, msg, app_name=self.app_name,
-                                      hostname=self.hostname, msgid="alert", sd=sd))
+        severity = SEVERITIES.get(str(obj.get("priority", "")).lower(), SEVERITIES["warning"])
+        msg = obj.get("output") or obj.get("rule") or ""
+        return self._transmit(format_message(self.facility, severity, msg, app_name=self.app_name,
+                                             hostname=self.hostname, msgid="alert", sd=sd))
 
-    def notice(self, text: str) -> None:
-        self._transmit(format_message(self.facility, SEVERITIES["warning"], text,
-                                      app_name=self.app_name, hostname=self.hostname,
-                                      msgid="notice"))
-
-    def close(self) -> None:
-        self._drop_socket()
+    def release(self) -> None:
+        if not self._thread.is_alive():  # else the worker still owns the socket
+            self._drop_socket()
 
     def stats(self) -> dict:
-        return {"sent": self.sent, "failed": self.failed}
+        st = super().stats()
+        return {"sent": st["delivered"], **st}
