@@ -9,6 +9,14 @@ process events (a forked child inherits its parent's container), and from
 before the sensor). Names and images come from the runtimes' own metadata
 (``c8.broker.runtimes``), retried while a runtime has not written it yet.
 
+The table sits on the broker's release path, which never waits on the
+outside world: every metadata lookup (runtime state files, docker's API, a
+runtime's command line, root discovery) runs on a worker thread with a
+deadline (``runtimes.worker``), the loop waiting for it at most ``wait``
+seconds; a lookup that fails, times out or is dropped leaves that
+container's name and image unknown, counted in :meth:`ContainerTable.stats`
+(``c8ctl status``). No exception of a lookup reaches the caller.
+
 Only components holding a 64-hex id count as containers, so /user.slice or
 /process_api/<32 hex> never do.
 """
@@ -16,7 +24,7 @@ Only components holding a 64-hex id count as containers, so /user.slice or
 from __future__ import annotations
 
 import heapq
-import os
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -24,11 +32,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from c8.host import proc as hostproc
+
 from .runtimes import Metadata, Roots
 from .runtimes.discovery import discover, roots_from_cmdline
 from .runtimes.docker import read_docker, read_docker_api
-from .runtimes.oci import from_runtime_argv, read_cmdline, read_containerd, read_crun, read_runc
+from .runtimes.oci import from_runtime_argv, read_containerd, read_crun, read_runc
 from .runtimes.storage import read_storage
+from .runtimes.worker import Job, Worker
+
+log = logging.getLogger("c8.broker.containers")
 
 # [prefix-]<64 hex>[.scope]; the lazy prefix lets "libpod-conmon-<id>" be seen whole
 _COMPONENT = re.compile(r"^(?:(?P<prefix>[a-z][a-z0-9_.-]*?)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?$")
@@ -38,6 +51,15 @@ _PREFIX_RUNTIME = {"docker": "docker", "libpod": "podman", "cri-containerd": "co
 _NOT_CONTAINER = {"libpod-conmon", "crio-conmon"}
 
 HOST_ROW = ("", "", "", "", "")
+
+
+def _safe(argv_of: Callable[[int], list[str]] | None, pid: int) -> list[str]:
+    """``argv_of(pid)``, [] when absent or failing (the caller's table, not ours)."""
+    try:
+        return list(argv_of(pid)) if argv_of else []
+    except Exception:
+        log.exception("argv of pid %d", pid)
+        return []
 
 
 def _path_of(line: str) -> str:
@@ -89,28 +111,11 @@ def parse_cgroup_path(path: str) -> tuple[str, str] | None:
 def container_of_pid(pid: int, proc: str = "/proc") -> tuple[str, str] | None:
     """(runtime, container_id) of a process from any line of /proc/<pid>/cgroup;
     None on the host or when the process is gone."""
-    try:
-        with open(f"{proc}/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+    for line in hostproc.cgroup_lines(pid, proc) or ():
         found = _parse(line, leaf=False)
         if found:
             return found
     return None
-
-
-def _read_ppid(pid: int, proc: str) -> int | None:
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    try:
-        return int(data[data.rfind(b")") + 2:].split()[1])
-    except (IndexError, ValueError):
-        return None
 
 
 @dataclass
@@ -128,6 +133,7 @@ class _Entry:
     init_pid: int = 0
     born_seen: bool = False  # its cgroup's mkdir (or its first attach) was seen: RUNNING may follow
     last_try: float = float("-inf")  # last metadata attempt
+    job: Job | None = None  # the metadata lookup under way
 
     def row(self) -> tuple[str, str, str, str, str]:
         return (self.container_id, self.name, self.image_id, self.image_name, self.runtime)
@@ -168,7 +174,10 @@ class ContainerTable:
                  discover_roots: bool = True, max_entries: int = 4096,
                  expire_after: float = 60.0, enrich_for: float = 120.0,
                  rediscover_every: float = 5.0, max_pids: int = 1 << 16,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 worker: Worker | None = None, wait: float = 0.1,
+                 lookup_deadline: float = 2.0,
+                 advertiser: Callable[[int, str], hostproc.Advertiser] = hostproc.advertiser) -> None:
         self.proc = proc
         self.roots = roots if roots is not None else Roots()
         self.discover_roots = discover_roots
@@ -178,7 +187,14 @@ class ContainerTable:
         self.rediscover_every = rediscover_every
         self.max_pids = max_pids
         self.clock = clock
+        self.worker = worker if worker is not None else Worker()
+        self.wait = wait  # longest the caller waits for one lookup
+        self.lookup_deadline = lookup_deadline
+        self.advertiser = advertiser
         self.overflow = 0  # containers refused because the table was full
+        # runtimes_ignored: untrusted runtime processes at the last discovery;
+        # untrusted_runtimes: cgroup makers whose command line named no root we trust
+        self.counts = {"pid_errors": 0, "untrusted_runtimes": 0, "runtimes_ignored": 0, "gave_up": 0}
         self._entries: dict[int, _Entry] = {}
         self._by_id: dict[str, int] = {}
         self._free: list[int] = []
@@ -190,8 +206,19 @@ class ContainerTable:
         self._pending_pids: dict[int, int] = {}  # pid -> queued attaches not applied yet
         self._awaiting: dict[int, int] = {}  # runtime pid -> index of the container it made, unnamed
         self._last_discovery = float("-inf")
-        if discover_roots:
-            self._discover()
+        self._discovery: Job | None = None
+        if discover_roots:  # at start-up, not on the release path: lookups queue behind it
+            self._discover(lookup_deadline)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``c8ctl status``: how many containers are known, and
+        every way a lookup left a container's name unknown."""
+        w = self.worker.counts
+        return {"known": len(self._entries), "unnamed": sum(not e.enriched for e in self._entries.values()),
+                "overflow": self.overflow, "lookups": w["jobs"], "lookup_failed": w["failed"],
+                "lookup_timed_out": w["timed_out"], "lookup_dropped": w["dropped"],
+                "lookup_stuck_threads": w["stuck_threads"], "roots_refused": self.roots.refused,
+                **self.counts}
 
     # -- identity --------------------------------------------------------
 
@@ -228,13 +255,16 @@ class ContainerTable:
             # /proc shows where it is now, not where it was at this event
             self._set_pid(pid, 0)
             return 0
-        try:
-            with open(f"{self.proc}/{pid}/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
+        lines = hostproc.cgroup_lines(pid, self.proc)
+        if lines is None:
             return 0  # gone: do not cache, the pid may be reused
-        found = next(filter(None, (_parse(line, leaf=False) for line in lines)), None)
-        index = self.index_of(*found) if found else 0
+        try:
+            found = next(filter(None, (_parse(line, leaf=False) for line in lines)), None)
+            index = self.index_of(*found) if found else 0
+        except Exception:  # never expected; identity unknown beats a stopped broker
+            self.counts["pid_errors"] += 1
+            log.exception("container of pid %d", pid)
+            return 0
         self._set_pid(pid, index)
         return index
 
@@ -289,7 +319,7 @@ class ContainerTable:
         for i in set(np.asarray(list(indices)).tolist()):
             entry = self._entries.get(int(i))
             if entry is not None and not entry.enriched:
-                self._retry(entry, 0.1)
+                self._retry(entry, 0.1, self.wait)
             rows[int(i)] = entry.row() if entry else HOST_ROW
         return rows
 
@@ -324,7 +354,7 @@ class ContainerTable:
         if entry.created_seen:
             return None
         entry.created_seen = entry.born_seen = True
-        if not entry.enriched and pid > 0 and not self._enrich_from_process(entry, pid, argv_of):
+        if not entry.enriched and pid > 0 and not self._enrich_from_process(entry, pid, _safe(argv_of, pid)):
             if len(self._awaiting) >= 1024:
                 self._awaiting.clear()
             self._awaiting[pid] = index  # its exec event, released later, has the command line
@@ -337,7 +367,8 @@ class ContainerTable:
         index = self._awaiting.pop(pid, None) if self._awaiting else None
         entry = self._entries.get(index) if index else None
         if entry is not None and not entry.enriched:
-            self._enrich_from_argv(entry, argv, "")
+            cid, runtime = entry.container_id, entry.runtime
+            self._start(entry, lambda: self._meta_from_argv(cid, runtime, pid, argv, None), self.wait)
 
     def on_cgroup_rmdir(self, path: str) -> tuple[int, str, str] | None:
         """(index, runtime, id) the first time a container's cgroup is removed
@@ -418,13 +449,9 @@ class ContainerTable:
         started before the sensor are known); their init is the member whose
         parent is outside. Returns their indices."""
         if self.discover_roots:
-            self._discover()
+            self._discover(self.lookup_deadline)  # start-up: see __init__
         members: dict[int, list[int]] = {}
-        try:
-            pids = [int(n) for n in os.listdir(self.proc) if n.isdigit()]
-        except OSError:
-            return []
-        for pid in pids:
+        for pid in hostproc.pids(self.proc):
             self._pids.pop(pid, None)
             index = self.lookup_pid(pid)
             if index:
@@ -435,68 +462,123 @@ class ContainerTable:
             if not entry.init_pid:
                 inside = set(group)
                 for pid in sorted(group):
-                    ppid = _read_ppid(pid, self.proc)
+                    ppid = hostproc.ppid(pid, self.proc)
                     if ppid is not None and ppid not in inside:
                         entry.init_pid = pid
                         break
         return sorted(members)
 
     def refresh(self) -> list[int]:
-        """Retry metadata for containers not enriched yet, expire destroyed
-        ones; returns the indices enriched by this call."""
+        """Collect lookups done, retry metadata for containers not enriched
+        yet (without waiting: answers are collected at the next call), expire
+        destroyed ones; returns the indices enriched since the last call."""
         now = self.clock()
-        pending = [(i, e) for i, e in self._entries.items()
-                   if not e.enriched and now - e.first_seen < self.enrich_for]
+        self.worker.check()
+        done = [i for i, e in self._entries.items() if e.job is not None and self._collect(e)]
+        pending = [(i, e) for i, e in self._entries.items() if not e.enriched]
+        for _, e in pending:
+            if now - e.first_seen >= self.enrich_for and e.job is None and e.last_try > float("-inf"):
+                e.last_try = float("-inf")  # counted once
+                self.counts["gave_up"] += 1
+        pending = [(i, e) for i, e in pending if now - e.first_seen < self.enrich_for]
         if pending and self.discover_roots and now - self._last_discovery >= self.rediscover_every:
-            self._discover()
-        done = [i for i, e in pending if self._enrich(e)]
+            self._discover(0.0)
+        done += [i for i, e in pending if e.job is None and self._enrich(e, 0.0)]
         self._expire(force=False)
         return done
 
-    def _discover(self) -> None:
+    def _discover(self, wait: float) -> None:
+        """Add the roots running daemons advertise (on the worker)."""
         self._last_discovery = self.clock()
-        discover(self.roots, self.proc)
+        if self._discovery is not None and not self._discovery.done.is_set():
+            return
+        self._discovery = self.worker.submit(self._discover_job, deadline=10 * self.lookup_deadline)
+        self.worker.wait(self._discovery, wait)
 
-    def _retry(self, entry: _Entry, every: float) -> bool:
+    def _discover_job(self) -> None:
+        self.counts["runtimes_ignored"] = discover(self.roots, self.proc, self.advertiser)
+
+    # -- metadata lookups: on the worker, each applied here once done ---------------------
+
+    def _retry(self, entry: _Entry, every: float, wait: float) -> bool:
+        if entry.job is not None:
+            return self._collect(entry)
         now = self.clock()
         if now - entry.last_try < every or now - entry.first_seen >= self.enrich_for:
             return False
-        return self._enrich(entry)
+        return self._enrich(entry, wait)
 
-    def _enrich_from_process(self, entry: _Entry, pid: int,
-                             argv_of: Callable[[int], list[str]] | None = None) -> bool:
-        """Metadata from the runtime process making the container's cgroup."""
-        argv = read_cmdline(pid, self.proc) or (argv_of(pid) if argv_of else [])
-        return self._enrich_from_argv(entry, argv, f"{self.proc}/{pid}/cwd")
+    def _enrich(self, entry: _Entry, wait: float | None = None) -> bool:
+        cid, runtime = entry.container_id, entry.runtime
+        return self._start(entry, lambda: self._meta(cid, runtime),
+                           self.wait if wait is None else wait)
 
-    def _enrich_from_argv(self, entry: _Entry, argv: list[str], cwd_link: str) -> bool:
-        if not argv:
-            return False
-        roots_from_cmdline(argv, self.roots)
-        if self._enrich(entry) or entry.runtime in _ORDER:
-            # docker's or podman's runc: the bundle knows no name, their metadata does
-            return entry.enriched
-        meta = from_runtime_argv(argv, entry.container_id, cwd_link)
-        if meta is None:
-            return False
-        entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name
-        entry.runtime = meta.runtime
-        entry.enriched = True
-        return True
-
-    def _enrich(self, entry: _Entry) -> bool:
-        entry.last_try = self.clock()
-        certain = entry.runtime in _ORDER
-        for source in _ORDER.get(entry.runtime, _ALL):
-            meta = _READERS[source](self.roots, entry.container_id)
-            if meta is None:
-                continue
-            entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name
-            if not certain:
-                entry.runtime = meta.runtime
-            entry.enriched = True
+    def _start(self, entry: _Entry, lookup: Callable[[], Metadata | None], wait: float) -> bool:
+        """Run ``lookup`` for ``entry`` on the worker (one at a time per
+        container), wait at most ``wait`` s; True when the entry is enriched now."""
+        if entry.job is not None and not self._collect(entry) and entry.job is not None:
+            return False  # one lookup under way already
+        if entry.enriched:
             return True
-        return False
+        entry.last_try = self.clock()
+        entry.job = self.worker.submit(lookup, self.lookup_deadline)
+        if entry.job is None:
+            return False
+        self.worker.wait(entry.job, wait)
+        return self._collect(entry)
+
+    def _collect(self, entry: _Entry) -> bool:
+        """Apply the entry's finished lookup, if any; True when enriched."""
+        job = entry.job
+        if job is not None and job.done.is_set():
+            entry.job = None
+            meta = job.result if not job.failed else None
+            if isinstance(meta, Metadata) and not entry.enriched:
+                entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name
+                if entry.runtime not in _ORDER:  # the path only guessed the runtime
+                    entry.runtime = meta.runtime
+                entry.enriched = True
+        return entry.enriched
+
+    def _enrich_from_process(self, entry: _Entry, pid: int, fallback: list[str]) -> bool:
+        """Metadata from the runtime process making the container's cgroup
+        (its command line from /proc, else ``fallback``: its exec's)."""
+        cid, runtime = entry.container_id, entry.runtime
+        return self._start(entry, lambda: self._meta_from_argv(cid, runtime, pid, None, fallback),
+                           self.wait)
+
+    # the lookups themselves: run on the worker thread, touch no entry
+
+    def _meta(self, cid: str, runtime: str) -> Metadata | None:
+        for source in _ORDER.get(runtime, _ALL):
+            meta = _READERS[source](self.roots, cid)
+            if meta is not None:
+                return meta
+        return None
+
+    def _meta_from_argv(self, cid: str, runtime: str, pid: int, argv: list[str] | None,
+                        fallback: list[str]) -> Metadata | None:
+        """A runtime's command line (``argv``, else /proc's, else ``fallback``)
+        may name a root (trusted only from root's own runtimes, see
+        runtimes.discovery) and a bundle (read only when owned by the
+        process's uid, or root's when that is unknown)."""
+        who = self.advertiser(pid, self.proc)
+        live = bool(who.argv)
+        from_proc = not argv and live  # its working directory is the default bundle
+        argv = argv or who.argv or fallback
+        if not argv:
+            return None
+        if who.trusted:
+            roots_from_cmdline(argv, self.roots)
+        elif live:
+            self.counts["untrusted_runtimes"] += 1
+        meta = self._meta(cid, runtime)
+        if meta is not None or runtime in _ORDER:
+            # docker's or podman's runc: the bundle knows no name, their metadata does
+            return meta
+        owner = None if who.trusted else (who.uid or 0)
+        cwd = hostproc.cwd(pid, self.proc) if from_proc else ""
+        return from_runtime_argv(argv, cid, cwd, owner)
 
     def _expire(self, force: bool) -> None:
         now = self.clock()

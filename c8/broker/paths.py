@@ -16,16 +16,14 @@ import os
 
 import numpy as np
 
+from c8.host import proc as hostproc
+
 AT_FDCWD = -100
 
 
 def _base(pid: int, dirfd: int) -> bytes:
     """The directory (or file) a (pid, dirfd) names, or b"" when it cannot be known."""
-    link = f"/proc/{pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
-    try:
-        return os.fsencode(os.readlink(link))
-    except OSError:
-        return b""
+    return os.fsencode(hostproc.cwd(pid) if dirfd == AT_FDCWD else hostproc.fd_path(pid, dirfd))
 
 
 def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray) -> np.ndarray:

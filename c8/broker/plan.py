@@ -11,13 +11,13 @@ It also keeps the process and container tables in step with process events.
 from __future__ import annotations
 
 import logging
-import os
 
 import msgpack
 import numpy as np
 
 from c8 import expr, schema
 from c8.broker import catalog
+from c8.host import proc as hostproc
 from c8.protocol import errors
 
 log = logging.getLogger("c8.broker.plan")
@@ -309,10 +309,7 @@ def _exclude_threads(kf: str | None, pids: set[int]) -> str:
     """
     tids = []
     for pid in sorted(pids):
-        try:
-            tids.extend(sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")))
-        except OSError:
-            continue
+        tids.extend(hostproc.tasks(pid))
     if not tids:
         return kf
     mine = " && ".join(f"common_pid != {t}" for t in tids)
@@ -321,11 +318,7 @@ def _exclude_threads(kf: str | None, pids: set[int]) -> str:
 
 def _cmdline(pid: int) -> bytes:
     """argv from /proc while the process lives (eBPF could not read it)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read(1024).rstrip(b"\0").replace(b"\0", b" ")
-    except OSError:
-        return b""
+    return hostproc.command_line(pid, limit=1024)
 
 
 def ct_runtime(table, idx: int) -> bytes:

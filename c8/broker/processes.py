@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from c8.host import proc as hostproc
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CREDENTIALS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
 
 
 def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown-boot"
+    return hostproc.boot_id()
 
 
 def make_process_id(boot: str, pid: int, start_ticks: int) -> bytes:
@@ -34,45 +32,16 @@ def make_process_id(boot: str, pid: int, start_ticks: int) -> bytes:
 
 def read_stat(pid: int, proc: str = "/proc") -> tuple[int, int, str] | None:
     """(start time in clock ticks since boot, parent pid, comm) or None if gone."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm may hold spaces and parentheses: split after the last ')'
-    close = data.rfind(b")")
-    comm = data[data.find(b"(") + 1:close].decode(errors="replace")
-    rest = data[close + 2:].split()
-    return int(rest[19]), int(rest[1]), comm
+    return hostproc.stat(pid, proc)
 
 
 def read_credentials(pid: int, proc: str = "/proc") -> dict[str, int]:
-    creds: dict[str, int] = {}
-    try:
-        with open(f"{proc}/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    creds.update(zip(("uid", "euid", "suid", "fsuid"), map(int, line.split()[1:5]), strict=True))
-                elif line.startswith("Gid:"):
-                    creds.update(zip(("gid", "egid", "sgid", "fsgid"), map(int, line.split()[1:5]), strict=True))
-                    break
-    except (OSError, ValueError):
-        pass
-    return creds
+    return hostproc.credentials(pid, proc)
 
 
 def read_cmdline(pid: int, proc: str = "/proc") -> tuple[str, str]:
     """(exe path, command line) from /proc; empty strings when unreadable."""
-    try:
-        exe = os.readlink(f"{proc}/{pid}/exe")
-    except OSError:
-        exe = ""
-    try:
-        with open(f"{proc}/{pid}/cmdline", "rb") as f:
-            cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        cmd = ""
-    return exe, cmd
+    return hostproc.exe(pid, proc), hostproc.command_line(pid, proc).decode(errors="replace")
 
 
 @dataclass

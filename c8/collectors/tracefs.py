@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 
 import numpy as np
 
-CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+from c8.host import tracefs as host_tracefs
+from c8.host.files import read_text
+
+CANDIDATES = host_tracefs.CANDIDATES
+FORMAT_LIMIT = 1 << 16  # bytes of an event's format file
 
 # field kinds
 INT = "int"          # integer of size 1/2/4/8 (pointers too)
@@ -152,15 +155,11 @@ def parse_format(text: str, system: str = "") -> EventFormat:
 
 
 def find_tracefs(mount: bool = True) -> str:
-    """The tracefs directory; mounts it at /sys/kernel/tracing if none is found."""
-    for path in CANDIDATES:
-        if os.path.isdir(os.path.join(path, "events")):
-            return path
-    if mount:
-        subprocess.run(["mount", "-t", "tracefs", "nodev", CANDIDATES[0]],
-                       check=False, capture_output=True)
-        if os.path.isdir(os.path.join(CANDIDATES[0], "events")):
-            return CANDIDATES[0]
+    """The tracefs directory (c8.host.tracefs); mounts it at /sys/kernel/tracing
+    if none is found and ``mount``; TracefsError without one."""
+    found = host_tracefs.mount_tracefs() if mount else host_tracefs.find_tracefs()
+    if found:
+        return found
     raise TracefsError(f"tracefs not found at {' or '.join(CANDIDATES)} and could not be mounted")
 
 
@@ -176,8 +175,7 @@ def event_id(source: str, root: str | None = None) -> int:
     """The perf config id of a tracepoint."""
     path = os.path.join(event_dir(source, root), "id")
     try:
-        with open(path) as f:
-            return int(f.read())
+        return int(read_text(path, 64))
     except FileNotFoundError:
         raise TracefsError(f"no such tracepoint {source!r} ({path})") from None
 
@@ -186,8 +184,7 @@ def read_format(source: str, root: str | None = None) -> EventFormat:
     """Read and parse the format of tracepoint ``group:name``."""
     path = os.path.join(event_dir(source, root), "format")
     try:
-        with open(path) as f:
-            text = f.read()
+        text = read_text(path, FORMAT_LIMIT)
     except FileNotFoundError:
         raise TracefsError(f"no such tracepoint {source!r} ({path})") from None
     return parse_format(text, system=source.replace("/", ":").partition(":")[0])

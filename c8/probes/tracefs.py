@@ -10,18 +10,18 @@ from __future__ import annotations
 import glob
 import os
 
+from c8.host import tracefs as host_tracefs
 from c8.probes.definition import GROUP, ProbeError
 from c8.probes.kprobe import no_kprobes_message
 
-TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FILES = {"uprobe": "uprobe_events", "kprobe": "kprobe_events"}
 
 
 def find_tracefs(required: bool = True) -> str | None:
-    """The mounted tracefs directory, or None (or ProbeError if ``required``)."""
-    for d in TRACEFS_DIRS:
-        if os.path.exists(os.path.join(d, "uprobe_events")) or os.path.exists(os.path.join(d, "events")):
-            return d
+    """The mounted tracefs directory (c8.host.tracefs), or None (or ProbeError if ``required``)."""
+    found = host_tracefs.find_tracefs()
+    if found:
+        return found
     if required:
         raise ProbeError(
             "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing) or not readable"

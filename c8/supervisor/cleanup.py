@@ -12,20 +12,14 @@ import logging
 import os
 import subprocess
 
+from c8.host.tracefs import CANDIDATES as TRACEFS_CANDIDATES
+from c8.host.tracefs import find_tracefs
+
 log = logging.getLogger("c8.supervisor.cleanup")
 
 PROBE_GROUP = "c8probes"
-TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 SOCKETS = ("sensor.sock", "ingest.sock", "plan.sock", "bpf.sock")
 PROBE_FILES = ("kprobe_events", "uprobe_events")
-
-
-def find_tracefs() -> str | None:
-    """The tracefs mount point, or None."""
-    for d in TRACEFS_CANDIDATES:
-        if os.path.exists(os.path.join(d, "available_events")):
-            return d
-    return None
 
 
 def ensure_tracefs() -> str | None:

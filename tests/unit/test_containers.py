@@ -16,6 +16,19 @@ import pytest
 from c8.broker.containers import ContainerTable, container_of_pid, parse_cgroup_path
 from c8.broker.runtimes import Roots
 from c8.broker.runtimes.discovery import discover, roots_from_cmdline
+from c8.broker.runtimes.worker import Worker
+from c8.host.proc import Advertiser, argv
+
+
+def root_everywhere(pid, proc):
+    """Every fake process is root's own (a fake /proc has no exe to fstat)."""
+    return Advertiser(argv(pid, proc), 0, True)
+
+
+def inline(**kw):
+    """Lookups run in the caller (deterministic on fake trees); the threaded
+    worker is tested in test_host_worker.py."""
+    return {"worker": Worker(threaded=False), "advertiser": root_everywhere, **kw}
 
 A = "38ea07063801541315a094adff22fe5edb0d313ece92adb1fba6a29da9c6fb67"
 B = "76f0fd57d8af5b70d6dc4fe86f1a4b0ac419b6ad5da9be45ce1c717f7750da8a"
@@ -134,7 +147,7 @@ class Clock:
 
 def table_for(host, **kw):
     proc, roots = host
-    return ContainerTable(proc, roots, discover_roots=False, **kw)
+    return ContainerTable(proc, roots, discover_roots=False, **inline(**kw))
 
 
 def test_enrichment_per_runtime(host):
@@ -303,8 +316,12 @@ def test_discover_reads_proc(tmp_path):
     proc = str(tmp_path)
     write(f"{proc}/5/cmdline", "dockerd\0--data-root\0/x/root\0")
     os.makedirs(f"{proc}/6")  # no cmdline: gone or unreadable
-    roots = discover(Roots(), proc)
+    roots = Roots()
+    assert discover(roots, proc, root_everywhere) == 0
     assert "/x/root" in roots.docker and "/var/lib/docker" in roots.docker
+    roots = Roots()
+    assert discover(roots, proc) == 1  # the real check: a fake process has no exe, untrusted
+    assert "/x/root" not in roots.docker
 
 
 def test_malformed_metadata_is_ignored(tmp_path):
@@ -312,5 +329,5 @@ def test_malformed_metadata_is_ignored(tmp_path):
     docker_root = str(tmp_path / "docker")
     write(f"{docker_root}/containers/{A}/config.v2.json", "{not json")
     fake_pid(proc, 5, f"/docker/{A}")
-    t = ContainerTable(proc, Roots(docker=[docker_root], docker_sockets=[]), discover_roots=False)
+    t = ContainerTable(proc, Roots(docker=[docker_root], docker_sockets=[]), discover_roots=False, **inline())
     assert t.row(t.lookup_pid(5)) == (A, "", "", "", "docker")

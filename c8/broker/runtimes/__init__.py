@@ -2,8 +2,14 @@
 
 cgroup path -> (runtime, id) is ``c8.broker.containers``; this package turns an
 id into a name and an image, reading the files each runtime leaves on disk
-(or docker's API on its unix socket). Readers never raise on missing or
-malformed data: they return None, and the table retries later.
+(or docker's API on its unix socket) through ``c8.host`` (regular files
+only, no symlink followed below a root, size caps, typed JSON, a deadline on
+the socket). Readers never raise on missing, malformed or hostile data: they
+return None, and the table retries later.
+
+Roots are trusted paths: the defaults, the configuration, and what a daemon
+running as root from a root-owned executable advertises on its command line
+(``discovery``); at most ``MAX_ROOTS`` of each kind.
 
     roots (defaults + running daemons' command lines) -> readers -> Metadata
 """
@@ -22,6 +28,9 @@ class Metadata:
     name: str = ""
     image_id: str = ""
     image_name: str = ""
+
+
+MAX_ROOTS = 16  # per kind: a flood of advertised roots cannot grow every lookup
 
 
 def _default(*paths: str):
@@ -47,11 +56,18 @@ class Roots:
     containerd: list[str] = _default("/run/containerd")
     """containerd state dirs: io.containerd.runtime.v2.task/<ns>/<id>/config.json"""
 
+    refused: int = 0
+    """roots not added: relative, or beyond MAX_ROOTS of their kind"""
+
     def add(self, kind: str, path: str) -> bool:
-        """Add ``path`` to the ``kind`` list unless present; True if added."""
+        """Add ``path`` to the ``kind`` list unless present; True if added.
+        Relative paths and roots beyond MAX_ROOTS of a kind are refused (counted)."""
         paths: list[str] = getattr(self, kind)
         path = path.rstrip("/") or "/"
         if path in paths:
+            return False
+        if not path.startswith("/") or "\0" in path or len(paths) >= MAX_ROOTS:
+            self.refused += 1
             return False
         paths.append(path)
         return True

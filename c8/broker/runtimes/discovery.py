@@ -5,13 +5,24 @@ containerd ``--state``; podman/cri-o ``--root``/``--runroot``; conmon ``-b
 <store>/<driver>-containers/<id>/userdata`` (podman's monitor: outlives the
 podman command) and its ``--exit-command-arg --root X``; runc/crun ``--root``
 and the same ``--bundle`` form.
+
+A root is where the broker reads state that decides a container's name and
+image, so only root's own daemons may name one: a process counts when it
+runs as root (every uid 0) from a root-owned executable no one else may
+write (``c8.host.proc.advertiser``). A user's process named ``runc``
+advertising ``--root /tmp/x`` is ignored and counted.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+
+from c8.host import proc as hostproc
 
 from . import Roots
+
+DAEMONS = frozenset({"dockerd", "containerd", "podman", "crio", "conmon", "runc", "crun"})
 
 
 def _options(argv: list[str]) -> dict[str, list[str]]:
@@ -75,19 +86,20 @@ def _storage_from_bundle(bundle: str, roots: Roots) -> None:
         roots.add("storage", "/".join(parts[:-3]))
 
 
-def discover(roots: Roots, proc: str = "/proc") -> Roots:
-    """Add the roots of every running daemon to ``roots`` (in place) and return it."""
-    try:
-        pids = [name for name in os.listdir(proc) if name.isdigit()]
-    except OSError:
-        return roots
-    for pid in pids:
-        try:
-            with open(f"{proc}/{pid}/cmdline", "rb") as f:
-                raw = f.read()
-        except OSError:  # gone, or a kernel thread we may not read
+def discover(roots: Roots, proc: str = "/proc",
+             trusted: Callable[[int, str], hostproc.Advertiser] = hostproc.advertiser) -> int:
+    """Add to ``roots`` (in place) the roots of every running daemon of root's.
+
+    ``trusted(pid, proc)`` gives the process's argv and whether it may name roots.
+    Returns how many runtime processes were ignored as untrusted."""
+    ignored = 0
+    for pid in hostproc.pids(proc):
+        argv = hostproc.argv(pid, proc, limit=4096)
+        if not argv or os.path.basename(argv[0]) not in DAEMONS:
             continue
-        if raw:
-            roots_from_cmdline([a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")],
-                               roots)
-    return roots
+        argv, _, ok = trusted(pid, proc)  # read again, through one fd of that very process
+        if not ok:
+            ignored += 1
+            continue
+        roots_from_cmdline(argv, roots)
+    return ignored
