@@ -414,6 +414,7 @@ class Broker:
                            for cpu, st in self.collectors.items()},
             "counts": dict(self.counts, late=self.merger.late),
             "processes": len(self.processes.by_pid),
+            "containers": self.containers.stats(),  # lookups that left names unknown, by cause
             "dormant": self.dormant,
         }
 
