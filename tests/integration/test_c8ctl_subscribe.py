@@ -1,0 +1,167 @@
+"""c8ctl subscribe against the real sensor: windows in sequence order, losses as lines.
+
+Each workload runs in its own processes and the subscriptions name them, so
+the host's activity cannot change the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import yaml
+
+from tests.integration.sensor import wait_for
+
+pytestmark = pytest.mark.root
+
+CATS = 40
+
+
+class C8ctl:
+    """``c8ctl subscribe`` as a user runs it, its stdout a pipe read (or not) by a thread."""
+
+    def __init__(self, run_dir: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", run_dir,
+                                      "subscribe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # the subscription id comes once the broker replied, and it replies once the
+        # collectors run the plan: a workload started after this line is seen whole
+        first = self.proc.stderr.readline().decode()
+        assert "subscription" in first, first + self.proc.stderr.read().decode()
+        self.lines: list[dict] = []
+        self._reader: threading.Thread | None = None
+
+    def read(self) -> None:
+        """Start reading stdout (JSON lines) in a thread."""
+        def run():
+            for raw in self.proc.stdout:
+                self.lines.append(json.loads(raw))
+        self._reader = threading.Thread(target=run, daemon=True)
+        self._reader.start()
+
+    def stop(self) -> str:
+        """SIGINT (what Ctrl-C sends), wait for the exit, return stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        if self._reader is not None:
+            self._reader.join(10)
+        return self.proc.stderr.read().decode()
+
+
+def test_c8ctl_prints_every_window_in_sequence_order(shared_sensor, tmp_path):
+    """Each cat execs then opens the marker: EXEC, OPEN, EXEC, OPEN ... as they happened.
+    Printing a window category by category puts several EXECs before their OPENs."""
+    mark = tmp_path / "c8ctl-order-mark"
+    mark.write_text("x\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"events": {
+        "process": {"filter": f'kind == "EXEC" and exec_command_line == "cat {mark}"'},
+        "file": {"filter": f'kind == "OPEN" and filename == "{mark}"'}}}))
+    ctl = C8ctl(shared_sensor.run_dir, "--spec", str(spec), "--limit", str(2 * CATS))
+    ctl.read()
+    # one shell runs the cats back to back: a window holds several of them
+    subprocess.run(["sh", "-c", f'for i in $(seq {CATS}); do cat "{mark}"; done'], check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        ctl.proc.wait(30)  # --limit ends it once every event was sent
+    except subprocess.TimeoutExpired:
+        pass
+    err = ctl.stop()
+    # numbered lines (all but a notice of this reader's own loss) strictly increase
+    seqs = [e["sensor_sequence_number"] for e in ctl.lines if e["sensor_sequence_number"]]
+    assert all(b > a for a, b in zip(seqs, seqs[1:], strict=False)), seqs
+    lines = [e for e in ctl.lines if e["type"] != "lost"]  # the host's kernel losses reach every subscriber
+    assert len(lines) == 2 * CATS, (len(lines), err)
+    assert [(e["type"], e["kind"]) for e in lines] == [("process", "EXEC"), ("file", "OPEN")] * CATS
+    # and each OPEN is the process of the EXEC before it
+    assert all(x["process_pid"] == o["process_pid"] for x, o in zip(lines[::2], lines[1::2], strict=True))
+
+
+def test_events_in_sequence_order_across_categories(shared_sensor, tmp_path):
+    """The client library's events() gives Python users the same order."""
+    mark = tmp_path / "events-order-mark"
+    mark.write_text("x\n")
+    spec = {"events": {"process": {"filter": f'kind == "EXEC" and exec_command_line == "cat {mark}"'},
+                       "file": {"filter": f'kind == "OPEN" and filename == "{mark}"'}}}
+    with shared_sensor.client.subscribe(spec) as sub:
+        subprocess.run(["sh", "-c", f'for i in $(seq {CATS}); do cat "{mark}"; done'], check=True,
+                       stdout=subprocess.DEVNULL)
+        got = []
+        deadline = time.monotonic() + 30
+        for ev in sub.events(timeout=5):
+            got.append(ev)
+            if sum(e["type"] != "lost" for e in got) == 2 * CATS or time.monotonic() > deadline:
+                break
+    got = [e for e in got if e["type"] != "lost"]  # the host's kernel losses reach every subscriber
+    assert [(e["type"], e["kind"]) for e in got] == [("process", "EXEC"), ("file", "OPEN")] * CATS
+    seqs = [e["sensor_sequence_number"] for e in got]
+    assert seqs == sorted(set(seqs))
+
+
+# A getppid loop that waits for a line on stdin, then makes CALLS calls in bursts
+# of 1000 a millisecond apart (about 100k a second on top of the calls' own time).
+LOOP = textwrap.dedent("""
+    import os, sys, time
+    print(os.getpid(), flush=True)
+    sys.stdin.readline()
+    for _ in range(int(sys.argv[1]) // 1000):
+        for _ in range(1000):
+            os.getppid()
+        time.sleep(0.001)
+    print("done", flush=True)
+""")
+CALLS = 300_000
+
+
+def test_c8ctl_reader_too_slow_sees_lost_lines(shared_sensor):
+    """A reader that stops reading (c8ctl blocked on its stdout) loses events at the
+    broker, and c8ctl prints how many as a ``lost`` line (source subscriber): what
+    it printed and what it was told it lost add up to what happened."""
+    loop = subprocess.Popen([sys.executable, "-c", LOOP, str(CALLS)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    pid = int(loop.stdout.readline())
+    spec = {"events": {"syscall": {"filter": f"id == 110 and process_pid == {pid}", "kinds": ["ENTER"]}}}
+    with open(os.path.join(shared_sensor.dir, "slow-spec.yaml"), "w") as f:
+        yaml.safe_dump(spec, f)
+    ctl = C8ctl(shared_sensor.run_dir, "--spec", f.name)
+    try:
+        loop.stdin.write("go\n")
+        loop.stdin.flush()
+        assert loop.stdout.readline().strip() == "done"
+        loop.wait(10)
+        ctl.read()  # only now: meanwhile the pipe, then the queues, were full
+
+        def lost(source: str) -> int:
+            return sum(e["count"] for e in list(ctl.lines) if e["type"] == "lost" and e["source"] == source)
+
+        def calls() -> int:
+            return sum(1 for e in list(ctl.lines) if e["type"] == "syscall")
+        # the loss notice comes with the next message for us, or the next tick
+        wait_for(lambda: calls() + lost("subscriber") >= CALLS, 60, 0.2, "every call printed or counted lost")
+    finally:
+        err = ctl.stop()
+        if loop.poll() is None:
+            loop.kill()
+    events = [e for e in ctl.lines if e["type"] == "syscall"]
+    assert lost("subscriber") > 0, err
+    assert {e["process_pid"] for e in events} == {pid} and {e["kind"] for e in events} == {"ENTER"}
+    others = sum(e["count"] for e in ctl.lines if e["type"] == "lost" and e["source"] != "subscriber")
+    if not others:  # nothing lost elsewhere (the kernel's ring): exactly what happened
+        assert len(events) + lost("subscriber") == CALLS
+    else:  # kernel losses are counted for whole rings, not per process
+        assert len(events) + lost("subscriber") <= CALLS <= len(events) + lost("subscriber") + others
+    # the printed events are in order, each lost notice where its loss happened
+    seqs = [e["sensor_sequence_number"] for e in events]
+    assert seqs == sorted(seqs)
