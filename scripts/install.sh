@@ -12,8 +12,9 @@
 # never over an edited one. The sensor starts through systemd where systemd
 # runs, else directly with `c8-supervisor --daemon` (log:
 # /var/log/capsule8/c8-supervisor.log; CAPSULE8_* variables of the caller's
-# environment are passed on, nothing else). A running sensor is restarted on
-# the new code after an upgrade.
+# environment are passed on, nothing else: under systemd, set keys in the
+# configuration file or a drop-in). A running sensor is restarted on the new
+# code after an upgrade, once its configuration is found valid.
 #
 # The supervisor forks its children without exec, so they run the supervisor's
 # interpreter and import c8 from the venv after dropping to sensor_user: the
@@ -164,7 +165,8 @@ start_sensor() {
   if systemd_runs; then
     systemctl daemon-reload
     systemctl enable --quiet "$UNIT_NAME"
-    stop_direct  # a sensor started by hand would hold run_dir
+    # A sensor started by hand (or by an install before systemd ran) holds run_dir.
+    systemctl is-active --quiet "$UNIT_NAME" || stop_direct
     say "starting $UNIT_NAME"
     systemctl restart "$UNIT_NAME"
     wait_started systemd

@@ -7,9 +7,11 @@ managed (PEP 668), is the only Python it can find. It installs for real into
 /opt/c8, /usr/local/bin, /etc/capsule8 and /etc/systemd/system, so the test
 refuses to run over an existing installation and removes what it made, even
 when it fails; an /etc/capsule8/capsule8-sensor.yaml present before is left
-as it was. The sensor it starts uses a private run_dir and sensor id file
-(CAPSULE8_RUN_DIR, CAPSULE8_SENSOR_ID_FILE in the environment, which the
-script passes on), so it cannot collide with other sensors on the host.
+as it was. Without systemd (this machine) the script starts the sensor itself
+and passes CAPSULE8_* variables on, so the sensor gets a private run_dir and
+sensor id file and cannot collide with other sensors on the host; under
+systemd the unit runs it with the defaults (/var/run/capsule8), and the test
+refuses to start when a sensor already runs there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import subprocess
 import time
@@ -28,7 +31,7 @@ import pytest
 
 from tests.integration.sensor import wait_for
 
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -43,7 +46,9 @@ SUPERVISOR_LOG = Path(LOG_DIR) / "c8-supervisor.log"
 # Where an installation could leave something: entries named *c8* or *capsule8*.
 WATCHED = ("/opt", "/usr/local/bin", "/usr/local/sbin", "/etc", "/etc/systemd/system",
            "/etc/systemd/system/multi-user.target.wants", "/var/lib", "/var/log", "/run")
-INSTALL_TIMEOUT = 600  # a first install downloads the dependencies from PyPI
+INSTALL_TIMEOUT = 300  # a first install downloads the dependencies from PyPI
+SYSTEMD = os.path.isdir("/run/systemd/system")
+DEFAULT_RUN_DIR = "/var/run/capsule8"
 
 
 def readme_first_command() -> str:
@@ -91,10 +96,14 @@ class Host:
     """The reduced environment the commands run in, as a user's root shell would be."""
 
     def __init__(self, tmp_path: Path):
-        self.run_dir = str(tmp_path / "run")
         self.env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"),
-                    "LANG": "C.UTF-8", "CAPSULE8_RUN_DIR": self.run_dir,
-                    "CAPSULE8_SENSOR_ID_FILE": str(tmp_path / "sensor_id")}
+                    "LANG": "C.UTF-8"}
+        if SYSTEMD:  # the unit's sensor gets none of our environment
+            self.run_dir = DEFAULT_RUN_DIR
+        else:
+            self.run_dir = str(tmp_path / "run")
+            self.env.update(CAPSULE8_RUN_DIR=self.run_dir,
+                            CAPSULE8_SENSOR_ID_FILE=str(tmp_path / "sensor_id"))
         # How pip reaches PyPI here (proxies, mirrors) is not a Python choice.
         self.env.update({k: v for k, v in os.environ.items()
                          if k.startswith("PIP_") or k.lower().endswith("_proxy")})
@@ -122,6 +131,7 @@ class Host:
             cwd="/", env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             # c8ctl prints the subscription id once the collectors run the plan.
+            assert select.select([proc.stderr], [], [], 20)[0], "c8ctl subscribe said nothing in 20s"
             first = proc.stderr.readline()
             assert "subscription" in first, first
             subprocess.run(["/bin/true", marker], check=True)
@@ -146,6 +156,12 @@ def upgraded_checkout(dest: Path) -> tuple[Path, str]:
     version = f"{m.group(1)}+upgradetest"
     pyproject.write_text(text[:m.start(1)] + version + text[m.end(1):])
     return dest, version
+
+
+def unit_state(verb: str) -> str:
+    """`systemctl is-enabled|is-active c8-supervisor.service`."""
+    return subprocess.run(["systemctl", verb, "c8-supervisor.service"], capture_output=True,
+                          text=True, timeout=30).stdout.strip()
 
 
 def installed_version() -> str:
@@ -181,6 +197,10 @@ def host(tmp_path):
         pytest.fail(f"{', '.join(existing)} exist: this test installs there and would "
                     "replace a real installation; uninstall it first (scripts/install.sh --uninstall)")
     h = Host(tmp_path)
+    if SYSTEMD and (running := h.note_supervisor()) and alive(running):
+        pytest.fail(f"a c8-supervisor (pid {running}) runs in {DEFAULT_RUN_DIR}: the unit's "
+                    "sensor would collide with it")
+    h.pids.clear()
     h.conf_before = CONF.read_bytes() if CONF.exists() else None
     h.dirs_before = {d: os.path.lexists(d) for d in (CONF_DIR, STATE_DIR, LOG_DIR)}
     h.traces_before = traces()
@@ -207,7 +227,6 @@ def test_readme_first_command_installs_upgrades_and_uninstalls(host, tmp_path):
     stdlib = subprocess.run([SYSTEM_PYTHON, "-I", "-c", "import sysconfig; print(sysconfig.get_path('stdlib'))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert os.path.exists(os.path.join(stdlib, "EXTERNALLY-MANAGED"))
-    assert not os.path.exists("/run/systemd/system"), "this test covers hosts without systemd"
 
     # Install.
     res = host.sh(cmd, timeout=INSTALL_TIMEOUT)
@@ -233,6 +252,8 @@ def test_readme_first_command_installs_upgrades_and_uninstalls(host, tmp_path):
                             timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "c8-supervisor" not in verify.stdout + verify.stderr, verify.stdout + verify.stderr
+    if SYSTEMD:
+        assert unit_state("is-enabled") == "enabled" and unit_state("is-active") == "active"
 
     # Upgrade in place from newer code: the running sensor restarts on it, its
     # configuration (edited by the user) kept.
@@ -262,14 +283,20 @@ def test_readme_first_command_installs_upgrades_and_uninstalls(host, tmp_path):
     assert not any(alive(p) for p in [pid2, *children])
     assert [p for p in INSTALLED if os.path.lexists(p)] == []
     assert not os.path.exists(host.run_dir)
-    kept = {d for d in (CONF_DIR, LOG_DIR) if not host.dirs_before[d]}
+    # Without systemd the supervisor logs to LOG_DIR; under it, to the journal,
+    # and the sensor id is kept in the default STATE_DIR.
+    made = (CONF_DIR, STATE_DIR) if SYSTEMD else (CONF_DIR, LOG_DIR)
+    kept = {d for d in made if not host.dirs_before[d]}
     assert traces() - host.traces_before == kept
     assert CONF.read_bytes() == config
-    assert "stopped" in SUPERVISOR_LOG.read_text()
     if not host.dirs_before[CONF_DIR]:
         assert os.listdir(CONF_DIR) == ["capsule8-sensor.yaml"]
-    if not host.dirs_before[LOG_DIR]:
-        assert os.listdir(LOG_DIR) == ["c8-supervisor.log"]
+    if SYSTEMD:
+        assert unit_state("is-active") != "active"
+    else:
+        assert "stopped" in SUPERVISOR_LOG.read_text()
+        if not host.dirs_before[LOG_DIR]:
+            assert os.listdir(LOG_DIR) == ["c8-supervisor.log"]
 
     # --purge takes the kept files too; only done when none of them were there before.
     if not any(host.dirs_before.values()):
