@@ -23,12 +23,13 @@ import zmq
 
 from c8 import schema
 from c8.broker import catalog
+from c8.broker.access import Access, Peer
 from c8.broker.containers import ContainerTable
 from c8.broker.merge import Merger
 from c8.broker.plan import Planner
 from c8.broker.processes import ProcessTable
 from c8.broker.publish import Publisher
-from c8.broker.subscriptions import Subscription, parse_spec
+from c8.broker.subscriptions import FilterLimits, Subscription, parse_spec
 from c8.protocol import batch as wire
 from c8.protocol import control, errors, paths
 from c8.schema import rows
@@ -81,6 +82,8 @@ class Broker:
         self.planner = Planner(self)
         self.publisher = Publisher(self)
         self.subscriptions: dict[str, Subscription] = {}
+        self.access = Access(config)  # roles and the count limits (docs/security.md)
+        self.filter_limits = FilterLimits.from_config(config.get("limits"))
         self.collectors: dict[int, dict] = {}  # cpu -> latest stats
         self.watermarks: dict[int, tuple[int, float]] = {}  # cpu -> (read up to ns, when told)
         self.counts = {"received": 0, "published": 0, "lost_kernel": 0, "bad_messages": 0}
@@ -331,13 +334,20 @@ class Broker:
         tag = next(t for t, s in self.listeners.items() if s is sock)
         for _ in range(100):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [p.bytes for p in parts]
             frames[0] = tag + frames[0]
-            self._handle(frames)
+            self._handle(frames, tag, parts[-1])
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _peer(self, tag: bytes, frame: zmq.Frame | None, routing_id: bytes) -> Peer:
+        """Who sent ``frame`` (its connection's credentials): see c8.broker.access."""
+        if tag == b"t":
+            return self.access.tcp_peer(frame, self.remote.keys)
+        return self.access.unix_peer(frame, routing_id)
+
+    def _handle(self, frames: list[bytes], tag: bytes = b"u", frame: zmq.Frame | None = None) -> None:
         peer = frames[0]
         # REQ clients put an empty delimiter frame before the payload; DEALERs don't.
         envelope = [peer, b""] if len(frames) >= 3 and frames[1] == b"" else [peer]
@@ -348,7 +358,8 @@ class Broker:
                 raise errors.ProtocolError(errors.BAD_MESSAGE, "a request is one frame")
             req = control.parse_request(payload)
             req_id = req["id"]
-            reply = self._command(peer, req)
+            who = self._peer(tag, frame, peer)
+            reply = self._command(peer, req, who)
             if req["command"] == "subscribe":
                 self.pending_replies.append((envelope, reply, self.planner.generation,
                                              time.monotonic() + SUBSCRIBE_READY_WAIT))
@@ -363,33 +374,40 @@ class Broker:
         except Exception:  # an unsendable reply is dropped, never a broker fault
             log.exception("cannot reply to %s", peer.hex())
 
-    def _command(self, peer: bytes, req: dict) -> bytes:
+    def _command(self, peer: bytes, req: dict, who: Peer) -> bytes:
         cmd, props, rid = req["command"], req["properties"], req["id"]
         if cmd == "subscribe":
-            sub = parse_spec(props, peer, self.planner.validate_probe)
+            self.access.check_subscribe(who, props, self.subscriptions)
+            sub = parse_spec(props, peer, self.planner.validate_probe, self.filter_limits)
+            self.access.check_probes(sub, self.subscriptions)
             self.subscriptions[sub.sub_id] = sub
+            self.access.record(sub.sub_id, who)
             self.planner.update()
-            log.info("subscription %s from %s: %s", sub.sub_id, peer.hex(), json.dumps(props, default=str))
+            log.info("subscription %s from %s (%s, %s): %s", sub.sub_id, who.principal, who.role, peer.hex(),
+                     json.dumps(props, default=str)[:4096])
             return control.ok(rid, type="reply", subscription=sub.sub_id, sensor_id=self.sensor_id,
                               wire_version=schema.WIRE_VERSION)
         if cmd == "unsubscribe":
             sid = props.get("subscription")
             if not isinstance(sid, str) or sid not in self.subscriptions:
-                raise errors.ProtocolError(errors.NO_SUCH_SUBSCRIPTION, f"no subscription {sid!r}")
-            self.end_subscription(sid, "unsubscribed", notify=True)
+                raise errors.ProtocolError(errors.NO_SUCH_SUBSCRIPTION, f"no subscription {str(sid)[:64]!r}")
+            self.access.check_unsubscribe(who, sid)
+            self.end_subscription(sid, f"unsubscribed by {who.principal}", notify=True)
             return control.ok(rid, type="reply", subscription=sid)
         if cmd == "list":
-            return control.ok(rid, type="reply", subscriptions=[s.describe() for s in self.subscriptions.values()])
+            return control.ok(rid, type="reply",
+                              subscriptions=[s.describe() for s in self.access.visible(who, self.subscriptions)])
         if cmd == "status":
-            return control.ok(rid, type="reply", **self.status())
+            return control.ok(rid, type="reply", **self.status(who))
         if cmd == "probes":
-            return control.ok(rid, type="reply", probes=self.planner.probe_status())
+            return control.ok(rid, type="reply", probes=self._probes_seen_by(who))
         if cmd == "heartbeat":
             return control.ok(rid, type="reply")
         raise errors.ProtocolError(errors.UNKNOWN_COMMAND, cmd)
 
     def end_subscription(self, sid: str, reason: str, notify: bool = False) -> None:
         sub = self.subscriptions.pop(sid, None)
+        self.access.forget(sid)
         if sub is None:
             return
         if notify:
@@ -397,7 +415,18 @@ class Broker:
         log.info("subscription %s ended: %s", sid, reason)
         self.planner.update()
 
-    def status(self) -> dict:
+    def _probes_seen_by(self, who: Peer) -> dict:
+        """Every probe for an admin; a subscriber's own probes only."""
+        status = self.planner.probe_status()
+        if who.admin:
+            return status
+        mine = {cf.probe["definition"].source for s in self.access.visible(who, self.subscriptions)
+                for filters in s.categories.values() for cf in filters if cf.probe is not None}
+        return {name: v for name, v in status.items() if name in mine}
+
+    def status(self, who: Peer | None = None) -> dict:
+        """The broker's state; a subscriber (``who`` not admin) sees only its own
+        subscriptions, and of the plan only which sources run (not others' filters)."""
         sup = {}
         try:
             with open(paths.supervisor_status(self.run_dir)) as f:
@@ -408,8 +437,9 @@ class Broker:
             "sensor_id": self.sensor_id,
             "broker_pid": os.getpid(),
             "supervisor": sup,
-            "subscriptions": [s.describe() for s in self.subscriptions.values()],
-            "plan": self.planner.plan,
+            "subscriptions": [s.describe() for s in (self.subscriptions.values() if who is None or who.admin
+                                                      else self.access.visible(who, self.subscriptions))],
+            "plan": self.planner.plan if who is None or who.admin else _plan_outline(self.planner.plan),
             "collectors": {str(cpu): {k: v for k, v in st.items() if k not in ("kind", "_seen")}
                            for cpu, st in self.collectors.items()},
             "counts": dict(self.counts, late=self.merger.late),
@@ -502,6 +532,13 @@ class Broker:
             self.dormant = True  # collect nothing more; the loop stops at the next poll
         self.planner.update()
         self.merger.add("limiter", out)
+
+
+def _plan_outline(plan: dict) -> dict:
+    """The plan without filters or probe definitions: what a subscriber may see."""
+    return {"generation": plan.get("generation"), "enabled": plan.get("enabled"),
+            "tracepoints": {name: {} for name in plan.get("tracepoints", {})},
+            "probes": {}, "bpf": {name: {} for name in plan.get("bpf", {})}}
 
 
 def run(config: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from c8 import expr, schema
+from c8.expr.errors import ExprLimitError
 from c8.protocol import errors
 
 _ids = itertools.count(1)
@@ -112,16 +113,42 @@ class Subscription:
                 "lost": dict(self.lost_total), "age_seconds": round(time.monotonic() - self.created, 1)}
 
 
-def _compile(category: str, text: str | None, extra: dict[str, str] | None = None) -> CategoryFilter:
+@dataclass(frozen=True)
+class FilterLimits:
+    """Bounds on one filter's cost (configuration limits.*; docs/security.md)."""
+
+    bytes: int = 65536
+    terms: int = 1000
+    number_digits: int = 32
+
+    @classmethod
+    def from_config(cls, limits: dict | None) -> FilterLimits:
+        limits = limits or {}
+        return cls(int(limits.get("filter_bytes", cls.bytes)), int(limits.get("filter_terms", cls.terms)),
+                   int(limits.get("number_digits", cls.number_digits)))
+
+
+_LIMIT_KEYS = {"terms": "limits.filter_terms", "number_digits": "limits.number_digits"}
+
+
+def _compile(category: str, text: str | None, extra: dict[str, str] | None = None,
+             limits: FilterLimits | None = None) -> CategoryFilter:
     cf = CategoryFilter(category, text)
     if text is None or text == "":
         return cf
     if not isinstance(text, str):
         raise errors.ProtocolError(errors.BAD_FILTER, f"{category}: filter must be a string")
+    limits = limits or FilterLimits()
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.bytes:  # refused before parsing: the cost is in the parse
+        raise errors.ProtocolError(errors.BAD_FILTER, f"{category} filter of {size} bytes: "
+                                   f"at most {limits.bytes} (limits.filter_bytes)")
     try:
-        cf.node = expr.parse(text)
+        cf.node = expr.parse(text, limits.number_digits, limits.terms)
         expr.check(cf.node, category, extra)
         cf.mask = expr.compile_mask(cf.node, category)
+    except ExprLimitError as exc:
+        raise errors.ProtocolError(errors.BAD_FILTER, f"{category} filter: {exc} ({_LIMIT_KEYS[exc.limit]})") from None
     except expr.ExprError as exc:
         raise errors.ProtocolError(errors.BAD_FILTER, f"{category} filter {text!r}: {exc}") from None
     return cf
@@ -138,8 +165,9 @@ def _kinds(category: str, value: Any) -> set[str] | None:
     return {k.upper() for k in value}
 
 
-def parse_spec(spec: Any, peer: bytes, validate_probe=None) -> Subscription:
-    """Validate a client's spec; raises ProtocolError naming what is wrong."""
+def parse_spec(spec: Any, peer: bytes, validate_probe=None, limits: FilterLimits | None = None) -> Subscription:
+    """Validate a client's spec; raises ProtocolError naming what is wrong
+    (BAD_FILTER naming the limits.* key when a filter passes ``limits``)."""
     if not isinstance(spec, dict):
         raise _fail("subscription spec must be a map")
     unknown = set(spec) - {"events", "containers", "modifiers"}
@@ -162,7 +190,7 @@ def parse_spec(spec: Any, peer: bytes, validate_probe=None) -> Subscription:
                 definition = validate_probe(category, probe) if validate_probe else None
                 extra = {schema.ARGUMENT_PREFIX + a.name: a.type.dtype().str.lstrip("<>|=")
                          for a in getattr(definition, "args", [])}
-                cf = _compile(category, probe.get("filter"), extra)
+                cf = _compile(category, probe.get("filter"), extra, limits)
                 cf.probe = {"spec": probe, "definition": definition}
                 cats[category].append(cf)
             continue
@@ -173,7 +201,7 @@ def parse_spec(spec: Any, peer: bytes, validate_probe=None) -> Subscription:
         bad = set(opts) - {"filter", "kinds"}
         if bad:
             raise _fail(f"{category}: unknown options {sorted(bad)}")
-        cf = _compile(category, opts.get("filter"))
+        cf = _compile(category, opts.get("filter"), limits=limits)
         cf.kinds = _kinds(category, opts.get("kinds"))
         cats[category] = [cf]
 
