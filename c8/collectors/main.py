@@ -64,6 +64,8 @@ class State:
     lost: int = 0
     collector_lost: int = 0      # dropped because the broker was not reading
     unsent_collector_lost: int = 0
+    unsent_lost: dict[tuple[str, int], int] = field(default_factory=dict)  # (source, cpu) -> n
+    decoder_reported: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     bpf: dict = field(default_factory=dict)
     probes: dict = field(default_factory=dict)
@@ -370,7 +372,32 @@ class Collector:
                             for s in self.sources.values() if s.filter},
                 "errors": dict(self.state.errors), "bpf": self.state.bpf,
                 "probes": self.state.probes, "generation": self.state.generation,
-                "unknown_samples": self.decoder.unknown}
+                "unknown_samples": self.decoder.unknown, "unknown_bpf": self.decoder.unknown_bpf,
+                "ebpf_lost": self.bpf_mgr.loss_totals if self.bpf_mgr is not None else {}}
+
+    def _report_losses(self) -> None:
+        """Once per stats period, as ``lost`` headers: what only counters know of.
+        The eBPF programs' failures counted in the kernel (cpu0 owns the map; source
+        ``ebpf:<family>``) and samples the decoder could not attribute. A count that
+        could not be sent waits for the next period."""
+        late = self.state.unsent_lost
+        if self.bpf_mgr is not None:
+            try:
+                for cpu, family, _cause, n in self.bpf_mgr.losses():
+                    key = (f"ebpf:{family}", self.cpu if cpu is None else cpu)
+                    late[key] = late.get(key, 0) + n
+            except Exception as exc:
+                self._error("bpf losses", f"{type(exc).__name__}: {exc}")
+        for source, total in (("unknown_sample", self.decoder.unknown),
+                              ("bpf_unknown_tag", self.decoder.unknown_bpf)):
+            n = total - self.state.decoder_reported.get(source, 0)
+            if n > 0:
+                self.state.decoder_reported[source] = total
+                late[(source, self.cpu)] = late.get((source, self.cpu), 0) + n
+        for (source, cpu), n in list(late.items()):
+            if self._send_header({"kind": "lost", "cpu": cpu, "count": n, "source": source,
+                                  "time": self.state.watermark}):
+                del late[(source, cpu)]
 
     def loop(self) -> None:
         poller = zmq.Poller()
@@ -406,6 +433,7 @@ class Collector:
                 log(f"ring: {type(exc).__name__}: {exc}")
             now = time.monotonic()
             if now >= next_stats:
+                self._report_losses()
                 self._send_header(self.stats())
                 next_stats = now + STATS_PERIOD
 

@@ -172,8 +172,10 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("exit_signal", "i4", "EXITED: terminating signal", "derived"),
     ),
     "lost": (
-        Field("source", "S16", "where events were lost: kernel (ring full), collector (broker not reading), "
-                       "broker (a batch it could not build), subscriber (its queue full), rate_cap",
+        Field("source", "S16", "where events were lost: kernel (ring full), ebpf:<family> (an eBPF record "
+                       "the kernel could not write or save, counted in the kernel), collector (broker not "
+                       "reading), unknown_sample / bpf_unknown_tag (records the collector could not "
+                       "attribute), broker (a batch it could not build), subscriber (its queue full), rate_cap",
               "collector/broker"),
         Field("count", "u8", "number of events lost", "PERF_RECORD_LOST or counters"),
     ),

@@ -512,3 +512,157 @@ def test_other_tools_still_see_the_tracepoints(manager):
         finally:
             os.close(fd)
         assert count >= 100, (tp, count)
+
+
+# -- losses counted in the kernel (c8.collectors.bpf.losses) ------------------------------
+OPENS = 50
+NOBODY = 2_000_000_007  # a uid no process here has: the open family filters on it
+OPEN_FILES = """
+    import os, sys
+    if len(sys.argv) > 3:
+        os.setuid(int(sys.argv[3]))
+    for i in range(int(sys.argv[2])):
+        try: os.close(os.open(os.path.join(sys.argv[1], f"f{i}"), os.O_RDONLY))
+        except OSError: pass  # ENOENT, or EACCES as NOBODY: the record is the same
+"""
+
+
+def _only_opens_under(manager, prefix: str) -> None:
+    """The open family keeps only calls of uid NOBODY under ``prefix``: no other
+    process's open reaches the code that can fail, so every count below is this
+    test's. (A prefix alone is not enough: a name the program cannot read, not yet
+    paged in, passes the filter, and fresh processes make a few such opens a second.)"""
+    st = manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES}
+                       | {"open": {"filter": {"prefixes": [prefix], "uid": NOBODY,
+                                              "ignore_tgids": [os.getpid()]}}})
+    assert st["open"] == {"loaded": True, "error": None}
+
+
+def _lost(losses, family: str, cause: str, cpu: int | None = CPU) -> int:
+    return sum(n for c, f, why, n in losses if f == family and why == cause and c == cpu)
+
+
+def test_output_failures_are_counted_on_their_cpu(manager, ring, cap, tmp_path):
+    """With the CPU's PERF_EVENT_ARRAY slot empty, bpf_perf_event_output fails
+    (-ENOENT): each record is counted as lost on that CPU, and none is written."""
+    prefix = str(tmp_path) + "/"
+    _only_opens_under(manager, prefix)
+    try:
+        manager.losses()  # what came before this test
+        assert maps.perf_array_clear(manager.map_fd, CPU)
+        try:
+            p = run_child(OPEN_FILES, prefix, str(OPENS), str(NOBODY))
+        finally:
+            maps.perf_array_set(manager.map_fd, CPU, ring.fd)
+        lost = manager.losses()
+        assert _lost(lost, "open", "output") == OPENS, lost
+        assert manager.loss_totals["open"]["output"] >= OPENS
+        # the slot is back: the same workload is written whole, nothing counted
+        q = run_child(OPEN_FILES, prefix, str(OPENS), str(NOBODY))
+        cap.wait(lambda: cap.of(q.pid, "exit"))
+        assert len(cap.of(q.pid, "open")) == OPENS and not cap.of(p.pid, "open")
+        assert _lost(manager.losses(), "open", "output") == 0
+    finally:
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+
+
+def test_pending_map_full_is_counted(manager, cap, tmp_path):
+    """A syscall whose record cannot be saved (pending HASH full: -E2BIG) is counted."""
+    import errno
+
+    from c8.collectors.bpf import syscalls as sc
+
+    prefix = str(tmp_path) + "/"
+    _only_opens_under(manager, prefix)
+    pending = manager.family_maps("open").pending
+    value = bytes(records.RECORDS["open"][1].itemsize)
+    keys = []
+    try:
+        while True:  # fill it with pid_tgids no thread has (tgids stop at 2^22)
+            key = struct.pack("<Q", ((0xFFFF0000 + len(keys)) << 32) | len(keys))
+            try:
+                sc.map_update(pending, key, value)
+            except sc.BpfError as exc:
+                assert exc.errno == errno.E2BIG, exc
+                break
+            keys.append(key)
+        assert len(keys) <= maps.PENDING_ENTRIES
+        manager.losses()
+        p = run_child(OPEN_FILES, prefix, str(OPENS), str(NOBODY))
+    finally:
+        for key in keys:
+            sc.map_delete(pending, key)
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+    lost = _lost(manager.losses(), "open", "update")
+    cap.wait(lambda: cap.of(p.pid, "exit"))
+    written = len(cap.of(p.pid, "open"))
+    # an entry freed by another thread's exit meanwhile lets one through: then it is written
+    assert lost + written == OPENS and lost > OPENS // 2, (lost, written)
+
+
+def test_stale_record_is_counted(manager, cap, tmp_path):
+    """A saved record whose syscall's exit never came is dropped by the next exit of
+    the family on that thread, and counted."""
+    _only_opens_under(manager, str(tmp_path) + "/")
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, sys
+        print(os.getpid(), flush=True)
+        sys.stdin.readline()
+        os.close(os.open("/dev/null", os.O_RDONLY))  # filtered out: saves nothing
+    """)], preexec_fn=_pin, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        pid = int(child.stdout.readline())
+        rec = np.zeros(1, records.RECORDS["open"][1])
+        rec["tag"], rec["nr"] = records.RECORDS["open"][0], 9999  # no such syscall
+        from c8.collectors.bpf import syscalls as sc
+        sc.map_update(manager.family_maps("open").pending, struct.pack("<Q", (pid << 32) | pid),
+                      rec.tobytes())
+        manager.losses()
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+    assert _lost(manager.losses(), "open", "stale") == 1
+
+
+def test_subscriber_hears_of_output_failures(tmp_path):
+    """End to end: records the kernel could not write (this CPU's PERF_EVENT_ARRAY
+    slot cleared behind the collector's back) reach the subscriber as ``lost``
+    events of source ``ebpf:open`` on that CPU.
+
+    The count is at least the workload's: the pushed-down prefix keeps other
+    processes' opens out, except those whose name the program could not read
+    (the filter widens for them), which fail on that CPU too while the slot is
+    empty. test_output_failures_are_counted_on_their_cpu checks the count exactly.
+    """
+    from tests.integration.sensor import Sensor
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (tmp_path / "sensor").mkdir()
+    sensor = Sensor(tmp_path / "sensor").start()
+    try:
+        spec = {"events": {"file": {"filter": f'filename like "{files}/*"'}}}
+        with sensor.client.subscribe(spec) as sub:
+            fd = fetch_map_fd(sensor.run_dir)
+            try:
+                assert maps.perf_array_clear(fd, CPU)  # the collector of CPU still holds its ring
+            finally:
+                os.close(fd)
+            run_child(OPEN_FILES, str(files), str(OPENS))
+            lost, opens, cpus = 0, 0, set()
+            deadline = time.monotonic() + 15
+            for ev in sub.events(idle=3):
+                if ev["type"] == "lost" and ev["source"] == "ebpf:open":
+                    lost += ev["count"]
+                    cpus.add(ev["cpu"])
+                elif ev["type"] == "file" and ev["filename"].startswith(str(files)):
+                    opens += 1
+                if lost >= OPENS or time.monotonic() > deadline:
+                    break
+    finally:
+        sensor.stop()
+    assert lost >= OPENS and opens == 0 and cpus == {CPU}, (lost, opens, cpus)

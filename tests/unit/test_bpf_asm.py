@@ -95,3 +95,10 @@ def test_fresh_labels_are_unique():
 
 def test_instruction_size():
     assert asm.INSN_SIZE == 8 == struct.calcsize("<BBhi")
+
+
+def test_atomic_add_encoding():
+    code = Program().atomic_add(DW, R1, 8, R2).atomic_add(W, R10, -4, R0).assemble()
+    assert disassemble(code) == [(0xDB, 1, 2, 8, 0), (0xC3, 10, 0, -4, 0)]
+    with pytest.raises(AsmError):
+        Program().atomic_add(asm.B, R1, 0, R2)

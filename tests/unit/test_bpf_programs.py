@@ -3,10 +3,10 @@ instructions, records fit their maps, and the enter/exit pairs cover each family
 
 import pytest
 
-from c8.collectors.bpf import programs, records
+from c8.collectors.bpf import losses, programs, records
 from c8.collectors.bpf.asm import disassemble
 
-MAPS = programs.MapFds(perf=101, pending=102, scratch=103, config=104, ignore=105)
+MAPS = programs.MapFds(perf=101, pending=102, scratch=103, config=104, ignore=105, counters=106)
 JMP_CLASSES = (0x05, 0x06)
 
 
@@ -31,7 +31,7 @@ def _check(code: bytes, name: str) -> None:
             assert 0 <= t < n, f"{name}: jump at {i} leaves the program"
             assert t not in wide_second, f"{name}: jump at {i} lands inside ld_imm64"
         if op == 0x18 and src == 1:
-            assert imm in (101, 102, 103, 104, 105), f"{name}: unknown map fd {imm}"
+            assert imm in (101, 102, 103, 104, 105, 106), f"{name}: unknown map fd {imm}"
     assert ins[-1][0] == 0x95, f"{name}: does not end with exit"
 
 
@@ -85,3 +85,55 @@ def test_tracepoint_names():
     assert programs.tracepoints("exec") == [
         ("execve", "syscalls:sys_enter_execve", "syscalls:sys_exit_execve"),
         ("execveat", "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat")]
+
+
+def _counted(ins) -> list[int]:
+    """Counter entries a program adds to: the keys it stores at COUNTER_KEY, each
+    followed by a lookup in the counters map and an atomic add of 1."""
+    out = []
+    for i, (op, dst, _src, off, imm) in enumerate(ins):
+        if op == 0x62 and dst == 10 and off == programs.COUNTER_KEY:  # st W [fp-56], imm
+            window = ins[i + 1: i + 12]
+            assert any(x[0] == 0x18 and x[4] == MAPS.counters for x in window)  # the counters map
+            assert any(x[0] == 0x85 and x[4] == 1 for x in window)  # map_lookup_elem
+            assert any(x[0] == 0xDB and x[4] == 0 for x in window)  # lock *(u64 *) += (ATOMIC_ADD)
+            out.append(imm)
+    return out
+
+
+def _after(ins, helper: int) -> list[tuple]:
+    """The instructions after the call of ``helper``."""
+    calls = [i for i, x in enumerate(ins) if x[0] == 0x85 and x[4] == helper]
+    assert len(calls) == 1
+    return ins[calls[0] + 1:]
+
+
+def test_exit_programs_count_failed_outputs_and_stale_records():
+    for fam, scs in programs.FAMILIES.items():
+        for sc in scs:
+            ins = disassemble(programs.exit_program(fam, sc, MAPS).assemble())
+            assert _counted(ins) == [losses.index(fam, losses.OUTPUT), losses.index(fam, losses.STALE)]
+            after = _after(ins, 25)
+            # output's result tested right away: zero (success) skips the count
+            assert after[0][0] == 0x15 and after[0][1] == 0 and after[0][4] == 0, sc.name
+            assert _counted(after)[0] == losses.index(fam, losses.OUTPUT)
+
+
+def test_enter_programs_count_failed_saves():
+    for fam, scs in programs.FAMILIES.items():
+        for sc in scs:
+            ins = disassemble(programs.enter_program(fam, sc, MAPS).assemble())
+            assert _counted(ins) == [losses.index(fam, losses.UPDATE)], sc.name
+            after = _after(ins, 2)
+            assert after[0][0] == 0x15 and after[0][1] == 0 and after[0][4] == 0, sc.name
+
+
+def test_sched_exit_counts_failed_outputs():
+    ins = disassemble(programs.sched_exit_program(MAPS, exit_code_offset=1164).assemble())
+    assert _counted(ins) == [losses.index("exit", losses.OUTPUT)]
+
+
+def test_counter_entries_are_distinct_and_fill_the_map():
+    idx = {losses.index(f, c) for f in losses.FAMILIES for c in range(len(losses.COUNTERS))}
+    assert idx == set(range(losses.ENTRIES))
+    assert set(losses.FAMILIES) == set(programs.family_names())

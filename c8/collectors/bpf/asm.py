@@ -23,7 +23,8 @@ W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 SIZE_BYTES = {W: 4, H: 2, B: 1, DW: 8}
 SIZE_OF = {1: B, 2: H, 4: W, 8: DW}
 # modes
-IMM, MEM = 0x00, 0x60
+IMM, MEM, ATOMIC = 0x00, 0x60, 0xC0
+ATOMIC_ADD = 0x00  # imm of an ATOMIC store: lock *(dst + off) += src
 # source operand
 K, X = 0x00, 0x08
 
@@ -175,6 +176,13 @@ class Program:
     def st(self, size: int, dst: int, off: int, imm: int) -> Program:
         """*(size *)(dst + off) = imm."""
         return self._emit(Insn(ST | MEM | size, _reg(dst), 0, off, imm))
+
+    def atomic_add(self, size: int, dst: int, off: int, src: int) -> Program:
+        """lock *(size *)(dst + off) += src (W or DW): a counter safe against
+        another program on the same CPU interrupting this one."""
+        if size not in (W, DW):
+            raise AsmError(f"atomic add takes W or DW, not size {size:#x}")
+        return self._emit(Insn(STX | ATOMIC | size, _reg(dst), _reg(src), off, ATOMIC_ADD))
 
     def ld_imm64(self, dst: int, imm: int, src: int = 0) -> Program:
         """dst = 64-bit immediate (two slots)."""

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from c8.collectors import perf, tracefs
-from c8.collectors.bpf import btf, maps, programs
+from c8.collectors.bpf import btf, losses, maps, programs
 from c8.collectors.bpf import filters as flt
 from c8.collectors.bpf import records as rec
 from c8.collectors.bpf import syscalls as sc
@@ -70,7 +70,14 @@ class BpfManager:
     def __init__(self, run_dir: str, attach_cpu: int = 0, n_cpus: int | None = None):
         self.run_dir = run_dir
         self.attach_cpu = attach_cpu
-        self._perf_map = maps.create_perf_array(n_cpus)
+        self.n_cpus = n_cpus or maps.possible_cpus()
+        self._perf_map = maps.create_perf_array(self.n_cpus)
+        try:
+            self._counters = maps.create_counters(losses.ENTRIES)
+        except BaseException:
+            _close(self._perf_map)
+            raise
+        self._losses = losses.LossReader(self._counters, self.n_cpus)
         self._families: dict[str, _Family] = {}
         self._failed: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -92,6 +99,17 @@ class BpfManager:
         """The maps of a loaded family (for tests and stats)."""
         return self._families[family].maps
 
+    def losses(self) -> list[tuple[int | None, str, str, int]]:
+        """Records the programs lost since the previous call: ``(cpu, family, cause, n)``
+        (``cpu`` None: runs the kernel skipped, CPU unknown). See :mod:`losses`."""
+        with self._lock:
+            return self._losses.read({n: list(f.progs) for n, f in self._families.items()})
+
+    @property
+    def loss_totals(self) -> dict[str, dict[str, int]]:
+        """Per family, per cause (output, update, stale, skipped): the total so far."""
+        return {f: dict(c) for f, c in self._losses.totals.items()}
+
     # -- plan -------------------------------------------------------------------
     def apply(self, spec: dict) -> dict:
         """Converge to ``spec`` = {family: {"filter": {...}}}; returns {family: {"loaded", "error"}}.
@@ -103,7 +121,7 @@ class BpfManager:
         with self._lock:
             for name in list(self._families):
                 if name not in spec:
-                    self._families.pop(name).close()
+                    self._unload(self._families.pop(name))
                     log.info("bpf family %s unloaded", name)
             for name in list(self._failed):
                 if name not in spec:
@@ -129,6 +147,10 @@ class BpfManager:
                     status[name] = {"loaded": False, "error": msg}
         return status
 
+    def _unload(self, fam: _Family) -> None:
+        self._losses.forget(fam.name, fam.progs)  # what they skipped is still reported
+        fam.close()
+
     def _set_filter(self, fam: _Family, fil: flt.Filter) -> None:
         if fil.config != fam.config:
             maps.config_write(fam.maps.config, fil.config)
@@ -152,7 +174,7 @@ class BpfManager:
             for fd in fds:
                 _close(fd)
             raise
-        fam = _Family(name, programs.MapFds(self._perf_map, *fds))
+        fam = _Family(name, programs.MapFds(self._perf_map, *fds, counters=self._counters))
         try:
             maps.config_write(fam.maps.config, bytes(flt.CONFIG_SIZE))
             if name == programs.EXIT_FAMILY:
@@ -255,9 +277,10 @@ class BpfManager:
             for fam in self._families.values():
                 fam.close()
             self._families.clear()
-        if self._perf_map >= 0:
-            _close(self._perf_map)
-            self._perf_map = -1
+        for attr in ("_perf_map", "_counters"):
+            if getattr(self, attr) >= 0:
+                _close(getattr(self, attr))
+                setattr(self, attr, -1)
 
     def __enter__(self) -> BpfManager:
         return self

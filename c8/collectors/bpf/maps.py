@@ -7,6 +7,8 @@
   512-byte stack).
 - ARRAY of one entry: a family's filter configuration, written by the manager.
 - HASH u32 -> u8: a set of tgids whose activity is ignored.
+- PERCPU_ARRAY u32 -> u64, one per sensor: the programs' failure counters
+  (:mod:`c8.collectors.bpf.losses`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,20 @@ def create_config(value_size: int, name: str) -> int:
 def create_tgid_set(name: str) -> int:
     """HASH u32 tgid -> u8: membership only."""
     return sc.map_create(sc.MAP_TYPE_HASH, 4, 1, IGNORE_ENTRIES, name)
+
+
+def create_counters(entries: int, name: str = "c8_stats") -> int:
+    """PERCPU_ARRAY of ``entries`` u64 counters (each CPU counts its own)."""
+    return sc.map_create(sc.MAP_TYPE_PERCPU_ARRAY, 4, 8, entries, name)
+
+
+def counters_read(map_fd: int, entries: int, n_cpus: int) -> list[list[int]]:
+    """Every counter of a :func:`create_counters` map: ``[entry][cpu]``."""
+    out = []
+    for i in range(entries):
+        raw = sc.map_lookup(map_fd, struct.pack("<I", i), 8 * n_cpus)
+        out.append(list(struct.unpack(f"<{n_cpus}Q", raw)) if raw else [0] * n_cpus)
+    return out
 
 
 def config_write(map_fd: int, value: bytes) -> None:

@@ -16,8 +16,14 @@ raw wait status from ``current->exit_code`` (offset from BTF) and outputs at
 once. A user string that cannot be read (page not present) leaves its field
 empty; the record is kept, and such a name is not filtered (the filter widens).
 
+Every record that passed the filters and still does not reach the ring is
+counted in the per-CPU counters map (:mod:`c8.collectors.bpf.losses`): a failed
+bpf_perf_event_output, a failed save into the pending HASH, a saved record
+whose exit never came.
+
 Register conventions: r6 ctx, r8 record, r9 filter config (enter programs).
-Stack: fp-8 u32 zero key, fp-16 pid_tgid, fp-24 tgid, fp-48..fp-33 scratch.
+Stack: fp-8 u32 zero key, fp-16 pid_tgid, fp-24 tgid, fp-48..fp-33 scratch,
+fp-56 u32 counter key.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from c8.collectors.bpf import filters as flt
+from c8.collectors.bpf import losses
 from c8.collectors.bpf import records as rec
 from c8.collectors.bpf.asm import (
     BPF_ANY,
@@ -68,7 +75,7 @@ MAX_ARGS = 64
 # (perf record, another tracer) tracing the same tracepoint while c8 runs.
 KEEP_EVENT = 1
 
-KEY0, PID_TGID, TGID, TMP = -8, -16, -24, -48
+KEY0, PID_TGID, TGID, TMP, COUNTER_KEY = -8, -16, -24, -48, -56
 
 
 def arg(i: int) -> int:
@@ -217,6 +224,7 @@ class MapFds:
     scratch: int
     config: int
     ignore: int
+    counters: int  # the sensor's PERCPU_ARRAY of loss counters (losses.ENTRIES u64)
 
 
 # -- building blocks ----------------------------------------------------------
@@ -224,6 +232,19 @@ def _lookup(p: Program, map_fd: int, key_off: int, miss: str) -> None:
     """r0 = lookup(map, fp+key_off); goto miss if absent."""
     p.ld_map_fd(R1, map_fd).mov(R2, FP).addi(R2, key_off).call(MAP_LOOKUP_ELEM)
     p.jmp("jeq", R0, None, 0, miss)
+
+
+def _count(p: Program, maps: MapFds, family: str, counter: int, done: str) -> None:
+    """Add 1 to this CPU's ``counter`` of ``family``, then go on at ``done``. Clobbers r0-r5."""
+    p.st(W, FP, COUNTER_KEY, losses.index(family, counter))
+    _lookup(p, maps.counters, COUNTER_KEY, done)
+    p.movi(R1, 1).atomic_add(DW, R0, 0, R1)
+
+
+def _count_failure(p: Program, maps: MapFds, family: str, counter: int, ok: str) -> None:
+    """Unless r0 == 0 (the helper just called succeeded): :func:`_count`; go on at ``ok``."""
+    p.jmp("jeq", R0, None, 0, ok)
+    _count(p, maps, family, counter, ok)
 
 
 def _zero(p: Program, reg: int, size: int) -> None:
@@ -404,6 +425,7 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     p.label(save)
     p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).mov(R3, R8).movi(R4, BPF_ANY)
     p.call(MAP_UPDATE_ELEM)
+    _count_failure(p, maps, family, losses.UPDATE, drop)
     p.label(drop)
     p.label(out)
     p.movi(R0, KEEP_EVENT).exit()
@@ -424,8 +446,8 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     p.call(GET_CURRENT_PID_TGID).stx(DW, FP, PID_TGID, R0)
     _lookup(p, maps.pending, PID_TGID, "out")
     p.mov(R8, R0)
-    # an entry left by another syscall of the family (missed exit): drop it
-    p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4).jmp("jne", R1, R2, None, "delete")
+    # an entry left by another syscall of the family (missed exit): drop it, counted
+    p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4).jmp("jne", R1, R2, None, "stale")
     p.ldx(DW, R1, R6, RET_OFF).stx(DW, R8, rec.offset(dt, "ret"), R1)
     addr = sc.fields.get("addr")
     if isinstance(addr, SockAddr) and addr.how in ("exit_len", "msg_exit"):
@@ -443,6 +465,10 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
             _read_msghdr_addr(p, dt, "emit")
     p.label("emit")
     _output(p, maps.perf, dt.itemsize)
+    _count_failure(p, maps, family, losses.OUTPUT, "delete")
+    p.ja("delete")
+    p.label("stale")
+    _count(p, maps, family, losses.STALE, "delete")
     p.label("delete")
     p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).call(MAP_DELETE_ELEM)
     p.label("out")
@@ -467,6 +493,7 @@ def sched_exit_program(maps: MapFds, exit_code_offset: int, group_dead_offset: i
     p.call(GET_CURRENT_TASK).mov(R3, R0).addi(R3, exit_code_offset)
     p.mov(R1, R8).addi(R1, rec.offset(dt, "exit_code")).movi(R2, 4).call(PROBE_READ_KERNEL)
     _output(p, maps.perf, dt.itemsize)
+    _count_failure(p, maps, EXIT_FAMILY, losses.OUTPUT, "out")
     p.label("out")
     p.movi(R0, KEEP_EVENT).exit()
     return p

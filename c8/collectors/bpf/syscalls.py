@@ -20,6 +20,7 @@ MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
+OBJ_GET_INFO_BY_FD = 15
 
 # map types
 MAP_TYPE_HASH = 1
@@ -150,3 +151,26 @@ def prog_load(name: str, insns: bytes, prog_type: int = PROG_TYPE_TRACEPOINT,
         except BpfError as exc:
             text = log.value.decode(errors="replace")
             raise VerifierError(exc.errno or first.errno, name, text) from None
+
+
+# struct bpf_prog_info (include/uapi/linux/bpf.h): the fields read here
+PROG_INFO_SIZE = 232
+PROG_INFO_NAME_OFF = 64
+PROG_INFO_RECURSION_MISSES_OFF = 208
+
+
+def prog_info(prog_fd: int) -> tuple[str, int]:
+    """(name, recursion_misses) of a loaded program.
+
+    ``recursion_misses`` counts the times the kernel skipped the program because
+    a BPF program was already running on that CPU (kernels from 5.12; 0 before).
+    """
+    info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into("<IIQ", attr, 0, prog_fd, PROG_INFO_SIZE, ctypes.addressof(info))
+    bpf(OBJ_GET_INFO_BY_FD, attr, f"BPF_OBJ_GET_INFO_BY_FD(prog fd {prog_fd})")
+    got = struct.unpack_from("<I", attr, 4)[0]  # the kernel writes back the size it filled
+    name = info.raw[PROG_INFO_NAME_OFF:PROG_INFO_NAME_OFF + OBJ_NAME_LEN].split(b"\0")[0].decode()
+    if got < PROG_INFO_RECURSION_MISSES_OFF + 8:
+        return name, 0
+    return name, struct.unpack_from("<Q", info, PROG_INFO_RECURSION_MISSES_OFF)[0]
