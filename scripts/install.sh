@@ -196,7 +196,7 @@ check_python() {
 
 # A venv made by another Python (the system's was upgraded) cannot be reused.
 venv_usable() {
-  [ -x "$VENV/bin/python" ] || return 1
+  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -I -m pip --version >/dev/null 2>&1 || return 1
   local want have
   want=$("$SYSTEM_PYTHON" -I -c 'import sys; print(sys.version_info[:2])')
   have=$("$VENV/bin/python" -I -c 'import sys; print(sys.version_info[:2])' 2>/dev/null) || return 1
