@@ -277,3 +277,83 @@ def test_subscriptions_per_peer_are_bounded_for_subscribers(roles_sensor, as_use
     assert "error" not in other
     for m in made:
         assert user.call("unsubscribe", subscription=m["subscription"]) == {}
+
+
+# -- TCP: the CURVE key's directory is its role ------------------------------------------------
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def curve_sensor(tmp_path_factory):
+    import zmq.auth
+    d = tmp_path_factory.mktemp("curve")
+    keys = {}
+    for name in ("server", "sub", "admin"):
+        zmq.auth.create_certificates(str(d), name)
+        keys[name] = zmq.auth.load_certificate(str(d / f"{name}.key_secret"))
+    for role in ("subscribers", "admins"):
+        (d / role).mkdir(mode=0o755)
+    (d / "subscribers" / "sub.key").write_text((d / "sub.key").read_text())
+    (d / "admins" / "admin.key").write_text((d / "admin.key").read_text())
+    port = free_port()
+    s = Sensor(tmp_path_factory.mktemp("tcp"), listen_tcp=f"127.0.0.1:{port}",
+               curve_server_secret_key_file=str(d / "server.key_secret"),
+               curve_authorized_keys_dir=str(d / "subscribers"), curve_admin_keys_dir=str(d / "admins")).start()
+    s.keys, s.key_dir = keys, d
+
+    def client(who: str):
+        from c8.clients.client import Client
+        pub, sec = keys[who]
+        return Client(s.run_dir, endpoint=f"tcp://127.0.0.1:{port}", timeout=5.0,
+                      curve={"server_public": keys["server"][0], "public": pub, "secret": sec})
+    s.tcp = client
+    yield s
+    s.stop()
+
+
+def test_curve_keys_carry_their_directory_role(curve_sensor, target):
+    sub_client, admin_client = curve_sensor.tcp("sub"), curve_sensor.tcp("admin")
+    spec = {"events": {"user_call": [{"executable": target, "symbol": "c8_probe_target", "fetchargs": STEAL_PW}]}}
+    with pytest.raises(SensorError) as refused:
+        sub_client.subscribe(spec)
+    sub_key = curve_sensor.keys["sub"][0].decode()
+    assert refused.value.code == errors.FORBIDDEN
+    assert refused.value.reason.startswith(f"curve key {sub_key} (subscriber) may not place probes: user_call")
+    with sub_client.subscribe({"events": {"process": {"filter": 'exec_command_line like "*c8-tcp-sub*"'}}}) as mine, \
+            admin_client.subscribe(spec) as probed:
+        # the subscriber key sees its own; the admin key sees both and may end the subscriber's
+        assert [s["subscription"] for s in sub_client.subscriptions()] == [mine.id]
+        with pytest.raises(SensorError) as other:
+            sub_client.unsubscribe(probed.id)
+        assert other.value.code == errors.FORBIDDEN
+        assert {mine.id, probed.id} <= {s["subscription"] for s in admin_client.subscriptions()}
+        assert admin_client.unsubscribe(mine.id)["subscription"] == mine.id
+
+
+def test_a_revoked_curve_key_is_refused_on_its_next_request(curve_sensor):
+    import zmq.auth
+    zmq.auth.create_certificates(str(curve_sensor.key_dir), "late")
+    pub, sec = zmq.auth.load_certificate(str(curve_sensor.key_dir / "late.key_secret"))
+    curve_sensor.keys["late"] = (pub, sec)
+    path = curve_sensor.key_dir / "subscribers" / "late.key"
+    path.write_text((curve_sensor.key_dir / "late.key").read_text())
+    late = curve_sensor.tcp("late")
+    assert late.status()["sensor_id"]
+    # one connection, kept: the key is checked on every request, not only at the handshake
+    from c8.protocol import control
+    sock = late._socket()
+    try:
+        sock.send(control.request("list", {}, 1))
+        assert sock.poll(5000) and control.parse_reply(sock.recv())["status"] == "ok"
+        path.unlink()
+        sock.send(control.request("list", {}, 2))
+        assert sock.poll(5000)
+        reply = control.parse_reply(sock.recv())
+        assert (reply["status"], reply["code"]) == ("error", errors.FORBIDDEN)
+        assert reply["reason"] == "this CURVE key is not authorized (any more)"
+    finally:
+        sock.close()
