@@ -126,9 +126,9 @@ class AlertLimiter:
                  ", ".join(f"{k} {v}" for k, v in self.stats().items()))
 
     def stats(self) -> dict:
-        """Alerts delivered to and suppressed before the output, with its own counts
-        (sent, dropped when its queue was full, failed)."""
-        return {"delivered": self.delivered_total, "suppressed": self.suppressed_total,
+        """Alerts passed to the output (``alerts``) and suppressed before it, with the
+        output's own counts (delivered, dropped when its queue was full, failed, ...)."""
+        return {"alerts": self.delivered_total, "suppressed": self.suppressed_total,
                 **self.output.stats()}
 
     def _roll(self) -> None:

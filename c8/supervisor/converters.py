@@ -213,6 +213,13 @@ def log_level(value: Any) -> str:
     raise ConvertError(value, "must be one of " + ", ".join(_LEVELS))
 
 
+def _output_name(value: Any) -> str:
+    """An output's name: 1-64 printable characters."""
+    if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
+        return value
+    raise ConvertError(value, "must be 1 to 64 printable characters")
+
+
 OUTPUT_TYPES = ("stdout", "file", "webhook", "syslog")
 
 # Keys every output may have, then the keys of each type, with their converters.
@@ -221,6 +228,7 @@ _COMMON_OUTPUT_KEYS = {
     "enabled": boolean,
     "limit_per_period": positive_int,
     "limit_period": positive_duration,
+    "name": _output_name,  # in logs and errors: "alerts dropped by <name>"
 }
 _TYPED_OUTPUT_KEYS = {
     "stdout": {},

@@ -54,6 +54,15 @@ def received(status: dict) -> int:
     return sum(sum(c.get("received", {}).values()) for c in status["collectors"].values())
 
 
+def top(text: str) -> list[tuple[str, int]]:
+    """"1234:500,99:20" -> [("1234", 500), ("99", 20)], checking the format."""
+    pairs = [item.rpartition(":") for item in text.split(",")]
+    assert text and all(k and sep and n.isdigit() for k, sep, n in pairs), text
+    counts = [int(n) for _, _, n in pairs]
+    assert counts == sorted(counts, reverse=True) and len(pairs) <= 5, text
+    return [(k, int(n)) for k, _, n in pairs]
+
+
 def next_limiter_event(events, timeout: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout
     for ev in events:
@@ -76,6 +85,11 @@ def test_trip_dormancy_resume_then_exit(tmp_path):
         with Storm() as storm:
             tripped = next_limiter_event(events)
             assert (tripped["kind"], tripped["trips"], tripped["dormancy_nanos"]) == ("TRIPPED", 1, 3 * 10**9)
+            # it names the flood's source: this process forks every /bin/true of the storm
+            assert top(tripped["top_pids"])[0][0] == str(os.getpid()), tripped["top_pids"]
+            assert top(tripped["top_pids"])[0][1] > LIMITER["events_per_second"], tripped["top_pids"]
+            assert "0" in dict(top(tripped["top_uids"])), tripped["top_uids"]       # root's storm
+            assert "host" in dict(top(tripped["top_containers"])), tripped["top_containers"]
             t_trip = time.monotonic()
             st = s.status()
             assert st["dormant"] and st["plan"]["enabled"] is False
@@ -105,7 +119,7 @@ def test_trip_dormancy_resume_then_exit(tmp_path):
     finally:
         s.stop()
     log = s.output()
-    assert "event limiter tripped: collection dormant for 3s" in log
+    assert "event limiter tripped: collection dormant for 3s (top pids " in log
     assert "event limiter: collection resumes" in log
     assert "event limiter tripped after max_retries dormancies: the sensor exits" in log
     assert "not restarting" in log

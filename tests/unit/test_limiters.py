@@ -308,7 +308,7 @@ def test_summary_names_the_suppressed_rules_with_counts():
                            '"Odd \\"name\\"\\nsecond line" 1, "Read sensitive file" 1']
     assert rec.details == [{"suppressed": 50, "rules": {"Noise": 48, 'Odd "name"\nsecond line': 1,
                                                         "Read sensitive file": 1}}]
-    assert lim.stats()["suppressed"] == 50 and lim.stats()["delivered"] == 2
+    assert lim.stats()["suppressed"] == 50 and lim.stats()["alerts"] == 2
 
 
 def test_summary_names_at_most_ten_rules_and_bounds_the_tally(monkeypatch):

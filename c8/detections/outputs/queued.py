@@ -26,6 +26,7 @@ from c8.detections.outputs.base import Output, alert_dict, notice_dict
 log = logging.getLogger("c8.detections.outputs")
 
 DROP_REPORT_S = 10.0    # at most one drop report per output in this time
+CLOSE_S = 1.5           # what closing an output may take (the detector has 5 s to stop)
 _STOP = object()
 
 
@@ -104,15 +105,17 @@ class QueuedOutput(Output):
         True when the receiver took it. Runs on the worker thread only."""
         raise NotImplementedError
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued (within ``timeout``), then stop the worker."""
+    def close(self, timeout: float = CLOSE_S) -> None:
+        """Deliver what is queued within ``timeout`` in all, then stop the worker
+        (the supervisor gives the whole detector STOP_TIMEOUT to exit)."""
+        deadline = time.monotonic() + timeout
         try:
-            self._queue.put(_STOP, timeout=timeout)
+            self._queue.put(_STOP, timeout=max(deadline - time.monotonic(), 0))
         except queue.Full:
             pass
-        self._thread.join(timeout)
+        self._thread.join(max(deadline - time.monotonic(), 0))
         self._stop.set()  # cut short a backoff, abandon the rest of the queue
-        self._thread.join(1.0)
+        self._thread.join(0.1)
         left = self._queue.qsize()
         if self._thread.is_alive() or left:
             log.warning("output %s: closed with %d messages undelivered (receiver stalled)",

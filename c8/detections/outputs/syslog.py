@@ -225,7 +225,3 @@ class SyslogOutput(QueuedOutput):
     def release(self) -> None:
         if not self._thread.is_alive():  # else the worker still owns the socket
             self._drop_socket()
-
-    def stats(self) -> dict:
-        st = super().stats()
-        return {"sent": st["delivered"], **st}
