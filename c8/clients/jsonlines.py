@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat
 from operator import methodcaller
 from typing import Any
@@ -38,17 +39,14 @@ Batch = tuple[str, np.ndarray, dict]  # (category, array, container table)
 
 NO_CONTAINER = ("", "", "", "")
 _decode = methodcaller("decode", "utf-8", "replace")
-_digest = methodcaller("digest")
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-_QUOTE = ord('"')
+_hexdigest = methodcaller("hexdigest")
 
 
 def _default(v: Any) -> str:
     return str(v)  # what json.dumps(default=str) did for anything JSON has no type for
 
 
-def _dumps(v: Any) -> bytes:
-    return orjson.dumps(v, default=_default)
+_dumps = partial(orjson.dumps, default=_default)  # C-level when mapped over a column
 
 
 # -- what each output key holds ------------------------------------------------------
@@ -131,28 +129,21 @@ def _fields(category: str, arr: np.ndarray, table: dict, sensor_id: str) -> dict
 
 # -- event ids -------------------------------------------------------------------
 def _id_inputs(sensor_id: str, seq: np.ndarray, monotime: np.ndarray) -> list[bytes]:
-    # numpy writes the decimal digits of each column in C; one concat per batch
-    text = np.strings.add(np.strings.add(sensor_id.encode(), seq.astype("S20")), monotime.astype("S20"))
-    return text.tolist()
+    text = sensor_id.encode().replace(b"%", b"%%") + b"%d%d"  # C-level formatting per event
+    return list(map(text.__mod__, zip(seq.tolist(), monotime.tolist(), strict=True)))
 
 
 def event_ids(sensor_id: str, seq: np.ndarray, monotime: np.ndarray) -> list[str]:
     """sha256 hex of sensor id, sequence number and monotime, per event (Capsule8's id)."""
     if not len(seq):
         return []
-    return list(map(methodcaller("hexdigest"), map(hashlib.sha256, _id_inputs(sensor_id, seq, monotime))))
+    return list(map(_hexdigest, map(hashlib.sha256, _id_inputs(sensor_id, seq, monotime))))
 
 
-def _id_json(sensor_id: str, seq: np.ndarray, monotime: np.ndarray) -> list[bytes]:
-    """The event ids as JSON strings: digests hex-encoded for the whole batch at once."""
-    n = len(seq)
-    digests = b"".join(map(_digest, map(hashlib.sha256, _id_inputs(sensor_id, seq, monotime))))
-    d = np.frombuffer(digests, np.uint8).reshape(n, 32)
-    out = np.empty((n, 66), np.uint8)
-    out[:, 0] = out[:, 65] = _QUOTE
-    out[:, 1:65:2] = _HEX[d >> 4]
-    out[:, 2:66:2] = _HEX[d & 15]
-    return out.view("S66").ravel().tolist()
+def _quoted(values: list[bytes]) -> list[bytes]:
+    """Each value in JSON quotes, for values known to need no escaping: one join and one
+    split for the whole column (a newline never occurs in such a value)."""
+    return (b'"' + b'"\n"'.join(values) + b'"').split(b"\n")
 
 
 # -- per-event values (dicts) ----------------------------------------------------
@@ -208,7 +199,25 @@ def _column_json(col: np.ndarray) -> bytes | list[bytes]:
         return _dumps(_values(col[:1])[0])
     if col.dtype.kind in "iu" and col.ndim == 1:
         return orjson.dumps(col.tolist())[1:-1].split(b",")  # integers hold no commas
+    if col.dtype.kind == "S" and col.ndim == 1:
+        return _string_json(col)
     return list(map(_dumps, _values(col)))
+
+
+# bytes a JSON string can hold as they are: printable ASCII but the quote and the backslash
+_PLAIN = np.zeros(256, bool)
+_PLAIN[0x20:0x7F] = True
+_PLAIN[[ord('"'), ord("\\")]] = False
+
+
+def _string_json(col: np.ndarray) -> list[bytes]:
+    """A byte-string column as JSON strings. When every value is plain ASCII (no
+    quote, backslash, control byte or NUL inside) they are quoted as they are,
+    the whole column at once; else each value is decoded and encoded on its own."""
+    values = col.tolist()  # trailing NULs cut
+    if _PLAIN[np.frombuffer(b"".join(values), np.uint8)].all():
+        return _quoted(values)
+    return list(map(orjson.dumps, map(_decode, values)))
 
 
 def _as_json(spec: Any, n: int, sensor_id: str) -> bytes | list[bytes]:
@@ -221,7 +230,8 @@ def _as_json(spec: Any, n: int, sensor_id: str) -> bytes | list[bytes]:
     if isinstance(spec, _Const):
         return _dumps(spec.value)
     if isinstance(spec, _Ids):
-        return _id_json(sensor_id, spec.seq, spec.mono)
+        hexes = event_ids(sensor_id, spec.seq, spec.mono)  # hex digits: nothing to escape
+        return ('"' + '"\n"'.join(hexes) + '"').encode().split(b"\n")
     return _assemble(zip(spec.keys, map(_column_json, spec.cols), strict=True), n, b"{", b"}")
 
 

@@ -69,7 +69,10 @@ TABLE = {1: ("c1" * 32, "web", "sha256:" + "a" * 64, "busybox:latest", "docker")
          2: ("c2" * 32, "caf\u00e9", "", "", "runc")}
 
 
-def batch(category: str, n: int, seed: int, extra: list | None = None) -> np.ndarray:
+PLAIN_TEXTS = [b"", b"/usr/bin/true", b"x" * 255, b"a b=c,d:{e}[f]"]  # nothing to escape
+
+
+def batch(category: str, n: int, seed: int, extra: list | None = None, texts: list = TEXTS) -> np.ndarray:
     rng = np.random.default_rng(seed)
     dt = schema.dtype(category)
     if extra:
@@ -78,7 +81,7 @@ def batch(category: str, n: int, seed: int, extra: list | None = None) -> np.nda
     for name in dt.names:
         col = arr[name]
         if col.dtype.kind == "S":
-            arr[name] = [TEXTS[i][:col.dtype.itemsize] for i in rng.integers(0, len(TEXTS), n)]
+            arr[name] = [texts[i][:col.dtype.itemsize] for i in rng.integers(0, len(texts), n)]
         elif col.dtype.kind in "iu":
             info = np.iinfo(col.dtype)
             arr[name] = rng.integers(info.min, info.max, n, dtype=col.dtype, endpoint=True)
@@ -104,10 +107,11 @@ CASES = [(c, []) for c in schema.CATEGORIES if c not in ("kernel_call", "user_ca
 
 
 @pytest.mark.parametrize(("category", "extra"), CASES, ids=[c for c, _ in CASES])
-@pytest.mark.parametrize(("seed", "n", "same"), [(1, 300, False), (2, 300, False), (3, 1, False), (4, 50, True)],
-                         ids=["varied", "varied2", "one", "alike"])
-def test_dicts_and_lines_are_the_reference_shape(category, extra, seed, n, same):
-    arr = batch(category, n, seed, extra)
+@pytest.mark.parametrize(("seed", "n", "same", "texts"), [(1, 300, False, TEXTS), (2, 300, False, PLAIN_TEXTS),
+                                                           (3, 1, False, TEXTS), (4, 50, True, TEXTS)],
+                         ids=["varied", "plain", "one", "alike"])
+def test_dicts_and_lines_are_the_reference_shape(category, extra, seed, n, same, texts):
+    arr = batch(category, n, seed, extra, texts)
     if same:  # every column alike but the number: the lines path writes them as literal text
         seq = arr["sensor_sequence_number"].copy()
         arr[:] = arr[0]
