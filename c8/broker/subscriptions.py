@@ -7,7 +7,6 @@ subscription is made, so a bad spec is an error reply and never a broker fault.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import math
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from c8 import expr, schema
+from c8.expr import glob
 from c8.expr.errors import ExprLimitError
 from c8.protocol import errors
 
@@ -99,7 +99,7 @@ class Subscription:
         for idx, (cid, cname, _iid, iname, _rt) in table.items():
             if idx == 0:
                 continue  # a container filter never admits the host
-            if cf.get("image") and not fnmatch.fnmatchcase(iname, cf["image"]):
+            if cf.get("image") and not glob.fnmatchcase(iname, cf["image"]):
                 continue
             if cf.get("ids") and not any(cid.startswith(i) for i in cf["ids"]):
                 continue

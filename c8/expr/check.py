@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import fnmatch
 
 from c8 import schema
+from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
 from c8.expr.fieldinfo import CLIENT_ONLY, is_string
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or, Value
@@ -87,7 +87,7 @@ def _check_kind(leaf: Node, category: str) -> None:
         for v in leaf.values:
             known(v)
     elif isinstance(leaf, Like):
-        if not any(fnmatch.fnmatchcase(k, leaf.pattern) for k in kinds):
+        if not any(glob.fnmatchcase(k, leaf.pattern) for k in kinds):
             raise ExprTypeError(f"pattern {leaf.pattern!r} matches no kind of {category} events "
                                 f"(kinds: {', '.join(kinds)})", leaf.pos, "kind")
     elif isinstance(leaf, IsNull):

@@ -7,12 +7,12 @@ ordering and ``?`` in globs mean the same thing here and on arrays.
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 from collections.abc import Mapping
 from typing import Any
 
 from c8 import schema
+from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
 from c8.expr.fieldinfo import CONTAINER_FIELDS
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or, Value
@@ -64,7 +64,7 @@ def leaf_matches(leaf: Node, value: bytes | int) -> bool:
         if isinstance(leaf, Like):
             if not isinstance(value, bytes):
                 raise TypeError
-            return fnmatch.fnmatchcase(value, leaf.pattern.encode("utf-8")) != leaf.negated
+            return glob.fnmatchcase(value, leaf.pattern.encode("utf-8")) != leaf.negated
         if isinstance(leaf, IsNull):
             return (value in (b"", 0)) != leaf.negated
     except TypeError:
@@ -85,7 +85,7 @@ def _kind(leaf: Node, event: Mapping[str, Any]) -> bool:
         category = category.decode() if isinstance(category, bytes) else category
         name = schema.kind_name(category, int(value))
     if isinstance(leaf, Like):
-        return fnmatch.fnmatchcase(name, leaf.pattern) != leaf.negated
+        return glob.fnmatchcase(name, leaf.pattern) != leaf.negated
     category = event.get("type")
     category = category.decode() if isinstance(category, bytes) else category
 

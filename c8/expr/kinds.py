@@ -11,9 +11,8 @@ for expressions on ``kind`` alone and a sound over-approximation otherwise
 
 from __future__ import annotations
 
-import fnmatch
-
 from c8 import schema
+from c8.expr import glob
 from c8.expr.nodes import And, Compare, In, Like, Node, Or, nnf
 
 
@@ -60,6 +59,6 @@ def _leaf(leaf: Node, category: str, every: frozenset[str]) -> frozenset[str]:
         named = frozenset(_name(v, category) for v in leaf.values) & every
         return every - named if leaf.negated else named
     if isinstance(leaf, Like):
-        named = frozenset(k for k in every if fnmatch.fnmatchcase(k, leaf.pattern))
+        named = frozenset(k for k in every if glob.fnmatchcase(k, leaf.pattern))
         return every - named if leaf.negated else named
     return every  # 'kind is null' is refused by the checker; never narrow on it

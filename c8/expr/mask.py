@@ -11,13 +11,13 @@ mapped onto the ``container`` column with np.isin.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from c8 import schema
+from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
 from c8.expr.evaluate import leaf_matches, literal
 from c8.expr.fieldinfo import CONTAINER_FIELDS, constant_compare, int_range
@@ -162,7 +162,8 @@ def like(col: np.ndarray, pattern: bytes) -> np.ndarray:
     if len(col) == 0:
         return np.zeros(0, bool)
     uniq, inverse = np.unique(col, return_inverse=True)
-    hits = np.fromiter((fnmatch.fnmatchcase(bytes(u), pattern) for u in uniq), bool, len(uniq))
+    match = glob.compile(pattern)
+    hits = np.fromiter((match(bytes(u)) is not None for u in uniq), bool, len(uniq))
     return hits[inverse.reshape(-1)]
 
 
@@ -185,7 +186,7 @@ def _kind_leaf(leaf: Node, category: str) -> _Leaf:
     if isinstance(leaf, In):
         numeric = In("kind", tuple(code(v) for v in leaf.values), leaf.negated, leaf.pos)
     elif isinstance(leaf, Like):
-        codes = tuple(schema.kind_code(category, k) for k in kinds if fnmatch.fnmatchcase(k, leaf.pattern))
+        codes = tuple(schema.kind_code(category, k) for k in kinds if glob.fnmatchcase(k, leaf.pattern))
         numeric = In("kind", codes, leaf.negated, leaf.pos)
     else:
         raise ExprTypeError("'kind' is never null", leaf.pos, "kind")

@@ -119,3 +119,27 @@ def test_a_rule_file_with_a_5000_digit_yaml_number_is_refused_clearly():
     assert rules == []
     assert len(errs) == 1 and "list.yaml: a number in the file is too long" in str(errs[0])
     assert "no rule of this file loaded" in str(errs[0])
+
+
+def test_glob_matches_as_fnmatch_does():
+    import fnmatch
+
+    from c8.expr import glob
+    names = ["/tmp/a.txt", "/tmp/b.TXT", "x[1]", "EXEC", "", "/a/b/c", "abc?"]
+    patterns = ["*.txt", "/tmp/?.*", "x[[]1]", "E*C", "*", "[!/]*", "abc[?]", "/a/*/c", ""]
+    for p in patterns:
+        for n in names:
+            assert glob.fnmatchcase(n, p) == fnmatch.fnmatchcase(n, p), (n, p)
+            assert glob.fnmatchcase(n.encode(), p.encode()) == fnmatch.fnmatchcase(n.encode(), p.encode())
+
+
+def test_glob_cache_is_bounded_in_entries_and_pattern_size():
+    from c8.expr import glob
+    for i in range(3 * glob.MAX_CACHED):
+        assert glob.fnmatchcase(f"/x{i}y", f"/x{i}?")
+    assert glob.cache_info().currsize <= glob.MAX_CACHED
+    before = glob.cache_info()
+    long = "*" + "a" * (glob.MAX_CACHED_LENGTH + 1) + "?"
+    assert glob.fnmatchcase("b" + "a" * (glob.MAX_CACHED_LENGTH + 1) + "c", long)
+    after = glob.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)  # never looked up, never kept
