@@ -34,7 +34,7 @@ import numpy as np
 
 from c8.host import proc as hostproc
 
-from .runtimes import Metadata, Roots
+from .runtimes import ROOT_KINDS, Metadata, Roots
 from .runtimes.discovery import discover, roots_from_cmdline
 from .runtimes.docker import read_docker, read_docker_api
 from .runtimes.oci import from_runtime_argv, read_containerd, read_crun, read_runc
@@ -196,6 +196,7 @@ class ContainerTable:
         # untrusted_runtimes: cgroup makers whose command line named no root we trust
         self.counts = {"pid_errors": 0, "untrusted_runtimes": 0, "runtimes_ignored": 0, "gave_up": 0}
         self._entries: dict[int, _Entry] = {}
+        self._moves: dict[int, list[tuple[int, int]]] = {}  # pid -> [(time, index)] this window
         self._by_id: dict[str, int] = {}
         self._free: list[int] = []
         self._next = 1
@@ -218,6 +219,7 @@ class ContainerTable:
                 "overflow": self.overflow, "lookups": w["jobs"], "lookup_failed": w["failed"],
                 "lookup_timed_out": w["timed_out"], "lookup_dropped": w["dropped"],
                 "lookup_stuck_threads": w["stuck_threads"], "roots_refused": self.roots.refused,
+                "roots": sum(len(getattr(self.roots, k)) for k in ROOT_KINDS),
                 **self.counts}
 
     # -- identity --------------------------------------------------------
@@ -291,19 +293,41 @@ class ContainerTable:
         self._retired.add(pid)
 
     def begin_window(self) -> None:
-        """Forget the pids retired during the previous window."""
+        """Forget the pids retired during the previous window, and its moves."""
         for pid in self._retired:
             self._pids.pop(pid, None)
         self._retired.clear()
+        self._moves.clear()
 
-    def on_fork(self, parent: int, child: int) -> int:
+    def _moved(self, pid: int, time_ns: int, before: int) -> None:
+        """Remember that ``pid``'s container changed at ``time_ns`` in this window."""
+        history = self._moves.setdefault(pid, [(-1, before)])
+        history.append((time_ns, self._pids.get(pid, 0)))
+
+    def indices_at(self, pids: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Container index of each event's pid as of the event's time: the table
+        now, except for pids that moved in this window (a searchsorted of the event
+        times in their move times)."""
+        out = self.lookup_pids(pids) if len(pids) else np.zeros(0, np.uint32)
+        for pid in (self._moves.keys() & set(np.unique(pids).tolist())) if self._moves else ():
+            at = np.flatnonzero(pids == pid)
+            history = self._moves[pid]
+            when = np.array([t for t, _ in history], np.int64)
+            which = np.searchsorted(when, times[at].astype(np.int64), side="right") - 1
+            out[at] = np.array([i for _, i in history], np.uint32)[np.maximum(which, 0)]
+        return out
+
+    def on_fork(self, parent: int, child: int, time_ns: int = 0) -> int:
         """The child starts in its parent's cgroup: cache that (it may be gone
         before anyone reads its /proc). Returns the child's index."""
         self._retired.discard(child)  # a reused pid: the new process keeps this entry
         known = parent in self._pids
         index = self.lookup_pid(parent)
         if known or parent in self._pids:  # else the parent is gone: no guess for the child
+            before = self._pids.get(child, 0)
             self._set_pid(child, index)
+            if before != index:
+                self._moved(child, time_ns, before)
         return index
 
     def row(self, index: int) -> tuple[str, str, str, str, str]:
@@ -412,13 +436,15 @@ class ContainerTable:
     def apply_attaches(self, until_ns: int) -> None:
         """Apply the queued attaches stamped at or before ``until_ns``, in time order."""
         while self._attaches and self._attaches[0][0] <= until_ns:
-            _, _, pid, path = heapq.heappop(self._attaches)
+            time_ns, _, pid, path = heapq.heappop(self._attaches)
             left = self._pending_pids.get(pid, 1) - 1
             if left:
                 self._pending_pids[pid] = left
             else:
                 self._pending_pids.pop(pid, None)
+            before = self._pids.get(pid, 0)
             self.on_cgroup_attach(path, pid)
+            self._moved(pid, time_ns, before)
 
     def mark_running(self, index: int, pid: int) -> bool:
         """Note ``pid`` as the container's init (the first exec inside it);

@@ -31,6 +31,7 @@ class Metadata:
 
 
 MAX_ROOTS = 16  # per kind: a flood of advertised roots cannot grow every lookup
+ROOT_KINDS = ("docker", "docker_sockets", "storage", "runc", "crun", "containerd")
 
 
 def _default(*paths: str):
