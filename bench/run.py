@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_c8ctl  # noqa: E402
 import bench_cost  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_overhead  # noqa: E402
@@ -27,7 +28,7 @@ import bench_storm  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode")
+ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl")
 
 
 def decode(quick: bool) -> dict:
@@ -57,6 +58,8 @@ def run_all(names: list[str], quick: bool) -> dict[str, dict]:
             res = bench_latency.run(quick)
         elif name == "pushdown":
             res = bench_pushdown.run(quick)
+        elif name == "c8ctl":
+            res = bench_c8ctl.run(quick)
         else:
             res = decode(quick)
         res["seconds"] = time.monotonic() - t0
