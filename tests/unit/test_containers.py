@@ -331,3 +331,34 @@ def test_malformed_metadata_is_ignored(tmp_path):
     fake_pid(proc, 5, f"/docker/{A}")
     t = ContainerTable(proc, Roots(docker=[docker_root], docker_sockets=[]), discover_roots=False, **inline())
     assert t.row(t.lookup_pid(5)) == (A, "", "", "", "docker")
+
+
+def test_hostile_runc_state_gives_unknown_never_an_exception(tmp_path, monkeypatch):
+    """Wrong-type JSON, a FIFO, a /dev/zero symlink as state.json: the table
+    answers (name from the id, or unknown), and a reader that raises anyway
+    is counted, never propagated to the broker's loop."""
+    proc = str(tmp_path / "proc")
+    ids = {kind: f"{i:064x}" for i, kind in enumerate(("types", "fifo", "zero", "raises"), 1)}
+    runc = tmp_path / "runc"
+    write(f"{runc}/{ids['types']}/state.json", {"config": {"labels": [1, None]}})
+    os.makedirs(f"{runc}/{ids['fifo']}")
+    os.mkfifo(f"{runc}/{ids['fifo']}/state.json")
+    os.makedirs(f"{runc}/{ids['zero']}")
+    os.symlink("/dev/zero", f"{runc}/{ids['zero']}/state.json")
+    for pid, cid in enumerate(ids.values(), 10):
+        fake_pid(proc, pid, f"/{cid}")
+    t = ContainerTable(proc, Roots(docker=[], docker_sockets=[], storage=[], runc=[str(runc)], crun=[],
+                                   containerd=[]), discover_roots=False, **inline())
+    assert t.row(t.lookup_pid(10)) == (ids["types"], ids["types"], "", "", "runc")
+    assert t.row(t.lookup_pid(11))[1] == "" and t.row(t.lookup_pid(12))[1] == ""
+
+    import c8.broker.containers as containers
+
+    def boom(roots, cid):
+        raise TypeError("a reader's bug")
+    monkeypatch.setitem(containers._READERS, "runc", boom)
+    index = t.lookup_pid(13)
+    assert t.row(index) == (ids["raises"], "", "", "", "runc")
+    assert t.table([index]) == {index: t.row(index)}
+    t.refresh()
+    assert t.stats()["lookup_failed"] >= 1 and t.stats()["unnamed"] == 3
