@@ -424,7 +424,7 @@ def test_blackholed_tcp_syslog_never_blocks_and_counts_drops(caplog):
         t0 = time.monotonic()
         for _ in range(100):
             out.send(ALERT)
-        assert time.monotonic() - t0 < 0.1     # enqueued, never sent by the caller
+        assert time.monotonic() - t0 < 0.5     # enqueued, never sent by the caller (blocking: 50 s)
         # the worker holds one, the queue five: the rest are dropped and counted
         assert out.stats()["dropped"] >= 94
         out.tick()
