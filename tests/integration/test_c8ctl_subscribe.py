@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import pytest
 import yaml
 
 from tests.integration.sensor import wait_for
+
+from .runtimes import busybox_rootfs, runc  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.root
 
@@ -45,6 +48,9 @@ class C8ctl:
                 self.lines.append(json.loads(raw))
         self._reader = threading.Thread(target=run, daemon=True)
         self._reader.start()
+
+    def wait_lines(self, done, timeout: float = 40.0, what: str = "lines") -> None:
+        wait_for(lambda: done(list(self.lines)), timeout, 0.1, what)
 
     def stop(self) -> str:
         """SIGINT (what Ctrl-C sends), wait for the exit, return stderr."""
@@ -108,6 +114,36 @@ def test_events_in_sequence_order_across_categories(shared_sensor, tmp_path):
     assert [(e["type"], e["kind"]) for e in got] == [("process", "EXEC"), ("file", "OPEN")] * CATS
     seqs = [e["sensor_sequence_number"] for e in got]
     assert seqs == sorted(set(seqs))
+
+
+@pytest.mark.containers
+@pytest.mark.timeout(300)
+def test_c8ctl_prints_a_container_in_sequence_order(shared_sensor, runc):  # noqa: F811  (fixture)
+    """CREATED, RUNNING, the EXEC of /bin/ls and the OPEN of /foo inside, EXITED,
+    DESTROYED, as c8ctl prints them: the RUNNING line before the EXECs it precedes."""
+    cid, name = secrets.token_hex(32), "c8ctl-order-" + secrets.token_hex(3)
+    spec_path = os.path.join(shared_sensor.dir, f"container-{cid[:12]}.yaml")
+    with open(spec_path, "w") as f:
+        yaml.safe_dump({"events": {"container": {}, "process": {"filter": 'kind == "EXEC"'},
+                                   "file": {"filter": 'kind == "OPEN" and filename == "/foo"'}},
+                        "containers": {"ids": [cid[:12]]}}, f)
+    ctl = C8ctl(shared_sensor.run_dir, "--spec", spec_path)
+    ctl.read()
+    try:
+        assert runc.run(["sh", "-c", "/bin/ls; cat /foo"], name=name, container_id=cid).exit_code == 1
+        ctl.wait_lines(lambda ls: any(e["type"] == "container" and e["kind"] == "DESTROYED" for e in ls),
+                       what="the container's DESTROYED line")
+    finally:
+        err = ctl.stop()
+    seqs = [e["sensor_sequence_number"] for e in ctl.lines if e["sensor_sequence_number"]]
+    assert all(b > a for a, b in zip(seqs, seqs[1:], strict=False)), seqs
+    mine = [e for e in ctl.lines if e["container_id"] == cid]
+    shown = [(e["type"], e["kind"], e.get("exec_filename") or e.get("filename") or "") for e in mine]
+    life = [kind for typ, kind, _ in shown if typ == "container"]
+    assert life == ["CREATED", "RUNNING", "EXITED", "DESTROYED"], (shown, err)
+    at = {k: shown.index(k) for k in [("container", "RUNNING", ""), ("process", "EXEC", "/bin/ls"),
+                                       ("file", "OPEN", "/foo"), ("container", "EXITED", "")]}
+    assert sorted(at.values()) == list(at.values()), shown
 
 
 # A getppid loop that waits for a line on stdin, then makes CALLS calls in bursts
