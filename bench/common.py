@@ -95,6 +95,31 @@ int main(int argc, char **argv) {
     return 0;
 }
 """,
+    # like "paced", but each call is an open()+close() of argv[3] (file events via eBPF)
+    "paced_open": r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <fcntl.h>
+#include <unistd.h>
+static long ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
+int main(int argc, char **argv) {
+    long rate = atol(argv[1]); double secs = atof(argv[2]); const char *path = argv[3]; char line[8];
+    printf("%d\n", getpid()); fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    long t0 = ns(), total = (long)(rate * secs), done = 0;
+    struct timespec next; clock_gettime(CLOCK_MONOTONIC, &next);
+    while (done < total) {
+        long due = (long)((double)(ns() - t0) * rate / 1e9) + 1;
+        if (due > total) due = total;
+        for (; done < due; done++) { int fd = open(path, O_RDONLY); if (fd >= 0) close(fd); }
+        next.tv_nsec += 1000000; if (next.tv_nsec >= 1000000000) { next.tv_nsec -= 1000000000; next.tv_sec++; }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+    }
+    printf("%ld %ld\n", done, ns() - t0); fflush(stdout);
+    return 0;
+}
+""",
     # n execs of /bin/true, m opens of a file, k loopback TCP connects
     "mixed": r"""
 #include <stdio.h>

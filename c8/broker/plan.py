@@ -5,12 +5,15 @@ recomputing that union on every change: with no subscription the plan is
 empty and every perf event is closed). Filters are pushed down as the OR of
 the subscriptions' filters that the kernel can express; the broker still
 evaluates every full expression, so pushdown only removes unwanted events.
-It also keeps the process and container tables in step with process events.
+The plan is :func:`compute_plan`, a pure function of the subscriptions, the
+failures the collectors reported, the sensor's own threads and the config;
+:class:`Planner` keeps the generation, those failures and the probe builders.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import msgpack
 import numpy as np
@@ -24,8 +27,14 @@ log = logging.getLogger("c8.broker.plan")
 
 
 class Planner:
-    def __init__(self, broker):
-        self.broker = broker
+    """The current plan, its generation and what the collectors said failed.
+
+    ``send`` publishes a packed plan to the collectors (the broker's PUB socket).
+    """
+
+    def __init__(self, config: dict, send: Callable[[bytes], None]):
+        self.pushdown = bool(config.get("pushdown", True))  # false: the broker filters alone
+        self.send = send
         self.generation = 0
         self.plan: dict = {"generation": 0, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {},
                            "bpf_owner": None}
@@ -33,25 +42,33 @@ class Planner:
         self.filter_errors: dict[str, str] = {}   # source -> kernel's refusal
         self.probe_sources: dict[str, catalog.Source] = {}
         self.probe_errors: dict[str, str] = {}
-        self.exec_names: dict[int, bytes] = {}  # tgid -> name from sched_process_exec
+        self.subscriptions: list = []             # as of the last update (probe builders read them)
+        self._inputs: tuple = ((), frozenset(), None, False)
 
     # -- computing the plan -----------------------------------------------------------------
-    def update(self) -> None:
-        subs = list(self.broker.subscriptions.values())
-        bpf_owner = self.broker.collectors.get(0, {}).get("pid")
+    def update(self, subscriptions=None, own_pids=None, bpf_owner=None, dormant=None) -> bool:
+        """Recompute the plan from these inputs (None: as last given); publish it when it
+        changed. True when it did."""
+        last = self._inputs
+        self._inputs = (list(subscriptions) if subscriptions is not None else last[0],
+                        frozenset(own_pids) if own_pids is not None else last[1],
+                        bpf_owner if bpf_owner is not None else last[2],
+                        bool(dormant) if dormant is not None else last[3])
+        subs, own, owner, asleep = self._inputs
+        self.subscriptions = subs
         plan = compute_plan(subs, failed_bpf=self.failed_bpf, filter_errors=self.filter_errors,
-                            own_pids=self.broker.own_pids, bpf_owner=bpf_owner,
-                            pushdown=bool(self.broker.config.get("pushdown", True)),
-                            dormant=self.broker.dormant)
-        if {k: v for k, v in self.plan.items() if k != "generation"} != plan:
-            self.generation += 1
-            self.plan = dict(plan, generation=self.generation)
-            log.info("plan %d: %s", self.generation,
-                     sorted(plan["tracepoints"]) + ["bpf:" + f for f in plan["bpf"]])
-            self.publish()
+                            own_pids=own, own_tids=own_threads(own), bpf_owner=owner,
+                            pushdown=self.pushdown, dormant=asleep)
+        if {k: v for k, v in self.plan.items() if k != "generation"} == plan:
+            return False
+        self.generation += 1
+        self.plan = dict(plan, generation=self.generation)
+        log.info("plan %d: %s", self.generation, sorted(plan["tracepoints"]) + ["bpf:" + f for f in plan["bpf"]])
+        self.publish()
+        return True
 
     def publish(self) -> None:
-        self.broker.plan_pub.send(msgpack.packb(self.plan))
+        self.send(msgpack.packb(self.plan))
 
     def clear(self) -> None:
         self.generation += 1
@@ -59,7 +76,8 @@ class Planner:
                      "bpf_owner": None}
         self.publish()
 
-    def on_stats(self, stats: dict) -> None:
+    def on_stats(self, stats: dict) -> bool:
+        """Note what a collector's stats say failed; True when the plan must be redone."""
         changed = stats.get("cpu") == 0 and self.plan["bpf"] and stats.get("pid") != self.plan.get("bpf_owner")
         for family, st in (stats.get("bpf") or {}).items():
             if isinstance(st, dict) and st.get("error") and family not in self.failed_bpf:
@@ -74,8 +92,7 @@ class Planner:
         for name, err in (stats.get("probes") or {}).items():
             if err:
                 self.probe_errors[name] = err
-        if changed:
-            self.update()
+        return bool(changed)
 
     # -- probes ------------------------------------------------------------------------------
     def validate_probe(self, category: str, probe: dict):
@@ -110,7 +127,7 @@ class Planner:
         return src
 
     def probe_for(self, name: str):
-        for sub in self.broker.subscriptions.values():
+        for sub in self.subscriptions:
             for filters in sub.categories.values():
                 for cf in filters:
                     if cf.probe is not None and cf.probe["definition"].source == name:
@@ -121,104 +138,14 @@ class Planner:
         return {name: {"definition": spec["definition"], "error": self.probe_errors.get(name.partition(":")[2])}
                 for name, spec in self.plan["probes"].items()}
 
-    # -- process and container tables -------------------------------------------------------
-    def track_processes(self, batch: np.ndarray) -> np.ndarray | None:
-        """Apply FORK/EXEC/EXIT to the tables in time order; container RUNNING/EXITED.
-
-        Each event's container is stamped here, at its moment: cgroup attaches
-        queued before it are applied first, a child inherits its parent's
-        container (when attaches are collected, so moves are seen), and an
-        exited pid stays known until the next window (its other events of this
-        window still resolve). RUNNING is the first exec inside a container
-        whose birth was seen (runc's helper attaches first and execs before,
-        on the host); EXITED is the exit of that init.
-        """
-        pt, ct = self.broker.processes, self.broker.containers
-        fork, exe, exit_ = (schema.kind_code("process", k) for k in ("FORK", "EXEC", "EXIT"))
-        follow = "cgroup:cgroup_attach_task" in self.plan["tracepoints"]
-        ct.begin_window()
-        extra = []
-        kinds = batch["kind"]
-        stamps = batch["container"]
-        times = batch["sensor_monotime_nanos"]
-        for i in np.flatnonzero((kinds == fork) | (kinds == exe) | (kinds == exit_)).tolist():
-            ev = batch[i]
-            pid = int(ev["process_pid"])
-            k = int(ev["kind"])
-            ct.apply_attaches(int(times[i]))
-            idx = ct.lookup_pid(pid) if pid > 0 else 0
-            stamps[i] = idx
-            if k == fork:
-                child = int(ev["fork_child_pid"])
-                batch["fork_child_id"][i] = pt.on_fork(pid, child, bool(ev["fork_is_thread"]))
-                if follow and not ev["fork_is_thread"] and pid > 0:
-                    ct.on_fork(pid, child)
-            elif k == exe:
-                kernel_name = self.exec_names.pop(pid, b"")
-                if not ev["exec_filename"] and kernel_name:
-                    batch["exec_filename"][i] = kernel_name
-                    ev = batch[i]
-                if not ev["exec_command_line"]:  # unknown stays empty: never a guess
-                    batch["exec_command_line"][i] = _cmdline(pid)
-                    ev = batch[i]
-                cmdline = ev["exec_command_line"].decode(errors="replace")
-                pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"), cmdline)
-                ct.on_exec(pid, cmdline.split())
-                me = pt.get(pid)
-                parent = pt.get(me.ppid) if me is not None and me.ppid > 0 else None
-                if parent is not None:
-                    batch["parent_pid"][i] = parent.pid
-                    batch["parent_process_id"][i] = parent.process_id
-                    batch["parent_exec_filename"][i] = parent.exec_filename.encode()
-                if idx and ct.mark_running(idx, pid):
-                    extra.append(self._container_event(ev, "RUNNING", idx, host_pid=pid))
-            else:
-                init = ct.init_of(pid)
-                if init:
-                    extra.append(self._container_event(ev, "EXITED", init, host_pid=pid,
-                                                       code=int(ev["exit_code"])))
-                pt.on_exit(pid)
-                ct.retire_pid(pid)
-        if len(times):
-            ct.apply_attaches(int(times[-1]))
-        if not extra:
-            return None
-        return np.concatenate(extra)
-
-    def _container_event(self, ev, kind: str, idx: int, host_pid: int = 0, code: int = 0) -> np.ndarray:
-        """One container event stamped like the process event that caused it."""
-        out = schema.empty("container", 1)
-        for name in ("sensor_monotime_nanos", "cpu", "process_pid", "process_tid"):
-            out[name] = ev[name]
-        out["kind"] = schema.kind_code("container", kind)
-        out["container"] = idx
-        out["host_pid"] = host_pid
-        out["runtime"] = ct_runtime(self.broker.containers, idx)
-        if kind == "EXITED":
-            catalog.split_exit_code(np.array([code]), out)
-        return out
-
-    def container_indices(self, batch: np.ndarray) -> np.ndarray:
-        """The container index of each event, looked up per unique pid.
-
-        A process batch was stamped event by event by :meth:`track_processes`.
-        """
-        if len(batch) == 0:
-            return np.zeros(0, np.uint32)
-        if batch.dtype == schema.dtype("process"):
-            return batch["container"]
-        ct = self.broker.containers
-        ct.apply_attaches(int(batch["sensor_monotime_nanos"].max()))
-        pids, inverse = np.unique(batch["process_pid"], return_inverse=True)
-        idx = np.array([ct.lookup_pid(p) if p > 0 else 0 for p in pids.tolist()], np.uint32)
-        return idx[inverse]
-
 
 def compute_plan(subscriptions: list, *, failed_bpf: dict[str, str] | None = None,
                  filter_errors: dict[str, str] | None = None, own_pids: set[int] | frozenset = frozenset(),
-                 bpf_owner: int | None = None, pushdown: bool = True, dormant: bool = False) -> dict:
+                 own_tids: list[int] | None = None, bpf_owner: int | None = None, pushdown: bool = True,
+                 dormant: bool = False) -> dict:
     """The plan (docs/INTERNALS.md) for these subscriptions: a pure function of them,
-    the eBPF families and kernel filters that failed, the sensor's own pids and config.
+    the eBPF families and kernel filters that failed, the sensor's own pids (eBPF
+    programs skip them) and threads (syscall tracepoint filters skip them), and config.
 
     Sources are the union of what each category filter can reach (its kinds, listed
     or implied by the expression); each tracepoint's kernel filter is the OR of the
@@ -268,7 +195,7 @@ def compute_plan(subscriptions: list, *, failed_bpf: dict[str, str] | None = Non
                 except Exception as exc:
                     log.warning("no kernel filter for %s: %s", src, exc)
             if pushdown and src.startswith("raw_syscalls:") and src not in filter_errors:
-                kf = _exclude_threads(kf, own_pids)
+                kf = _exclude_threads(kf, own_tids or [])
             tracepoints[src] = {"filter": kf}
     # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
     # the new map and plug their rings into it again.
@@ -300,30 +227,21 @@ def _fallback(src: str, failed_bpf: dict[str, str]) -> str:
     return src
 
 
-def _exclude_threads(kf: str | None, pids: set[int]) -> str:
+def own_threads(pids) -> list[int]:
+    """Every thread of the sensor's processes (a tracepoint's common_pid is a thread id)."""
+    return [tid for pid in sorted(pids) for tid in hostproc.tasks(pid)]
+
+
+def _exclude_threads(kf: str | None, tids: list[int]) -> str | None:
     """Keep the sensor's own threads out of the syscall rings.
 
     The sensor makes syscalls of its own all the time (libzmq alone calls getpid on
     every send); the broker drops them anyway, so the kernel should not pay for them.
-    A tracepoint's common_pid is the thread id: list every thread of every process.
     """
-    tids = []
-    for pid in sorted(pids):
-        tids.extend(hostproc.tasks(pid))
     if not tids:
         return kf
     mine = " && ".join(f"common_pid != {t}" for t in tids)
     return mine if kf is None else f"({kf}) && {mine}"
-
-
-def _cmdline(pid: int) -> bytes:
-    """argv from /proc while the process lives (eBPF could not read it)."""
-    return hostproc.command_line(pid, limit=1024)
-
-
-def ct_runtime(table, idx: int) -> bytes:
-    row = table.row(idx)
-    return (row[4] or "").encode() if row else b""
 
 
 def _probe_builder(planner: Planner, name: str):

@@ -64,6 +64,7 @@ class ProcessTable:
         self.max_entries = max_entries
         self.by_pid: dict[int, Process] = {}
         self._dead: list[int] = []
+        self._history: dict[int, list[tuple[int, tuple]]] = {}  # pid -> [(time, snapshot)] this window
 
     # -- building -------------------------------------------------------------
     def seed(self) -> int:
@@ -104,8 +105,9 @@ class ProcessTable:
             p = self._from_proc(pid)
         return p
 
-    def on_fork(self, parent: int, child: int, is_thread: bool) -> bytes:
-        """Record a new process; returns the child's process_id (the parent's for threads)."""
+    def on_fork(self, parent: int, child: int, is_thread: bool, time_ns: int = 0) -> bytes:
+        """Record a new process at ``time_ns``; returns the child's process_id (the
+        parent's for threads)."""
         if is_thread:
             p = self.get(parent)
             return p.process_id if p else b""
@@ -116,14 +118,18 @@ class ProcessTable:
             # The child is already gone: its start time is "now" in ticks since boot.
             start = int(time_since_boot() * CLK_TCK)
         par = self.get(parent)
+        before = _snapshot(self.by_pid.get(child))
         p = Process(child, make_process_id(self.boot, child, start), parent,
                     par.exec_filename if par else "", par.command_line if par else "",
                     dict(par.creds) if par else {})
         self._put(p)
+        self._changed(child, time_ns, before)
         return p.process_id
 
-    def on_exec(self, pid: int, filename: str, command_line: str) -> None:
+    def on_exec(self, pid: int, filename: str, command_line: str, time_ns: int = 0) -> None:
+        """The program of ``pid`` changed at ``time_ns``."""
         p = self.get(pid)
+        before = _snapshot(p)
         if p is None:
             p = Process(pid, make_process_id(self.boot, pid, int(time_since_boot() * CLK_TCK)))
             self._put(p)
@@ -131,6 +137,7 @@ class ProcessTable:
         creds = read_credentials(pid, self.proc)  # setuid binaries change them at exec
         if creds:
             p.creds = creds
+        self._changed(pid, time_ns, before)
 
     def on_exit(self, pid: int) -> None:
         """Mark exited; the entry lives until the end of the current window."""
@@ -139,6 +146,10 @@ class ProcessTable:
             p.exited = True
             self._dead.append(pid)
 
+    def begin_window(self) -> None:
+        """A new window: identity changes are remembered from here on."""
+        self._history.clear()
+
     def end_window(self) -> None:
         """Forget processes that exited in the window just published."""
         for pid in self._dead:
@@ -146,40 +157,71 @@ class ProcessTable:
             if p is not None and p.exited:
                 del self.by_pid[pid]
         self._dead.clear()
+        self._history.clear()
+
+    def _changed(self, pid: int, time_ns: int, before: tuple) -> None:
+        """Remember ``pid``'s identity before and after a change at ``time_ns``: the
+        window's other events of that pid take the one that held at their time."""
+        history = self._history.setdefault(pid, [(-1, before)])
+        history.append((time_ns, _snapshot(self.by_pid.get(pid))))
 
     # -- enrichment -------------------------------------------------------------
     def fill(self, batch: np.ndarray) -> None:
-        """Set process_id and unknown credentials of a batch, per unique pid."""
+        """Set process_id, process_exec_filename and unknown credentials of a batch,
+        each as of the event's time: per unique pid from the table, and for pids
+        whose identity changed in this window, per event from that pid's history."""
         if len(batch) == 0:
             return
         col = batch["process_pid"]
-        if (col == col[0]).all():  # one process (a storm): no sort, values broadcast
-            pids, inverse = col[:1], 0
+        if (col == col[0]).all():  # one process (a storm): no sort
+            pids, inverse = col[:1], np.zeros(len(col), np.intp)
         else:
             pids, inverse = np.unique(col, return_inverse=True)
-        ids = np.empty(len(pids), "S16")
-        creds = np.full((len(CREDENTIALS), len(pids)), -1, np.int32)
-        for i, pid in enumerate(pids.tolist()):
-            p = self.get(pid) if pid > 0 else None
-            if p is None:
-                ids[i] = b""
-                continue
-            ids[i] = p.process_id
-            for j, name in enumerate(CREDENTIALS):
-                creds[j, i] = p.creds.get(name, -1)
-        batch["process_id"] = ids[inverse]
+        snaps = [_snapshot(self.get(pid) if pid > 0 else None) for pid in pids.tolist()]
+        ids, exes, creds = _columns(snaps)
+        changed = self._history.keys() & set(pids.tolist()) if self._history else ()
+        if changed:  # per event: the table now, then each changed pid as of its events' times
+            ids, exes, creds = ids[inverse], exes[inverse], creds[:, inverse]
+            times = batch["sensor_monotime_nanos"].astype(np.int64)
+            for pid in changed:
+                at = np.flatnonzero(col == pid)
+                history = self._history[pid]
+                when = np.array([t for t, _ in history], np.int64)
+                which = np.maximum(np.searchsorted(when, times[at], side="right") - 1, 0)
+                h_ids, h_exes, h_creds = _columns([snap for _, snap in history])
+                ids[at], exes[at], creds[:, at] = h_ids[which], h_exes[which], h_creds[:, which]
+        elif len(pids) == 1:  # one process (a storm): broadcast, no per-event copies
+            ids, exes, creds = ids[0], exes[0], np.broadcast_to(creds, (len(CREDENTIALS), len(col)))
+        else:
+            ids, exes, creds = ids[inverse], exes[inverse], creds[:, inverse]
+        batch["process_id"] = ids
         if "process_exec_filename" in batch.dtype.names:
-            exes = np.array([(self.by_pid[p].exec_filename.encode() if p in self.by_pid else b"")
-                             for p in pids.tolist()], "S256")
-            batch["process_exec_filename"] = exes[inverse]
+            batch["process_exec_filename"] = exes
         for j, name in enumerate(CREDENTIALS):
             cred = batch[name]
             unknown = cred == -1
             if unknown.all():
-                cred[:] = creds[j][inverse]
+                cred[:] = creds[j]
             elif unknown.any():
-                per_event = creds[j][inverse]  # a scalar when the batch is one process
-                cred[unknown] = per_event if np.ndim(per_event) == 0 else per_event[unknown]
+                cred[unknown] = creds[j][unknown]
+
+
+_UNKNOWN = (b"", b"", (-1,) * len(CREDENTIALS))
+
+
+def _snapshot(p: Process | None) -> tuple[bytes, bytes, tuple[int, ...]]:
+    """(process_id, exec_filename, credentials) of a process, for stamping events."""
+    if p is None:
+        return _UNKNOWN
+    return p.process_id, p.exec_filename.encode(), tuple(p.creds.get(n, -1) for n in CREDENTIALS)
+
+
+def _columns(snaps: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Snapshots as arrays: ids (S16), exec filenames (S256), credentials (8 x n)."""
+    ids = np.array([s[0] for s in snaps], "S16")
+    exes = np.array([s[1] for s in snaps], "S256")
+    creds = np.array([s[2] for s in snaps], np.int32).reshape(len(snaps), len(CREDENTIALS)).T.copy()
+    return ids, exes, creds
 
 
 def time_since_boot() -> float:

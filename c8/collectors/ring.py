@@ -118,16 +118,17 @@ def walk(buf: np.ndarray) -> Records:
     ok &= ~is_sample | ((raw_slot < nslots) & (csize == perf.SAMPLE_RAW_OFF + raw.astype(np.int64)))
     cand = cand[ok]
     nxt = cand + (csize[ok] >> 3)           # in slots
-    # bad[i]: the record at cand[i] is not followed by candidate cand[i+1]
-    bad = np.flatnonzero(np.append(nxt[:-1] != cand[1:], True))
+    # succ[i]: index of the candidate where the record at cand[i] ends (len: none)
+    succ = np.searchsorted(cand, nxt)
+    succ[(succ < len(cand)) & (cand[np.minimum(succ, len(cand) - 1)] != nxt)] = len(cand)
     pieces = []
     pos = 0
     while pos < nslots:
         i = int(np.searchsorted(cand, pos))
         if i < len(cand) and cand[i] == pos:
-            j = int(bad[np.searchsorted(bad, i)])
-            pieces.append(cand[i:j + 1])
-            pos = int(nxt[j])
+            path = _chain(succ, i)
+            pieces.append(cand[path])
+            pos = int(nxt[path[-1]])
         else:  # a header we did not expect: step over it the slow way
             s = int(u64[pos] >> np.uint64(48))
             if s < 8 or s & 7 or pos * 8 + s > end:
@@ -144,6 +145,49 @@ def walk(buf: np.ndarray) -> Records:
     lost_slots = slots[is_lost]
     lost = int(u64[lost_slots + 2].sum()) if len(lost_slots) else 0
     return Records(samples, lost, len(lost_slots), int(len(slots) - is_sample.sum() - len(lost_slots)))
+
+
+_FEW_BREAKS = 16  # below this many false candidates, step over them one by one
+
+
+def _chain(succ: np.ndarray, start: int) -> np.ndarray:
+    """Indices of the records chained from ``start`` (each one's end is the next one's
+    header) until a record ends where no candidate starts.
+
+    Candidates inside a payload (bytes that look like a header: a syscall argument,
+    a sys_exit record's trace flags) are never on the chain. When they are few the
+    run between them is taken whole; when they are many (any record may carry one,
+    and a process can choose its syscall arguments) the chain is found by pointer
+    doubling, O(n log n) in numpy, instead of one Python step per record.
+    """
+    n = len(succ)
+    idx = np.arange(start, n)
+    breaks = np.flatnonzero(succ[start:] != idx + 1)
+    if len(breaks) == 0:
+        return idx
+    if len(breaks) <= _FEW_BREAKS:
+        out = []
+        i = start
+        while i < n:
+            b = int(np.searchsorted(breaks, i - start))  # the first break at or after i
+            j = start + int(breaks[b]) if b < len(breaks) else n - 1
+            out.append(np.arange(i, j + 1))
+            i = int(succ[j])
+        return np.concatenate(out)
+    # The path from start in the graph i -> succ[i] (n is the end, pointing to itself):
+    # after step k, ``on`` holds the first 2^k records of the path and jump = succ^(2^k).
+    jump = np.append(succ, n)
+    on = np.zeros(n + 1, bool)
+    on[start] = True
+    members = np.array([start])
+    while True:
+        on[jump[members]] = True
+        grown = np.flatnonzero(on)
+        if len(grown) == len(members):
+            break
+        members = grown
+        jump = jump[jump]
+    return members[members < n]
 
 
 def walk_slow(buf: np.ndarray) -> Records:

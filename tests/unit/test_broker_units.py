@@ -10,6 +10,7 @@ from c8 import schema
 from c8.broker import catalog, sockaddr
 from c8.broker.merge import Merger
 from c8.broker.processes import ProcessTable, make_process_id, read_stat
+from c8.broker.sequence import Sequence
 from c8.broker.subscriptions import parse_spec
 from c8.protocol import errors
 
@@ -24,10 +25,12 @@ def batch(category, times, **cols):
 
 def test_merge_orders_across_cpus_and_numbers_gap_free():
     m = Merger(holdback_ns=100)
+    seq = Sequence()
     m.add("process", batch("process", [10, 30, 50], cpu=0))
     m.add("syscall", batch("syscall", [20, 40, 500], cpu=1))
     m.add("process", batch("process", [15, 600], cpu=1))
     out = m.release(now_ns=300)
+    seq.number(out)
     assert list(out["process"]["sensor_monotime_nanos"]) == [10, 15, 30, 50]
     assert list(out["syscall"]["sensor_monotime_nanos"]) == [20, 40]
     allseq = sorted(np.concatenate([out[c]["sensor_sequence_number"] for c in out]).tolist())
@@ -35,6 +38,7 @@ def test_merge_orders_across_cpus_and_numbers_gap_free():
     # sequence follows time across categories
     assert out["syscall"]["sensor_sequence_number"].tolist() == [3, 5]
     rest = m.release(now_ns=10_000)
+    seq.number(rest)
     assert rest["syscall"]["sensor_sequence_number"].tolist() == [7]
     assert rest["process"]["sensor_sequence_number"].tolist() == [8]
     assert m.late == 0

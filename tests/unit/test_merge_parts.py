@@ -4,6 +4,7 @@ split, every event released exactly once, in time order, numbered gap-free."""
 import numpy as np
 
 from c8.broker.merge import Merger
+from c8.broker.sequence import Sequence
 
 DT = np.dtype([("sensor_monotime_nanos", "<u8"), ("sensor_sequence_number", "<u8"), ("v", "<i8")])
 
@@ -26,12 +27,14 @@ def test_release_matches_reference_over_many_cutoffs():
     rng = np.random.default_rng(7)
     for _ in range(50):
         m = Merger(holdback_ns=100)
+        seq = Sequence()
         ps, total = parts(rng, int(rng.integers(1, 12)))
         for p in ps:
             m.add("syscall", p.copy())
         got = []
         for now in sorted(rng.integers(0, 1500, 6).tolist()) + [None]:
             w = m.release(now or 0, flush=now is None)
+            seq.number(w)
             if "syscall" in w:
                 b = w["syscall"]
                 assert (np.diff(b["sensor_monotime_nanos"].astype(np.int64)) >= 0).all()

@@ -127,6 +127,29 @@ def test_payload_that_looks_like_headers_is_not_a_record():
     assert r.n == 10 and r.lost == 0
 
 
+def test_a_fake_header_in_every_record_is_walked_in_numpy(monkeypatch):
+    """Interleaved sys_enter/sys_exit put header-like bytes in every record (trace
+    flags after the raw size), and a process chooses its syscall arguments: the
+    walker must stay exact and vectorised, never one Python step per record."""
+    fake = perf.RECORD_SAMPLE | (48 << 48)
+    rng = np.random.default_rng(7)
+    parts = []
+    for i in range(3000):
+        args = tuple(int(x) for x in rng.integers(0, 2**63, 6))
+        if i % 3:
+            args = (fake, 28 | (8 << 48), *args[2:])  # header-like: SAMPLE, and type 28
+        parts.append(sample(ENTER_ID, 1, 1, i, 0, enter_raw(i, args)))
+        if i % 500 == 0:
+            parts.append(lost(3))
+    data = b"".join(parts)
+    steps = []
+    real_chain = ring._chain
+    monkeypatch.setattr(ring, "_chain", lambda succ, start: steps.append(start) or real_chain(succ, start))
+    r = check_walk(data)
+    assert r.n == 3000 and r.lost == 3 * 6
+    assert len(steps) <= 8  # one chain per stretch between unexpected headers, not per record
+
+
 def test_unknown_ids_are_counted_not_decoded():
     data = sample(999, 1, 1, 1, 0, enter_raw(1, (0,) * 6)) + sample(ENTER_ID, 1, 1, 1, 0, enter_raw(1, (0,) * 6))
     d = make_decoder()

@@ -1,0 +1,102 @@
+"""Identity as of the event: a process that changes (exec, setuid, a move into a
+container's cgroup) a moment after an event still gets that event credited to
+what it was when the event happened, even when both land in one window."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+
+def collect(sub, until, timeout=20.0):
+    events = []
+    deadline = time.monotonic() + timeout
+    for ev in sub.events(timeout=2.0):
+        events.append(ev)
+        if until(events) or time.monotonic() > deadline:
+            break
+    return events
+
+
+def test_open_then_exec_is_credited_to_the_program_before_the_exec(shared_sensor, tmp_path):
+    target = tmp_path / "x"
+    spec = {"events": {"process": {"filter": 'kind == "EXEC"'},
+                       "file": {"filter": f'filename == "{target}"'}}}
+    with shared_sensor.client.subscribe(spec) as sub:
+        p = subprocess.Popen(["/bin/bash", "-c", f"exec 3>{target}; exec /bin/true"])
+        p.wait()
+        events = collect(sub, lambda evs: sum(e["process_pid"] == p.pid for e in evs) >= 3)
+    mine = [e for e in events if e["process_pid"] == p.pid]
+    assert [(e["type"], e["kind"]) for e in mine] == [("process", "EXEC"), ("file", "OPEN"),
+                                                      ("process", "EXEC")], mine
+    bash_exec, opened, true_exec = mine
+    assert bash_exec["exec_filename"] == "/bin/bash"
+    assert bash_exec["process_exec_filename"] == "/bin/bash"
+    assert opened["process_exec_filename"] == "/bin/bash"  # not /bin/true, which came after
+    assert true_exec["exec_filename"] == true_exec["process_exec_filename"] == "/bin/true"
+    assert opened["process_id"] == true_exec["process_id"]  # one process, two programs
+
+
+def test_setuid_then_open_carries_the_credentials_of_each_moment(shared_sensor):
+    where = tempfile.mkdtemp(prefix="c8-setuid-")  # pytest's tmp_path is root's alone
+    os.chmod(where, 0o755)
+    before, after = os.path.join(where, "before"), os.path.join(where, "after")
+    for f in (before, after):
+        with open(f, "w") as out:
+            out.write("x")
+        os.chmod(f, 0o644)
+    code = (f"import os; open({str(before)!r}).close(); os.setresgid(65534, 65534, 65534); "
+            f"os.setresuid(65534, 65534, 65534); open({str(after)!r}).close()")
+    spec = {"events": {"file": {"filter": f'filename in ("{before}", "{after}")'}}}
+    with shared_sensor.client.subscribe(spec) as sub:
+        p = subprocess.Popen([sys.executable, "-c", code])
+        assert p.wait() == 0
+        events = collect(sub, lambda evs: len([e for e in evs if e["process_pid"] == p.pid]) >= 2)
+    shutil.rmtree(where)
+    got = {e["filename"]: e for e in events if e["process_pid"] == p.pid}
+    assert got[before]["uid"] == 0 and got[before]["gid"] == 0
+    assert got[after]["uid"] == 65534 and got[after]["gid"] == 65534
+
+
+def _cgroup_root() -> str:
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if os.path.exists(os.path.join(root, "cgroup.procs")):
+            return root
+    pytest.fail("no cgroup hierarchy with cgroup.procs here")
+
+
+def test_move_into_a_container_cgroup_then_exec(shared_sensor, tmp_path):
+    """Events before the move are the host's, the exec after it is the container's."""
+    cid = secrets.token_hex(32)
+    cg = os.path.join(_cgroup_root(), cid)
+    os.mkdir(cg)
+    marker_before, marker_after = tmp_path / "before", tmp_path / "after"
+    marker_before.write_text("b")
+    marker_after.write_text("a")
+    spec = {"events": {"process": {"filter": 'kind == "EXEC"'},
+                       "file": {"filter": f'filename in ("{marker_before}", "{marker_after}")'}}}
+    try:
+        with shared_sensor.client.subscribe(spec) as sub:
+            script = (f"exec 3<{marker_before}; echo $$ > {cg}/cgroup.procs; "
+                      f"exec /bin/cat {marker_after}")
+            p = subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.DEVNULL)
+            assert p.wait() == 0
+            events = collect(sub, lambda evs: any(e.get("filename") == str(marker_after) for e in evs))
+    finally:
+        os.rmdir(cg)
+    mine = [e for e in events if e["process_pid"] == p.pid]
+    opened_before = next(e for e in mine if e.get("filename") == str(marker_before))
+    cat_exec = next(e for e in mine if e["kind"] == "EXEC" and e["exec_filename"] == "/bin/cat")
+    opened_after = next(e for e in mine if e.get("filename") == str(marker_after))
+    assert opened_before["container_id"] == ""
+    assert cat_exec["container_id"] == cid
+    assert opened_after["container_id"] == cid
