@@ -365,6 +365,8 @@ class Broker:
                                              time.monotonic() + SUBSCRIBE_READY_WAIT))
                 return
         except errors.ProtocolError as exc:
+            if req_id is None:  # refused unread (too big, bad fields): answer its id if it leads
+                req_id = _leading_id(payload)
             reply = control.error(req_id, exc.code, exc.reason)
         except Exception as exc:
             log.exception("control request failed")
@@ -532,6 +534,23 @@ class Broker:
             self.dormant = True  # collect nothing more; the loop stops at the next poll
         self.planner.update()
         self.merger.add("limiter", out)
+
+
+def _leading_id(payload: bytes):
+    """The ``id`` of a request map that names it first (as c8's clients do), read
+    without decoding the rest: a refused 1 MiB request still gets an answer its
+    client recognises. None when the map does not start with a small id."""
+    try:
+        u = msgpack.Unpacker(raw=False, max_str_len=256, max_bin_len=256, max_array_len=16, max_map_len=16,
+                             max_ext_len=16)
+        u.feed(payload)
+        u.read_map_header()
+        if u.unpack() != "id":
+            return None
+        rid = u.unpack()
+    except Exception:  # garbage: msgpack raises many types
+        return None
+    return rid if isinstance(rid, int | str) and not isinstance(rid, bool) else None
 
 
 def _plan_outline(plan: dict) -> dict:

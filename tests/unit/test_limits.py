@@ -143,3 +143,38 @@ def test_glob_cache_is_bounded_in_entries_and_pattern_size():
     assert glob.fnmatchcase("b" + "a" * (glob.MAX_CACHED_LENGTH + 1) + "c", long)
     after = glob.cache_info()
     assert (after.hits, after.misses) == (before.hits, before.misses)  # never looked up, never kept
+
+
+def test_many_ored_prefixes_match_as_their_leaves_do_and_cheaply():
+    import random
+
+    import numpy as np
+
+    from c8 import schema
+    rng = random.Random(18)
+    alphabet = "ab/c*?"
+    prefixes = ["".join(rng.choice("ab/c") for _ in range(rng.randint(1, 4))) for _ in range(40)]
+    values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(500)]
+    batch = schema.empty("file", len(values))
+    batch["filename"] = [v.encode() for v in values]
+    batch["ret"] = np.arange(len(values)) % 7
+    leaves = [f'filename like "{p}*"' for p in prefixes] + ['filename like "*b?"', "ret == 3",
+                                                            'filename like "a**"', 'filename == "ccc"']
+    rng.shuffle(leaves)
+    node = expr.parse(" or ".join(leaves))
+    expr.check(node, "file")
+    got = expr.compile_mask(node, "file")(batch)
+    each = np.zeros(len(values), bool)
+    for leaf in leaves:
+        each |= expr.compile_mask(expr.parse(leaf), "file")(batch)
+    assert got.tolist() == each.tolist()
+    assert 0 < got.sum() < len(values)
+    # 16,000 prefixes on a 2,000-event batch: one sorted-prefix pass, not 16,000 column passes
+    big = expr.parse(" or ".join(f'filename like "/a{i:06d}*"' for i in range(16_000)))
+    batch = schema.empty("file", 2000)
+    batch["filename"] = [f"/a{i * 11:06d}/x".encode() for i in range(2000)]
+    mask = expr.compile_mask(big, "file")
+    t0 = time.monotonic()
+    hits = mask(batch)
+    assert time.monotonic() - t0 < 0.1
+    assert hits.tolist() == [i * 11 < 16_000 for i in range(2000)]
