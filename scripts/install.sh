@@ -148,7 +148,7 @@ wait_started() {
     fi
     if [ "$how" = systemd ]; then
       systemctl is-failed --quiet "$UNIT_NAME" && break
-    elif tail -c +"$how" "$LOG" | grep -q 'c8-supervisor: \(cannot start\|ConfigError\)'; then
+    elif grep -q 'c8-supervisor: \(cannot start\|ConfigError\)' <(tail -c +"$how" "$LOG"); then
       break
     fi
     sleep 0.2
@@ -282,7 +282,7 @@ try:
 except config.ConfigError as e:
     print(e)
 ' 2>&1)
-  [ -z "$err" ] || die "the configuration is invalid, the sensor was left as it was: $err"
+  [ -z "$err" ] || die "the configuration is invalid; the running sensor was not restarted: $err"
 }
 
 install_unit() {
