@@ -1,4 +1,7 @@
-"""Publishing a released window to every subscription, none slowing another.
+"""Release stages 4-6: each subscription's selection, encoded, sent; none slows another.
+
+    cut (merge.py) -> identity (identity.py) -> number (sequence.py)
+    -> select (select.py) -> encode (encode.py) -> send (this)
 
 Each subscription gets one message per window holding a columnar batch per
 category it wants. Sends never block: a subscriber whose queue is full loses
@@ -16,10 +19,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from c8 import schema
 from c8.broker import catalog
-from c8.protocol import batch as wire
-from c8.schema import rows
+from c8.broker.encode import encode
+from c8.broker.select import select
 
 log = logging.getLogger("c8.broker.publish")
 
@@ -68,7 +70,7 @@ class Publisher:
             try:
                 for key, batch in window.items():
                     category, _, probe = key.partition(":")
-                    for part in self._select(sub, category, probe, batch, tables.get(key, {})):
+                    for part in select(sub, category, probe, batch, tables.get(key, {})):
                         batches.append((category, part))
                         if category not in ("lost", "limiter"):
                             selected += len(part)
@@ -88,54 +90,19 @@ class Publisher:
             if sub.finished:
                 self.broker.end_subscription(sub.sub_id, f"limit of {sub.limit} events reached", notify=True)
 
-    def _select(self, sub, category: str, probe: str, batch: np.ndarray, table: dict):
-        if category in ("lost", "limiter"):
-            yield batch  # every subscriber hears of kernel losses and the limiter
-            return
-        for cf in sub.categories.get(category, ()):
-            if probe and (cf.probe is None or cf.probe["definition"].source != probe):
-                continue
-            mask = None
-            if cf.kinds:
-                codes = [schema.kind_code(category, k) for k in cf.kinds]
-                mask = np.isin(batch["kind"], codes)
-            if cf.mask is not None:
-                m = cf.mask(batch, table)
-                mask = m if mask is None else mask & m
-            cm = sub.container_mask(batch, table)
-            if cm is not None:
-                mask = cm if mask is None else mask & cm
-            part = batch if mask is None or mask.all() else rows.take(batch, mask)
-            if len(part):
-                yield part
-
     def _deliver(self, sub, batches: list[tuple[str, np.ndarray]]) -> None:
         msgs = []
         if sub.lost_pending:
             for source, count in sub.lost_pending.items():
                 msgs.append(("lost", catalog.lost_event(source, count)))
         msgs.extend(batches)
-        payload = self._encode(sub, msgs)
+        payload = encode(sub.sub_id, self.broker.sensor_id, msgs, self.broker.containers)
         n = sum(len(b) for c, b in batches if c != "lost")
         if self.send([sub.peer], payload):
             sub.lost_pending.clear()
             sub.sent += n
         elif sub.sub_id in self.broker.subscriptions:
             sub.lose("subscriber", n)
-
-    def _encode(self, sub, batches: list[tuple[str, np.ndarray]]) -> bytes:
-        out = []
-        ct = self.broker.containers
-        for category, arr in batches:
-            extra = {}
-            if category in ("kernel_call", "user_call"):
-                extra["arguments"] = [n[len(schema.ARGUMENT_PREFIX):] for n in arr.dtype.names
-                                      if n.startswith(schema.ARGUMENT_PREFIX)]
-            idx = np.unique(arr["container"]) if "container" in arr.dtype.names else []
-            table = ct.table(idx) if len(idx) else {}
-            out.append(wire.columns(category, arr, containers={int(k): list(v) for k, v in table.items()}, **extra))
-        return msgpack.packb({"type": "batches", "subscription": sub.sub_id,
-                              "sensor_id": self.broker.sensor_id, "batches": out}, use_bin_type=True)
 
     def tick(self) -> None:
         """A heartbeat to every subscriber: keeps idle ones alive, finds gone ones.

@@ -98,11 +98,6 @@ def _used_width(col: np.ndarray) -> int:
     return int(nz[-1]) + 1 if len(nz) else 0
 
 
-def encode_columns(category: str, array: np.ndarray, **extra: Any) -> bytes:
-    """One columnar message for a client."""
-    return msgpack.packb(columns(category, array, **extra), use_bin_type=True)
-
-
 def decode_columns(msg: dict) -> np.ndarray:
     """The structured array of a decoded columnar message (strings padded back)."""
     names = list(msg["dtypes"])

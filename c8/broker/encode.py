@@ -1,0 +1,29 @@
+"""Release stage 5, encoding: one subscription's batches of a window as one message.
+
+Columnar msgpack (``c8.protocol.batch.columns``: raw little-endian buffers per
+column, string columns cut to the batch's longest value), with the container
+rows of the indices the batch holds and, for probes, the argument names.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+
+from c8 import schema
+from c8.protocol import batch as wire
+
+
+def encode(sub_id: str, sensor_id: str, batches: list[tuple[str, np.ndarray]], containers) -> bytes:
+    """The ``batches`` message of a subscription (docs/INTERNALS.md, "Broker -> client")."""
+    out = []
+    for category, arr in batches:
+        extra = {}
+        if category in ("kernel_call", "user_call"):
+            extra["arguments"] = [n[len(schema.ARGUMENT_PREFIX):] for n in arr.dtype.names
+                                  if n.startswith(schema.ARGUMENT_PREFIX)]
+        idx = np.unique(arr["container"]) if "container" in arr.dtype.names else []
+        table = containers.table(idx) if len(idx) else {}
+        out.append(wire.columns(category, arr, containers={int(k): list(v) for k, v in table.items()}, **extra))
+    return msgpack.packb({"type": "batches", "subscription": sub_id, "sensor_id": sensor_id,
+                          "batches": out}, use_bin_type=True)
