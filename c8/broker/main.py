@@ -31,7 +31,7 @@ from c8.broker.processes import ProcessTable
 from c8.broker.publish import Publisher
 from c8.broker.subscriptions import FilterLimits, Subscription, parse_spec
 from c8.protocol import batch as wire
-from c8.protocol import control, errors, paths
+from c8.protocol import control, errors, heartbeat, paths
 from c8.schema import rows
 
 log = logging.getLogger("c8.broker")
@@ -158,6 +158,7 @@ class Broker:
                 else:
                     self._drain_control(sock)
             now = time.monotonic()
+            heartbeat.beat()  # the supervisor restarts a loop that stops turning
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
                 if self.pending_replies:

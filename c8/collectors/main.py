@@ -22,7 +22,7 @@ import zmq
 
 from c8.collectors import perf, ring, tracefs
 from c8.collectors.decode import DEFAULT_STRING_WIDTH, Decoder
-from c8.protocol import batch, paths
+from c8.protocol import batch, heartbeat, paths
 
 POLL_MS = 15
 IDLE_POLL_MS = 250  # no perf event open: wake only for stats
@@ -432,6 +432,7 @@ class Collector:
             except Exception as exc:  # a decode bug must not stop collection
                 log(f"ring: {type(exc).__name__}: {exc}")
             now = time.monotonic()
+            heartbeat.beat()  # the supervisor restarts a loop that stops turning
             if now >= next_stats:
                 self._report_losses()
                 self._send_header(self.stats())

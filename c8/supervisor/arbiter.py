@@ -17,7 +17,7 @@ import time
 
 from setproctitle import setproctitle
 
-from c8.supervisor import cleanup, privileges, status
+from c8.supervisor import cleanup, privileges, rundir, status
 from c8.supervisor.cgroups import CgroupError, SensorCgroup
 from c8.supervisor.children import EXIT_LIMITER, Children, ChildSpec, ProcessOS, State
 from c8.supervisor.config import Config
@@ -74,11 +74,16 @@ def entry_points(environ=os.environ) -> dict[str, str]:
 
 
 def child_specs(cfg: Config, cpus: list[int], eps: dict[str, str]) -> list[ChildSpec]:
-    """The tree: broker, one collector per online CPU, the detector when enabled."""
-    specs = [ChildSpec("c8-broker", eps["broker"])]
-    specs += [ChildSpec(f"c8-collector cpu{n}", eps["collector"], (n,)) for n in cpus]
+    """The tree: broker, one collector per online CPU, the detector when enabled.
+
+    Collector cpu0 owns the eBPF programs and probes (its own role); the broker
+    and the collectors heartbeat from their main loops."""
+    specs = [ChildSpec("c8-broker", eps["broker"], role="broker", heartbeat=True)]
+    specs += [ChildSpec(f"c8-collector cpu{n}", eps["collector"], (n,),
+                        role="collector0" if n == 0 else "collector", heartbeat=True)
+              for n in cpus]
     if cfg.detections.enabled:
-        specs.append(ChildSpec("c8-detector", eps["detector"]))
+        specs.append(ChildSpec("c8-detector", eps["detector"], role="detector"))
     return specs
 
 
@@ -92,6 +97,7 @@ class Supervisor:
         self.children: Children | None = None
         self.tracefs: str | None = None
         self.status_path = os.path.join(cfg.run_dir, "supervisor.json")
+        self.gid: int | None = None  # sensor_user's group: may read supervisor.json
         self._signals: list[int] = []
         self._wake_r = self._wake_w = -1
         self._last_status: list[dict] | None = None
@@ -107,7 +113,14 @@ class Supervisor:
             uid, gid = privileges.ensure_user(cfg.sensor_user)
         except privileges.PrivilegeError as e:
             raise StartupError(str(e)) from None
-        privileges.prepare_run_dir(cfg.run_dir, uid, gid)
+        try:
+            rundir.prepare(cfg.run_dir, uid, gid)
+        except rundir.UnsafeRunDir as e:
+            raise StartupError(str(e)) from None
+        self.gid = gid
+        if cfg.detections.enabled:
+            for d in rundir.prepare_output_dirs(cfg.alert_output.outputs, uid, gid):
+                log.info("made %s for the detector's file output (%s, 0750)", d, cfg.sensor_user)
         other = status.running_supervisor(self.status_path)
         if other:
             raise StartupError(f"another c8-supervisor (pid {other}) uses {cfg.run_dir}")
@@ -150,7 +163,10 @@ class Supervisor:
                "started_unix": self.started,
                "config": self.cfg.config_path,
                "cgroup": self.cgroup.name if self.cgroup else None}
-        status.write(self.status_path, sup, children)
+        try:
+            status.write(self.status_path, sup, children, self.gid)
+        except OSError as e:  # e.g. a directory planted at its name: keep supervising
+            log.warning("cannot write %s: %s", self.status_path, e)
 
     def log_metrics(self) -> None:
         if self.cgroup is None:
@@ -173,7 +189,8 @@ class Supervisor:
             self._install_signals()
             eps = entry_points()
             osx = self.osx or ForkOS(self.cfg.as_dict(), uid, gid, self.cgroup)
-            self.children = Children(child_specs(self.cfg, online_cpus(), eps), osx)
+            self.children = Children(child_specs(self.cfg, online_cpus(), eps), osx,
+                                     self.cfg.heartbeat_timeout)
             log.info("starting %d children as %s (uid %d, gid %d)%s",
                      len(self.children.children), self.cfg.sensor_user, uid, gid,
                      f" in cgroup {self.cgroup.name}" if self.cgroup else "")

@@ -7,7 +7,9 @@
 
 Every change goes through `Child.change`. Restarts back off 1s, 2s, 4s ...
 capped at 30s; the count resets once a child has stayed up RESET_AFTER
-seconds. Stdlib only; all process side effects are in a ProcessOS (spawn.py
+seconds. A child whose spec heartbeats and that sends no heartbeat for
+`heartbeat_timeout` seconds is hung: it gets SIGKILL, and its exit (reason
+"hung: ...") goes through the same edges as any other. Stdlib only; all process side effects are in a ProcessOS (spawn.py
 has the real one, tests a fake).
 """
 
@@ -65,11 +67,15 @@ LIVE = (S.STARTING, S.RUNNING, S.STOPPING)
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """What to run: proctitle name, entry point "module:function", extra args after config."""
+    """What to run: proctitle name, entry point "module:function", extra args after config,
+    its role (the capabilities it keeps: privileges.ROLES) and whether it heartbeats
+    (c8.protocol.heartbeat): a child that does is restarted when it stops."""
 
     name: str
     entry: str
     args: tuple = ()
+    role: str = "detector"
+    heartbeat: bool = False
 
 
 class ProcessOS(Protocol):
@@ -92,6 +98,9 @@ class ProcessOS(Protocol):
 
     def sleep(self, seconds: float) -> None:
         """Wait a little (used only while stopping)."""
+
+    def heartbeat(self, pid: int) -> bool:
+        """True if the child `pid` sent a heartbeat since the last call (reads them all)."""
 
 
 def describe_status(status: int, oom: bool = False) -> str:
@@ -126,6 +135,8 @@ class Child:
         self.last_exit_status: int | None = None
         self.started_at = 0.0
         self.retry_at = 0.0
+        self.last_beat = 0.0         # when its last heartbeat was seen (or it started)
+        self.hung: str | None = None  # why it was killed as hung, until it is reaped
 
     @property
     def name(self) -> str:
@@ -147,7 +158,8 @@ class Child:
         if self.state is S.BACKOFF:
             self.restarts += 1
         self.change(S.STARTING, "start")
-        self.started_at = self.os.now()
+        self.started_at = self.last_beat = self.os.now()
+        self.hung = None
         self.pid = self.os.spawn(self.spec)
         log.info("%s started, pid %d", self.name, self.pid)
 
@@ -162,9 +174,28 @@ class Child:
         if self.state is S.BACKOFF and now >= self.retry_at:
             self.start()
 
+    def check_heartbeat(self, timeout: float) -> None:
+        """Kill the process (SIGKILL: a stopped one cannot take SIGTERM) when it has
+        sent no heartbeat for `timeout` seconds; its exit then restarts it."""
+        if not (self.spec.heartbeat and timeout > 0 and self.state in (S.STARTING, S.RUNNING)
+                and self.hung is None):
+            return
+        now = self.os.now()
+        if self.os.heartbeat(self.pid):
+            self.last_beat = now
+            return
+        silent = now - self.last_beat
+        if silent < timeout:
+            return
+        self.hung = f"hung: no heartbeat for {silent:.0f}s (heartbeat_timeout {timeout:g}s)"
+        log.error("%s (pid %s) %s; killing it with SIGKILL", self.name, self.pid, self.hung)
+        self.os.kill(self.pid, signal.SIGKILL)
+
     def exited(self, status: int, oom: bool = False) -> None:
         """The process ended with wait `status`; decide what comes next."""
         reason = describe_status(status, oom)
+        if self.hung is not None:
+            reason, self.hung = f"{self.hung}, {reason}", None
         self.last_exit_reason, self.last_exit_status = reason, status
         pid, self.pid = self.pid, None
         if self.state is S.STOPPING:
@@ -207,9 +238,10 @@ class Child:
 class Children:
     """All supervised children: start, reap, restart, stop."""
 
-    def __init__(self, specs: list[ChildSpec], osx: ProcessOS):
+    def __init__(self, specs: list[ChildSpec], osx: ProcessOS, heartbeat_timeout: float = 0.0):
         self.os = osx
         self.children = [Child(s, osx) for s in specs]
+        self.heartbeat_timeout = heartbeat_timeout  # 0: no heartbeat watch
         self._oom_seen = osx.oom_kills()
 
     def by_pid(self, pid: int) -> Child | None:
@@ -244,6 +276,7 @@ class Children:
         """Apply time-driven transitions; True if any state changed."""
         before = [c.state for c in self.children]
         for c in self.children:
+            c.check_heartbeat(self.heartbeat_timeout)
             c.tick()
         return before != [c.state for c in self.children]
 

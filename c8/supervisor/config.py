@@ -115,6 +115,7 @@ KEYS: dict[str, Key] = {
         Key("limits.probes", 64, cv.positive_int),
         Key("sensor_id_file", "/var/lib/capsule8/sensor_id", cv.path),
         Key("log_level", "info", cv.log_level),
+        Key("heartbeat_timeout", "10s", cv.duration),  # 0: hung children are not restarted
     )
 }
 ENV_TO_KEY = {k.env: k.name for k in KEYS.values()}
@@ -187,6 +188,7 @@ class Config:
     limits: LimitsConfig
     sensor_id_file: str
     log_level: str
+    heartbeat_timeout: float
     # The file the values came from (None: defaults and environment only).
     config_path: str | None = field(default=None, compare=False)
 

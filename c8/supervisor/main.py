@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from c8.protocol import files
 from c8.supervisor import config
 from c8.supervisor.arbiter import StartupError, Supervisor
 
@@ -32,6 +33,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                       help="stay attached to the terminal (the default; systemd runs it so)")
     mode.add_argument("--daemon", dest="daemon", action="store_true",
                       help="detach into the background (logs still go to stderr)")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="append the supervisor's and the children's logs (stderr) to PATH, "
+                        "created 0640, never through a symlink (default: stderr as it is)")
     p.set_defaults(daemon=False)
     return p.parse_args(argv)
 
@@ -51,6 +55,15 @@ def _daemonize() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     args = _parse(argv)
+    if args.log_file:
+        try:
+            fd = files.open_fd(args.log_file)
+        except OSError as e:
+            print(f"c8-supervisor: cannot open --log-file {args.log_file}: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        sys.stderr.flush()
+        os.dup2(fd, 2)  # the children inherit it
+        os.close(fd)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s c8-supervisor[%(process)d] %(levelname)s %(message)s")
     try:

@@ -1,11 +1,15 @@
-"""Run children as sensor_user with only the capabilities the sensor needs.
+"""Run children as sensor_user with only the capabilities their role needs.
 
 The supervisor (root) makes sure the user exists and owns run_dir. In each
-forked child, `drop_privileges` keeps capabilities across setuid
-(PR_SET_KEEPCAPS), switches groups and uid, then sets the needed set as
-permitted, effective and inheritable, and raises each as ambient so that
-programs the child may exec keep them too (the recipe of `setpriv`).
-Capabilities the bounding set lacks (CAP_SYS_RESOURCE here) are skipped.
+forked child, `drop_privileges` first shrinks the bounding set to the role's
+capabilities (while still root), keeps them across setuid (PR_SET_KEEPCAPS),
+switches groups and uid, sets them as permitted and effective only (nothing
+inheritable or ambient: no program a child runs needs one), and sets
+no_new_privs. ROLES is the one table of what each child keeps and why:
+docs/security.md shows it (`markdown`, checked by tests/unit/test_privileges.py) and
+tests/integration/test_privileges_sensor.py compares it with every running
+child's /proc/<pid>/status. Each "why" names the call that failed here
+without the capability (Linux 6.18, measured as sensor_user).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import pwd
 import subprocess
+from dataclasses import dataclass
 
 log = logging.getLogger("c8.supervisor.privileges")
 
@@ -30,6 +35,7 @@ CAPS = {
     "CAP_SETUID": 7,
     "CAP_SETPCAP": 8,
     "CAP_IPC_LOCK": 14,
+    "CAP_SYS_MODULE": 16,
     "CAP_SYS_PTRACE": 19,
     "CAP_SYS_ADMIN": 21,
     "CAP_SYS_RESOURCE": 24,
@@ -38,26 +44,80 @@ CAPS = {
     "CAP_BPF": 39,
 }
 
-# What a child keeps, and why.
-NEEDED = (
-    "CAP_PERFMON",          # perf_event_open of tracepoints on every CPU
-    "CAP_BPF",              # loading the eBPF tracepoint programs and maps
-    "CAP_SYS_ADMIN",        # tracefs probe writes, some perf ioctls, older kernels' perf/bpf
-    "CAP_DAC_READ_SEARCH",  # tracefs is 0700 root; reading /proc of other users; root's Python
-    "CAP_DAC_OVERRIDE",     # writing uprobe_events/kprobe_events and event filters
-    "CAP_IPC_LOCK",         # perf rings above the mlock limit
-    "CAP_SYS_PTRACE",       # /proc/<pid>/{exe,root,environ} of other users' processes
-    "CAP_SYS_RESOURCE",     # raising rlimits (absent from the bounding set on some hosts)
-    "CAP_KILL",             # signalling its own sibling processes whatever their uid
-    "CAP_CHOWN",            # giving sockets under run_dir the group of sensor_user
-    "CAP_FOWNER",           # chmod of sockets and files it did not create (Capsule8's list)
-    "CAP_SYSLOG",           # kernel addresses in /proc/kallsyms for kprobes (Capsule8's list)
-)
+
+@dataclass(frozen=True)
+class Grant:
+    """One capability a role keeps, and the measured call that needs it."""
+
+    cap: str
+    why: str
+
+
+_TRACEFS_READ = Grant("CAP_DAC_READ_SEARCH",
+                      "tracefs is 0700 root: reading events/*/id and format (EACCES without); "
+                      "the interpreter may sit in a root-only directory "
+                      "(/root/.pyenv here: lazy imports fail without)")
+_PERF = Grant("CAP_PERFMON", "perf_event_open of system-wide tracepoint and bpf-output events "
+                             "(EACCES without; perf_event_paranoid 2)")
+_IPC_LOCK = Grant("CAP_IPC_LOCK", "mmap of rings beyond RLIMIT_MEMLOCK and perf_event_mlock_kb "
+                                  "(a 4096-page ring gets EPERM without, here)")
+
+# What each child keeps. Keys are roles (ChildSpec.role); ROLE_TITLES names them.
+ROLES: dict[str, tuple[Grant, ...]] = {
+    "broker": (
+        Grant("CAP_SYS_PTRACE", "readlink of /proc/<pid>/exe, cwd, root and fd/<n> of other "
+                                "users' processes: relative file names, executables, runtime "
+                                "roots (EACCES without)"),
+        Grant("CAP_DAC_READ_SEARCH", "container runtime state (/run/runc, <docker data-root>, "
+                                     "0700/0710 root), listing /proc/<pid>/fd, tracefs and ELF "
+                                     "files when validating probes, root-only interpreter"),
+    ),
+    "collector0": (
+        _PERF,
+        Grant("CAP_BPF", "bpf(BPF_MAP_CREATE) and bpf(BPF_PROG_LOAD) of the eBPF tracepoint "
+                         "programs, with CAP_PERFMON for PERF_EVENT_IOC_SET_BPF (EPERM without)"),
+        _IPC_LOCK,
+        _TRACEFS_READ,
+        Grant("CAP_DAC_OVERRIDE", "writing uprobe_events/kprobe_events (0640 root) to create "
+                                  "and remove the c8probes probes (EACCES without)"),
+    ),
+    "collector": (_PERF, _IPC_LOCK, _TRACEFS_READ),
+    "detector": (
+        Grant("CAP_DAC_READ_SEARCH", "reading the rule files root configured wherever they are, "
+                                     "and a root-only interpreter"),
+    ),
+}
+ROLE_TITLES = {
+    "broker": "c8-broker",
+    "collector0": "c8-collector cpu0 (eBPF and probe owner)",
+    "collector": "c8-collector cpuN, N > 0",
+    "detector": "c8-detector",
+}
+# Left out (Capsule8's list had them, or a child once kept them), and why.
+REFUSED = {
+    "CAP_SYS_ADMIN": "no call needs it where CAP_PERFMON and CAP_BPF exist (Linux 5.8+); "
+                     "on older kernels it stands in for them",
+    "CAP_SYS_RESOURCE": "not in root's bounding set here; rlimits are never raised",
+    "CAP_KILL": "children signal only themselves; the supervisor (root) signals them",
+    "CAP_CHOWN": "sockets are made by sensor_user with its own group already",
+    "CAP_FOWNER": "children chmod only files they created",
+    "CAP_SYSLOG": "kprobes are placed by symbol name: kallsyms addresses are not needed",
+    "CAP_DAC_OVERRIDE": "kept by collector cpu0 alone (probe control files); the broker's "
+                        "Docker API fallback would need it to connect to docker.sock (0660 root), "
+                        "so it works only where sensor_user may reach the socket: the broker "
+                        "reads <data-root>/containers/<id>/config.v2.json instead",
+    "CAP_SETUID, CAP_SETGID, CAP_SETPCAP": "the switch to sensor_user happens before the "
+                                           "child's code runs",
+}
+# Before Linux 5.8 (cap_last_cap < 39) perf and bpf need CAP_SYS_ADMIN instead.
+_SYS_ADMIN_STANDS_IN_FOR = ("CAP_PERFMON", "CAP_BPF")
 
 PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -89,13 +149,15 @@ def _prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> i
 
 
 def status_caps(pid: int | str = "self") -> dict[str, int]:
-    """{CapInh, CapPrm, CapEff, CapBnd, CapAmb: bitmask} from /proc/PID/status."""
+    """{CapInh, CapPrm, CapEff, CapBnd, CapAmb: bitmask, NoNewPrivs: 0|1} from /proc/PID/status."""
     caps = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("Cap"):
                 name, value = line.split(":", 1)
                 caps[name] = int(value.strip(), 16)
+            elif line.startswith("NoNewPrivs:"):
+                caps["NoNewPrivs"] = int(line.split(":", 1)[1])
     return caps
 
 
@@ -107,11 +169,53 @@ def mask(names: tuple[str, ...] | list[str]) -> int:
     return bits
 
 
-def needed_mask(bounding: int | None = None) -> int:
-    """The NEEDED set less what the bounding set lacks."""
+def cap_last_cap() -> int:
+    """The highest capability number this kernel knows."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return CAPS["CAP_BPF"]
+
+
+def role_caps(role: str, last_cap: int | None = None) -> tuple[str, ...]:
+    """The capability names `role` keeps on this kernel (see ROLES).
+
+    Raises KeyError for an unknown role. Where the kernel lacks CAP_PERFMON or
+    CAP_BPF (before 5.8), CAP_SYS_ADMIN replaces them.
+    """
+    last = cap_last_cap() if last_cap is None else last_cap
+    names = [g.cap for g in ROLES[role]]
+    if any(CAPS[n] > last for n in names if n in _SYS_ADMIN_STANDS_IN_FOR):
+        names = [n for n in names if CAPS[n] <= last] + ["CAP_SYS_ADMIN"]
+    return tuple(names)
+
+
+def role_mask(role: str, bounding: int | None = None) -> int:
+    """The mask of role_caps(role), less what root's bounding set lacks."""
     if bounding is None:
         bounding = status_caps()["CapBnd"]
-    return mask(NEEDED) & bounding
+    return mask(role_caps(role)) & bounding
+
+
+def expected_status(role: str, bounding: int | None = None) -> dict[str, int]:
+    """The /proc/<pid>/status values a running child of `role` must show."""
+    want = role_mask(role, bounding)
+    return {"CapInh": 0, "CapPrm": want, "CapEff": want, "CapBnd": want, "CapAmb": 0,
+            "NoNewPrivs": 1}
+
+
+def markdown() -> str:
+    """The generated part of docs/security.md, "Capabilities per child": the ROLES
+    table and the REFUSED list (tests/unit/test_privileges.py checks the doc holds it)."""
+    lines = ["| child | capability | why (the call that fails without it) |",
+             "|---|---|---|"]
+    for role, grants in ROLES.items():
+        for i, g in enumerate(grants):
+            lines.append(f"| {ROLE_TITLES[role] if i == 0 else ''} | {g.cap} | {g.why} |")
+    lines += ["", "Left out, and why:", ""]
+    lines += [f"- {cap}: {why}" for cap, why in REFUSED.items()]
+    return "\n".join(lines) + "\n"
 
 
 def ensure_user(name: str) -> tuple[int, int]:
@@ -134,13 +238,6 @@ def ensure_user(name: str) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def prepare_run_dir(path: str, uid: int, gid: int) -> None:
-    """run_dir: owned by sensor_user and its group, mode 0750."""
-    os.makedirs(path, exist_ok=True)
-    os.chown(path, uid, gid)
-    os.chmod(path, 0o750)
-
-
 def group_name(gid: int) -> str:
     """The name of a group id (its number if it has none)."""
     try:
@@ -149,32 +246,38 @@ def group_name(gid: int) -> str:
         return str(gid)
 
 
-def drop_privileges(uid: int, gid: int) -> int:
-    """In a child: become uid/gid keeping the needed capabilities; returns their mask.
+def drop_privileges(uid: int, gid: int, want: int) -> int:
+    """In a child: keep only the capabilities in mask `want`, become uid/gid, set
+    no_new_privs; returns `want`. The result is checked against /proc/self/status.
 
-    Does nothing (returns the current effective set) when uid is 0.
+    With uid 0 the uid stays, but the capability sets are reduced all the same.
     """
-    if uid == 0:
-        return status_caps()["CapEff"]
-    want = needed_mask()
+    # The bounding set first, while CAP_SETPCAP is still effective.
+    for cap in range(cap_last_cap() + 1):
+        if not want & (1 << cap):
+            _check(_prctl(PR_CAPBSET_DROP, cap), f"prctl(PR_CAPBSET_DROP, {cap})")
     _check(_prctl(PR_SET_KEEPCAPS, 1), "prctl(PR_SET_KEEPCAPS)")
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
+    if uid != 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    _check(_prctl(PR_SET_KEEPCAPS, 0), "prctl(PR_SET_KEEPCAPS, 0)")
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for i in range(2):
         word = (want >> (32 * i)) & 0xFFFFFFFF
-        data[i].effective = data[i].permitted = data[i].inheritable = word
+        data[i].effective = data[i].permitted = word
+        data[i].inheritable = 0
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
-    for n in NEEDED:
-        if want & (1 << CAPS[n]):
-            _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAPS[n]),
-                   f"prctl(PR_CAP_AMBIENT_RAISE, {n})")
+    _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
     got = status_caps()
-    if got["CapEff"] != want or got["CapAmb"] != want:
-        raise PrivilegeError(f"capabilities after the drop are CapEff={got['CapEff']:#x} "
-                             f"CapAmb={got['CapAmb']:#x}, expected {want:#x}")
+    expected = {"CapInh": 0, "CapPrm": want, "CapEff": want, "CapBnd": want, "CapAmb": 0,
+                "NoNewPrivs": 1}
+    wrong = {k: got.get(k) for k, v in expected.items() if got.get(k) != v}
+    if wrong:
+        raise PrivilegeError(f"after the drop {wrong}, expected {want:#x} "
+                             "(CapInh, CapAmb 0, NoNewPrivs 1)")
     return want
 
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import os
 
+from c8.protocol import files
 
-def write(path: str, supervisor: dict, children: list[dict]) -> None:
-    """Write {**supervisor, "children": children}. Replace the file atomically (readers never see half of it), mode 0644."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({**supervisor, "children": children}, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+
+def write(path: str, supervisor: dict, children: list[dict], gid: int | None = None) -> None:
+    """Write {**supervisor, "children": children}, replacing the file atomically
+    (readers never see half of it) without following a symlink at its name;
+    mode 0640, group `gid` (sensor_user's: its members run c8ctl status)."""
+    data = json.dumps({**supervisor, "children": children}, indent=1) + "\n"
+    files.write_atomic(path, data.encode(), mode=0o640, gid=gid)
 
 
 def read(path: str) -> dict | None:

@@ -35,24 +35,43 @@ TRACEFS = "/sys/kernel/tracing"
 # -- entry points run in the children (after fork, as TEST_USER) --------------
 
 def sleeper(config, *args):
-    """A well-behaved child: sleeps until SIGTERM."""
+    """A well-behaved child: heartbeats until SIGTERM."""
+    from c8.protocol import heartbeat
+
+    while True:
+        heartbeat.beat()
+        time.sleep(0.5)
+
+
+def hangs_after_a_while(config, *args):
+    """Heartbeats for a second, then its loop stops turning (as on a FIFO read)."""
+    from c8.protocol import heartbeat
+
+    until = time.monotonic() + 1
+    while time.monotonic() < until:
+        heartbeat.beat()
+        time.sleep(0.1)
     while True:
         time.sleep(1)
 
 
 def hog_memory(config, *args):
     """Touches memory until the cgroup's limit gets it OOM-killed."""
+    from c8.protocol import heartbeat
+
     chunks = []
     while True:
+        heartbeat.beat()
         chunks.append(b"\x01" * (8 << 20))
         time.sleep(0.01)
 
 
 def burn_cpu(config, *args):
     """Spins on one CPU forever."""
-    n = 0
+    from c8.protocol import heartbeat
+
     while True:
-        n += 1
+        heartbeat.beat()
 
 
 def limiter_exit(config, *args):
@@ -226,10 +245,13 @@ def online_cpus():
     return oc()
 
 
-def expected_caps():
-    from c8.supervisor.privileges import needed_mask
+def expected_status(name):
+    """What privileges.ROLES says a child of this name shows in /proc/<pid>/status."""
+    from c8.supervisor.privileges import expected_status as exp
 
-    return needed_mask()
+    role = ("broker" if name == "c8-broker" else "detector" if name == "c8-detector"
+            else "collector0" if name == "c8-collector cpu0" else "collector")
+    return exp(role)
 
 
 def test_tree_privileges_cgroup_restart_and_cleanup(supervisor, test_user):
@@ -241,18 +263,18 @@ def test_tree_privileges_cgroup_restart_and_cleanup(supervisor, test_user):
     children = r.wait_running(names)
     assert "c8probes/c8itest_stale " not in uprobe_lines()
 
-    # Titles, user, capabilities.
-    want = expected_caps()
-    assert want & (1 << 21) and want & (1 << 38)  # CAP_SYS_ADMIN, CAP_PERFMON
+    # Titles, user, capabilities (tests/integration/test_privileges_sensor.py has the
+    # same check on the real tree).
     for c in children:
         assert cmdline(c["pid"]) == c["name"]
         st = proc_status(c["pid"])
         assert st["Uid"].split() == [str(uid)] * 4
         assert st["Gid"].split() == [str(gid)] * 4
         assert st["Groups"] == ""
-        assert int(st["CapEff"], 16) == want
-        assert int(st["CapAmb"], 16) == want
-        assert int(st["CapPrm"], 16) == want
+        got = {k: int(st[k], 16) if k.startswith("Cap") else int(st[k])
+               for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")}
+        assert got == expected_status(c["name"]), c["name"]
+        assert not got["CapEff"] & (1 << 21), "CAP_SYS_ADMIN kept"
     assert cmdline(r.proc.pid) == "c8-supervisor"
     st = r.status()
     assert st["pid"] == r.proc.pid and st["cgroup"] == CG and st["started_unix"] <= time.time()
@@ -352,3 +374,92 @@ def test_user_that_cannot_be_created_stops_startup(supervisor):
     assert "sensor_user 'c8,bad' does not exist and cannot be created" in text
     assert "invalid user name" in text
     assert not os.path.exists(CPU_DIR)
+
+
+def test_hung_child_is_killed_and_restarted_with_reason_hung(supervisor):
+    r = supervisor({"heartbeat_timeout": "2s"},
+                   {**SLEEPERS, "broker": "test_supervisor:hangs_after_a_while"})
+    first = r.wait_running(["c8-broker"])[0]
+    r.wait_log(f"c8-broker (pid {first['pid']}) hung: no heartbeat for 2s "
+               "(heartbeat_timeout 2s); killing it with SIGKILL", timeout=20)
+    r.wait_log(f"c8-broker (pid {first['pid']}) exited: hung: no heartbeat for 2s "
+               "(heartbeat_timeout 2s), killed by SIGKILL; restarting in 1s")
+    new = wait_for(lambda: (c := r.child("c8-broker")) and c["pid"] not in (None, first["pid"])
+                   and c, what="a new broker pid")
+    assert new["last_exit_reason"].startswith("hung: no heartbeat")
+    assert not os.path.exists(f"/proc/{first['pid']}")
+    # the sleepers (collectors) beat all along: never restarted
+    assert all(c["restarts"] == 0 for c in r.status()["children"] if c["name"] != "c8-broker")
+    assert r.stop() == 0, r.text()
+
+
+# -- files made safely (c8/protocol/files.py, c8/supervisor/rundir.py) -------------------
+
+def test_symlinked_run_dir_is_refused_at_start(supervisor, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "run").symlink_to(real)
+    r = supervisor({}, SLEEPERS)
+    assert r.proc.wait(20) == 1
+    assert (f"c8-supervisor: cannot start: run_dir {tmp_path}/run is a symlink (to {real}): "
+            "refused, set run_dir to the real directory") in r.text()
+    assert os.listdir(real) == []
+
+
+def test_supervisor_json_replaces_a_planted_symlink_and_is_0640_under_umask_0(supervisor, tmp_path,
+                                                                             test_user):
+    uid, gid = test_user
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    old_umask = os.umask(0)  # inherited by the supervisor
+    try:
+        r = supervisor({}, SLEEPERS)
+    finally:
+        os.umask(old_umask)
+    first = r.wait_running(["c8-broker"])[0]
+    path = os.path.join(r.run_dir, "supervisor.json")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o640)
+    # sensor_user owns run_dir: it may swap supervisor.json for a symlink to root's file
+    os.unlink(path)
+    os.symlink(victim, path)
+    os.kill(first["pid"], signal.SIGKILL)  # a change: the supervisor writes the file again
+    wait_for(lambda: not os.path.islink(path) and (c := r.child("c8-broker"))
+             and c["pid"] not in (None, first["pid"]), what="supervisor.json rewritten")
+    assert victim.read_text() == "root's file\n"
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(r.run_dir)) == ["supervisor.json"]  # no temporary file left
+    assert r.stop() == 0, r.text()
+
+
+def test_log_file_is_0640_never_a_symlink_and_gets_the_logs(tmp_path, test_user):
+    log_path = tmp_path / "c8.log"
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    os.symlink(victim, log_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"sensor_user": TEST_USER, "run_dir": str(tmp_path / "run")}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE8_")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, HERE])
+    env["C8_SUPERVISOR_TEST_ENTRY_POINTS"] = json.dumps(SLEEPERS)
+    cmd = [sys.executable, "-m", "c8.supervisor.main", "--config", str(cfg),
+           "--log-file", str(log_path)]
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert refused.returncode == 1
+    assert f"cannot open --log-file {log_path}" in refused.stderr and "Too many levels" in refused.stderr
+    assert victim.read_text() == "keep\n"
+    os.unlink(log_path)
+    old_umask = os.umask(0)
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    finally:
+        os.umask(old_umask)
+    try:
+        wait_for(lambda: log_path.exists() and "c8-broker started, pid" in log_path.read_text(),
+                 what="the log file written")
+        assert log_path.stat().st_mode & 0o777 == 0o640
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert "stopped" in log_path.read_text()

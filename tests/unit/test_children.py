@@ -31,6 +31,7 @@ class FakeOS:
         self.exits = []        # (pid, status) the next reap returns
         self.oom = 0
         self.die_on = {}       # signal -> True: a kill makes the process exit at once
+        self.beating = set()   # pids whose heartbeat the next check sees
 
     def spawn(self, spec):
         self.next_pid += 1
@@ -54,6 +55,9 @@ class FakeOS:
 
     def sleep(self, seconds):
         self.t += seconds
+
+    def heartbeat(self, pid):
+        return pid in self.beating
 
 
 @pytest.fixture
@@ -261,7 +265,11 @@ def test_tree_specs(monkeypatch):
     assert [s.name for s in specs] == ["c8-broker", "c8-collector cpu0", "c8-collector cpu1",
                                        "c8-collector cpu3", "c8-detector"]
     assert specs[0].entry == "c8.broker.main:run"
-    assert specs[3] == ChildSpec("c8-collector cpu3", "c8.collectors.main:run", (3,))
+    assert specs[3] == ChildSpec("c8-collector cpu3", "c8.collectors.main:run", (3,),
+                                 role="collector", heartbeat=True)
+    assert [(s.role, s.heartbeat) for s in specs] == [
+        ("broker", True), ("collector0", True), ("collector", True), ("collector", True),
+        ("detector", False)]
     assert specs[4].entry == "c8.detections.main:run"
     cfg = load(environ={})
     assert [s.name for s in child_specs(cfg, [0], entry_points({}))] == \
@@ -315,3 +323,70 @@ def test_probe_names():
             "p:other/x /bin/true:0x10\n"
             "p:c8probesx/y /bin/true:0x10\n")
     assert probe_names(text) == ["open_1", "ret_2"]
+
+
+# -- heartbeats ---------------------------------------------------------------------
+
+def beating(fos, timeout=10.0, heartbeat=True):
+    group = Children([ChildSpec("c8-broker", "x:y", heartbeat=heartbeat)], fos, timeout)
+    group.start_all()
+    return group, group.children[0]
+
+
+def test_silent_child_is_killed_as_hung_and_restarted(fos, caplog):
+    caplog.set_level(logging.WARNING, "c8.supervisor")
+    fos.die_on[signal.SIGKILL] = True
+    group, c = beating(fos)
+    fos.beating.add(c.pid)
+    for _ in range(30):  # beats for 30 s: never hung
+        fos.t += 1
+        group.tick()
+    assert c.state is State.RUNNING and fos.killed == []
+    fos.beating.clear()  # stops: SIGSTOP, a FIFO, an endless loop
+    fos.t += 9.9
+    group.tick()
+    assert fos.killed == []
+    fos.t += 0.2
+    group.tick()
+    assert fos.killed == [(101, signal.SIGKILL)]
+    group.tick()  # killed once, not at every tick
+    assert fos.killed == [(101, signal.SIGKILL)]
+    group.reap()
+    assert c.state is State.BACKOFF
+    assert c.last_exit_reason == ("hung: no heartbeat for 10s (heartbeat_timeout 10s), "
+                                  "killed by SIGKILL")
+    assert "c8-broker (pid 101) hung: no heartbeat for 10s" in caplog.text
+    assert ("c8-broker (pid 101) exited: hung: no heartbeat for 10s (heartbeat_timeout 10s), "
+            "killed by SIGKILL; restarting in 1s") in caplog.text
+    fos.t = c.retry_at
+    group.tick()
+    assert c.state is State.STARTING and c.pid == 102 and c.hung is None
+    # the new process gets a full timeout from its start before it must beat
+    fos.t += 9
+    group.tick()
+    assert fos.killed == [(101, signal.SIGKILL)]
+
+
+def test_child_that_never_beats_is_hung_after_the_timeout(fos):
+    group, c = beating(fos, timeout=5)
+    fos.t += 5
+    group.tick()
+    assert fos.killed == [(101, signal.SIGKILL)]
+
+
+def test_no_watch_without_heartbeat_spec_or_with_timeout_0(fos):
+    for timeout, heartbeat in ((10.0, False), (0.0, True)):
+        group, c = beating(fos, timeout, heartbeat)
+        fos.t += 100
+        group.tick()
+        assert fos.killed == [] and c.state is State.RUNNING
+
+
+def test_hung_child_stopped_during_shutdown_is_stopped(fos):
+    group, c = beating(fos)
+    fos.t += 11
+    group.tick()
+    group.stop_all(1.0)  # SIGTERM is not taken (stopped process): SIGKILL again
+    fos.exits.append((c.pid, signal_status(signal.SIGKILL)))
+    group.reap()
+    assert c.state is State.STOPPED and c.last_exit_reason.startswith("hung: ")

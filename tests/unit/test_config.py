@@ -338,6 +338,7 @@ def test_every_key_loads_from_its_env_name():
                "listen_tcp": "", "curve_server_secret_key_file": "/k",
                "curve_authorized_keys_dir": "/d", "sensor_id_file": "/s", "log_level": "debug",
                "curve_admin_keys_dir": "/a", "allow_probes": "0,group:root",
+               "heartbeat_timeout": "3s",
                **{n: "7" for n in config.KEYS if n.startswith("limits.")}}
     env = {}
     for name, key in config.KEYS.items():
@@ -358,6 +359,15 @@ def test_as_dict_is_plain_and_frozen():
     assert c.alert_output.outputs[0]["type"] == "stdout"  # a copy
     with pytest.raises(AttributeError):
         c.cpu_limit = 9  # frozen
+
+
+def test_heartbeat_timeout_default_env_off_and_bad():
+    assert load(environ={}).heartbeat_timeout == 10.0
+    assert load(environ={"CAPSULE8_HEARTBEAT_TIMEOUT": "2500ms"}).heartbeat_timeout == 2.5
+    assert load(environ={"CAPSULE8_HEARTBEAT_TIMEOUT": "0"}).heartbeat_timeout == 0.0
+    with pytest.raises(ConfigError, match="heartbeat_timeout: 'soon' from "
+                                          "CAPSULE8_HEARTBEAT_TIMEOUT: must be a duration"):
+        load(environ={"CAPSULE8_HEARTBEAT_TIMEOUT": "soon"})
 
 
 def test_resource_limits_need_both_keys():

@@ -11,6 +11,7 @@ import json
 import os
 
 from c8.detections.outputs.base import Output, alert_dict, notice_dict
+from c8.protocol import files
 
 
 class FileOutput(Output):
@@ -29,7 +30,8 @@ class FileOutput(Output):
         d = os.path.dirname(path)
         if d:
             os.makedirs(d, exist_ok=True)
-        self._f = open(path, "ab")  # noqa: SIM115 - held open for the output's life
+        # 0640 whatever the umask, no symlink followed, FIFOs and others' files refused
+        self._f = files.open_append(path)  # held open for the output's life
         self._size = self._f.tell()
 
     def _write(self, obj: dict) -> None:
@@ -51,7 +53,7 @@ class FileOutput(Output):
                     os.replace(src, f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
             mode = "ab"
-        self._f = open(self.path, mode)  # noqa: SIM115
+        self._f = files.open_append(self.path, truncate=mode == "wb")
         self._size = 0
         self.rotations += 1
 
