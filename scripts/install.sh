@@ -291,7 +291,7 @@ install_unit() {
 
 do_install() {
   local was
-  [ -f "$SRC/pyproject.toml" ] && [ -d "$SRC/c8" ] || die "$SRC is not a c8 checkout"
+  { [ -f "$SRC/pyproject.toml" ] && [ -d "$SRC/c8" ]; } || die "$SRC is not a c8 checkout"
   was=$([ -x "$VENV/bin/python" ] && echo upgrade || echo install)
   check_python
   install_package
