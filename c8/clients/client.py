@@ -5,8 +5,9 @@
             print(event["type"], event["kind"], event["process_pid"])
 
 Batches are numpy structured arrays straight off the wire; ``events()`` makes
-one dict per event only when asked. Closing a subscription's connection ends
-it in the broker.
+one dict per event only when asked, every window's events in sensor sequence
+order across categories (``windows()`` gives a window's batches together).
+Closing a subscription's connection ends it in the broker.
 """
 
 from __future__ import annotations
