@@ -118,9 +118,12 @@ class Supervisor:
         except rundir.UnsafeRunDir as e:
             raise StartupError(str(e)) from None
         self.gid = gid
+        written = [cfg.sensor_id_file]
         if cfg.detections.enabled:
-            for d in rundir.prepare_output_dirs(cfg.alert_output.outputs, uid, gid):
-                log.info("made %s for the detector's file output (%s, 0750)", d, cfg.sensor_user)
+            written += [o["path"] for o in cfg.alert_output.outputs
+                        if o.get("type") == "file" and o.get("enabled", True) and o.get("path")]
+        for d in rundir.make_missing_dirs(written, uid, gid):
+            log.info("made %s for the children's files (%s, 0750)", d, cfg.sensor_user)
         other = status.running_supervisor(self.status_path)
         if other:
             raise StartupError(f"another c8-supervisor (pid {other}) uses {cfg.run_dir}")

@@ -88,16 +88,15 @@ def prepare(run_dir: str, uid: int, gid: int) -> None:
         os.close(fd)
 
 
-def prepare_output_dirs(cfg_outputs: list[dict] | tuple[dict, ...], uid: int, gid: int) -> list[str]:
-    """Create the missing directory of each enabled file output, sensor_user's, 0750:
-    the detector keeps no CAP_DAC_OVERRIDE, so it cannot make /var/log/capsule8
-    itself. An existing directory is left as it is. Returns the directories made."""
+def make_missing_dirs(file_paths: list[str], uid: int, gid: int) -> list[str]:
+    """Create the missing directory of each file a child writes (the detector's file
+    outputs, the broker's sensor_id_file), sensor_user's, 0750: no child keeps
+    CAP_DAC_OVERRIDE to make /var/log/capsule8 or /var/lib/capsule8 itself. An
+    existing directory is left as it is. Returns the directories made."""
     made = []
-    for out in cfg_outputs:
-        if out.get("type") != "file" or not out.get("enabled", True) or not out.get("path"):
-            continue
-        d = os.path.dirname(os.path.abspath(out["path"]))
-        if os.path.lexists(d):
+    for path in file_paths:
+        d = os.path.dirname(os.path.abspath(path))
+        if os.path.lexists(d) or d in made:
             continue
         os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
         os.mkdir(d, 0o750)

@@ -174,3 +174,17 @@ def test_run_dir_of_another_user_is_refused_and_ours_prepared(tmp_path):
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (999, 998, 0o750)
     rundir.prepare(str(tmp_path / "new" / "run"), 999, 998)
     assert mode(tmp_path / "new" / "run") == 0o750
+
+
+@needs_root
+def test_missing_dirs_of_the_childrens_files_are_made_theirs(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o700)
+    made = rundir.make_missing_dirs([str(tmp_path / "log" / "alerts.json"),
+                                     str(tmp_path / "log" / "other.json"),
+                                     str(existing / "sensor_id")], 999, 998)
+    assert made == [str(tmp_path / "log")]
+    st = os.stat(tmp_path / "log")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (999, 998, 0o750)
+    st = os.stat(existing)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)  # left as it is
