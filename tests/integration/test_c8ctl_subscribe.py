@@ -146,6 +146,29 @@ def test_c8ctl_prints_a_container_in_sequence_order(shared_sensor, runc):  # noq
     assert sorted(at.values()) == list(at.values()), shown
 
 
+def test_c8ctl_ends_quietly_when_its_reader_goes(shared_sensor, tmp_path):
+    """``c8ctl subscribe | head -1``: once head exits, c8ctl ends with status 0, no traceback."""
+    argv = [sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", shared_sensor.run_dir, "subscribe",
+            "--events", "process", "--filter", 'kind == "EXEC" and exec_filename == "/bin/true"']
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert "subscription" in proc.stderr.readline().decode()
+        subprocess.run(["/bin/true", "first"], check=True)
+        assert json.loads(proc.stdout.readline())["kind"] == "EXEC"
+        proc.stdout.close()  # what head does after its line
+
+        def ended():
+            subprocess.run(["/bin/true", "more"], check=True)
+            return proc.poll() is not None
+        wait_for(ended, 30, 0.2, "c8ctl to end after its reader went")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
 # A getppid loop that waits for a line on stdin, then makes CALLS calls in bursts
 # of 1000 a millisecond apart (about 100k a second on top of the calls' own time).
 LOOP = textwrap.dedent("""
