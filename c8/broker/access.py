@@ -59,7 +59,7 @@ class Peer:
         return self.role == ADMIN
 
 
-def unix_credentials(frame: zmq.Frame) -> tuple[int, int, int] | None:
+def unix_credentials(frame: zmq.Frame | None) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of the process at the other end of an ipc:// connection.
 
     libzmq appends ``:uid:gid:pid`` from SO_PEERCRED to the connection's
@@ -67,6 +67,8 @@ def unix_credentials(frame: zmq.Frame) -> tuple[int, int, int] | None:
     connection even if the client has gone since. Otherwise the socket's fd
     (ZMQ_SRCFD) is asked directly. None when neither answers.
     """
+    if frame is None:
+        return None
     try:
         address = frame.get("Peer-Address")
         *_, uid, gid, pid = address.rsplit(":", 3)
@@ -137,7 +139,7 @@ class Access:
         self.owners: dict[str, Peer] = {}  # subscription id -> who made it
 
     # -- who ----------------------------------------------------------------------
-    def unix_peer(self, frame: zmq.Frame, routing_id: bytes) -> Peer:
+    def unix_peer(self, frame: zmq.Frame | None, routing_id: bytes) -> Peer:
         cred = unix_credentials(frame)
         if cred is None:  # cannot happen on Linux; the least role, alone with its connection
             log.warning("no credentials for a unix peer %s: subscriber role", routing_id.hex())
