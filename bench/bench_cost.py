@@ -26,7 +26,21 @@ def idle(window: float) -> dict:
         time.sleep(window)
         cpu, wall = sensor.cpu_seconds() - cpu0, time.monotonic() - t0
         mem = sensor.memory()
-    return {"cpu_pct": 100 * cpu / wall, "window": wall, "memory": mem}
+        # collecting: every collector holds its ring and has drained real events
+        with c.Counter(sensor.run_dir, {"events": {"process": {}, "file": {}}}, None):
+            time.sleep(5.0)
+            working = sensor.memory()
+    return {"cpu_pct": 100 * cpu / wall, "window": wall, "memory": mem, "working": working}
+
+
+def per_collector(memory: dict) -> tuple[float, float]:
+    """(PSS of one more collector, PSS of the tree on a 64-CPU host), bytes: every
+    collector but cpu0 (which owns the eBPF maps) is alike."""
+    extra = [m["pss"] for k, m in memory.items() if k.startswith("c8-collector cpu") and
+             not k.startswith("c8-collector cpu0")]
+    one = sum(extra) / len(extra) if extra else 0.0
+    base = sum(m["pss"] for m in memory.values()) - sum(extra)
+    return one, base + 63 * one
 
 
 def run(quick: bool = False, storm: dict | None = None) -> dict:
@@ -38,6 +52,7 @@ def run(quick: bool = False, storm: dict | None = None) -> dict:
     s8, sp = storm["c8"], storm["perf"]
     per_m8 = s8["sensor_cpu"] / (s8["delivered"] / 1e6)
     per_mp = sp["perf_cpu"] / (sp["captured"] / 1e6)
+    one, host64 = per_collector(idl["working"])
     rss_idle = sum(m["rss"] for m in idl["memory"].values())
     rss_max = max(m["rss"] for m in idl["memory"].values())
     hwm = sum(m["hwm"] for m in s8["memory"].values())
@@ -49,11 +64,15 @@ def run(quick: bool = False, storm: dict | None = None) -> dict:
          round(rss_idle / (150 * MB), 2), "< 150 MB (sum)"),
         ("CPU s per M events (c8 tree / perf record)", round(per_m8, 2), round(per_mp, 2),
          round(per_m8 / per_mp, 2), ""),
+        ("PSS MB per additional collector (collecting) / tree on a 64-CPU host", round(one / MB, 1),
+         round(host64 / MB), None, ""),
         ("peak RSS MB in storm, tree sum / largest", round(hwm / MB, 1), round(hwm_max / MB, 1), None, ""),
         ("peak RSS MB per M events delivered (sum)", round(hwm / MB / (s8["delivered"] / 1e6), 1), None,
          None, ""),
     ]
     notes = ["idle RSS per process: " + ", ".join(f"{k} {v['rss'] / MB:.0f}" for k, v in idl["memory"].items()),
+             "PSS per process while collecting: " + ", ".join(f"{k} {v['pss'] / MB:.0f}"
+                                                            for k, v in idl["working"].items()),
              f"idle window {idl['window']:.0f}s; idle anchor is the 1% goal, RSS ratio is sum / 150 MB"]
     return {"title": "Cost: CPU and memory of the sensor tree", "rows": rows, "notes": notes,
             "raw": {"idle": idl}}

@@ -298,7 +298,12 @@ def proc_memory(pid: int) -> dict[str, int] | None:
     vals = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M))
     if not vals:
         return None
-    return {"rss": int(vals.get("VmRSS", 0)) * 1024, "hwm": int(vals.get("VmHWM", 0)) * 1024}
+    try:  # proportional set size: shared pages split among their sharers
+        pss = int(re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M).group(1))
+    except (OSError, AttributeError):
+        pss = 0
+    return {"rss": int(vals.get("VmRSS", 0)) * 1024, "hwm": int(vals.get("VmHWM", 0)) * 1024,
+            "pss": pss * 1024}
 
 
 # -- a counting subscriber ------------------------------------------------------

@@ -52,6 +52,23 @@ def _daemonize() -> None:
     os.close(devnull)
 
 
+def _preload() -> None:
+    """Import the libraries every child uses before forking any, then freeze the heap.
+
+    Children are forked without exec: what the supervisor has imported they share
+    copy-on-write instead of each importing it again (numpy and pyzmq are most of a
+    child's memory). gc.freeze() keeps collection passes from writing to those
+    shared pages. Measured here: 5 MB less PSS per child (bench_idle).
+    """
+    import gc
+
+    import msgpack  # noqa: F401
+    import numpy  # noqa: F401
+    import zmq  # noqa: F401
+
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     args = _parse(argv)
@@ -74,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(cfg.log_level.upper())
     if args.daemon:
         _daemonize()
+    _preload()
     try:
         return Supervisor(cfg).run()
     except StartupError as e:
