@@ -25,10 +25,12 @@ from c8 import schema
 from c8.broker import catalog
 from c8.broker.access import Access, Peer
 from c8.broker.containers import ContainerTable
+from c8.broker.identity import Identity
 from c8.broker.merge import Merger
 from c8.broker.plan import Planner
 from c8.broker.processes import ProcessTable
 from c8.broker.publish import Publisher
+from c8.broker.sequence import Sequence
 from c8.broker.subscriptions import FilterLimits, Subscription, parse_spec
 from c8.protocol import batch as wire
 from c8.protocol import control, errors, heartbeat, paths
@@ -36,7 +38,8 @@ from c8.schema import rows
 
 log = logging.getLogger("c8.broker")
 
-TICK_SECONDS = 0.01  # a release every 10 ms: per-window costs halve against 5 ms, latency +2.5 ms on average
+TICK_SECONDS = 0.01  # the longest between releases while events wait
+MIN_RELEASE_GAP = 0.002  # a tick from every CPU releases at once, but windows are at least this far apart
 PLAN_REPUBLISH_SECONDS = 1.0
 MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
 EXIT_LIMITER = 78
@@ -78,8 +81,11 @@ class Broker:
         self.ctx = zmq.Context.instance()
         self.processes = ProcessTable()
         self.containers = ContainerTable()
-        self.merger = Merger(int(float(config.get("merge_holdback", 0.05)) * 1e9))
-        self.planner = Planner(self)
+        self.merger = Merger(int(float(config.get("merge_holdback") or 0) * 1e9))
+        self.identity = Identity(self.processes, self.containers)
+        self.sequence = Sequence()
+        self.marks_moved = False  # a collector's tick arrived since the last release
+        self.planner = Planner(config, lambda packed: self.plan_pub.send(packed))
         self.publisher = Publisher(self)
         self.subscriptions: dict[str, Subscription] = {}
         self.access = Access(config)  # roles and the count limits (docs/security.md)
@@ -158,9 +164,12 @@ class Broker:
                 else:
                     self._drain_control(sock)
             now = time.monotonic()
+            if self.marks_moved and self.merger.pending and now >= next_tick - TICK_SECONDS + MIN_RELEASE_GAP:
+                next_tick = now  # every CPU may have passed more events: release them now
             heartbeat.beat()  # the supervisor restarts a loop that stops turning
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
+                self.marks_moved = False
                 if self.pending_replies:
                     self._send_ready_replies(now)
                 self._release(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
@@ -196,8 +205,9 @@ class Broker:
     def _ingest(self, frames: list) -> None:
         header, raw = wire.unpack(frames)
         kind = header.get("kind")
-        if "watermark" in header and kind in ("samples", "tick"):
+        if kind == "tick":  # every event of that CPU stamped before the mark is here
             self.watermarks[int(header.get("cpu", -1))] = (int(header["watermark"]), time.monotonic())
+            self.marks_moved = True
         if kind == "samples" and raw is not None and len(raw):
             self.counts["received"] += len(raw)
             if self.dormant:
@@ -216,7 +226,8 @@ class Broker:
             cpu = int(header.get("cpu", -1))
             header["_seen"] = time.monotonic()
             self.collectors[cpu] = header
-            self.planner.on_stats(header)
+            if self.planner.on_stats(header):
+                self._replan()
 
     def _build(self, source: str, raw: np.ndarray) -> None:
         # The sensor never reports itself; dropped before numbering keeps the sequence gap-free.
@@ -230,10 +241,7 @@ class Broker:
                 return
         if source == "sched:sched_process_exec" and "exec" not in self.planner.failed_bpf:
             # only a hint for execs whose name eBPF could not read (few: exec rate)
-            for pid, name in zip(raw["pid"].tolist(), raw["filename"].tolist(), strict=True):
-                self.planner.exec_names[pid] = name
-            if len(self.planner.exec_names) > 8192:  # hints whose exec never came
-                self.planner.exec_names.clear()
+            self.identity.hint_exec_names(raw["pid"], raw["filename"])
             return
         if source in catalog.CGROUP_SOURCES:
             for category, out in self._container_cgroup(source, raw):
@@ -254,7 +262,7 @@ class Broker:
         """CREATED / DESTROYED from cgroup mkdir/rmdir of a container's cgroup.
 
         Attaches only move pids between containers: they are queued and applied
-        in time order with the process events at release (Planner.track_processes).
+        in time order with the process events at release (Identity.stamp).
         """
         ct = self.containers
         if source == "cgroup:cgroup_attach_task":
@@ -304,30 +312,20 @@ class Broker:
         return max(min(marks) - WATERMARK_SLACK_NS, now_ns - MAX_WAIT_NS)
 
     def _release(self, now_ns: int, flush: bool = False) -> None:
-        window = self.merger.release(now_ns, flush, upto_ns=self._streams_reached(now_ns))
+        """The release pipeline, one window at a time (docs/INTERNALS.md, "Release")."""
+        window = self.merger.release(now_ns, flush, upto_ns=self._streams_reached(now_ns))  # cut
         if not window:
             return
-        proc = window.get("process")
-        if proc is not None:
-            extra = self.planner.track_processes(proc)
-            if extra is not None and len(extra):
-                window["container"] = (rows.concat([window["container"], extra])
-                                       if "container" in window else extra)
-                self.merger.renumber(window)  # RUNNING/EXITED take their place in the sequence
-        if "container" in window:  # metadata may have refined the cgroup's guess (runc -> crun)
-            window["container"]["runtime"] = self.containers.runtimes(window["container"]["container"])
-        for category, batch in list(window.items()):
-            if category not in ("lost", "limiter"):
-                if category != "container":
-                    batch["container"] = self.planner.container_indices(batch)
-                self.processes.fill(batch)
-        total = sum(len(b) for c, b in window.items() if c not in ("lost", "limiter"))
+        follow = "cgroup:cgroup_attach_task" in self.planner.plan["tracepoints"]
+        self.identity.stamp(window, follow_attaches=follow)  # who, as of each event's time
+        self.sequence.number(window)                          # gap-free, across categories
+        events = [b for c, b in window.items() if c not in ("lost", "limiter")]
         if self.limiter is not None:
             # the batches, not just their size: a trip names the pids, uids, containers
-            self.limiter.count_batches(b for c, b in window.items() if c not in ("lost", "limiter"))
-        self.counts["published"] += total
-        self.publisher.publish(window)
-        self.processes.end_window()
+            self.limiter.count_batches(events)
+        self.counts["published"] += sum(len(b) for b in events)
+        self.publisher.publish(window)                        # select, encode, send
+        self.identity.end_window()
 
     # -- control ----------------------------------------------------------------------------
     def _drain_control(self, sock: zmq.Socket | None = None) -> None:
@@ -385,7 +383,7 @@ class Broker:
             self.access.check_probes(sub, self.subscriptions)
             self.subscriptions[sub.sub_id] = sub
             self.access.record(sub.sub_id, who)
-            self.planner.update()
+            self._replan()
             log.info("subscription %s from %s (%s, %s): %s", sub.sub_id, who.principal, who.role, peer.hex(),
                      json.dumps(props, default=str)[:4096])
             return control.ok(rid, type="reply", subscription=sub.sub_id, sensor_id=self.sensor_id,
@@ -408,6 +406,11 @@ class Broker:
             return control.ok(rid, type="reply")
         raise errors.ProtocolError(errors.UNKNOWN_COMMAND, cmd)
 
+    def _replan(self) -> None:
+        """The plan for the broker's state now (compute_plan's inputs), published if it changed."""
+        self.planner.update(self.subscriptions.values(), self.own_pids,
+                            self.collectors.get(0, {}).get("pid"), self.dormant)
+
     def end_subscription(self, sid: str, reason: str, notify: bool = False) -> None:
         sub = self.subscriptions.pop(sid, None)
         self.access.forget(sid)
@@ -416,7 +419,7 @@ class Broker:
         if notify:
             self.publisher.send([sub.peer], msgpack.packb({"type": "end", "subscription": sid, "reason": reason}))
         log.info("subscription %s ended: %s", sid, reason)
-        self.planner.update()
+        self._replan()
 
     def _probes_seen_by(self, who: Peer) -> dict:
         """Every probe for an admin; a subscriber's own probes only."""
@@ -490,7 +493,7 @@ class Broker:
             pids.add(int(sup["pid"]))
         if pids != self.own_pids:
             self.own_pids = pids
-            self.planner.update()
+            self._replan()
 
     def _limiter_culprits(self, t, out) -> str:
         """Fill the limiter event's top_* fields from the transition; the log's text."""
@@ -533,7 +536,7 @@ class Broker:
             log.error("event limiter tripped after max_retries dormancies: the sensor exits (%s)", culprits)
             self.exit_status = EXIT_LIMITER
             self.dormant = True  # collect nothing more; the loop stops at the next poll
-        self.planner.update()
+        self._replan()
         self.merger.add("limiter", out)
 
 

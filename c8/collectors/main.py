@@ -24,7 +24,7 @@ from c8.collectors import perf, ring, tracefs
 from c8.collectors.decode import DEFAULT_STRING_WIDTH, Decoder
 from c8.protocol import batch, heartbeat, paths
 
-POLL_MS = 15
+POLL_MS = 4  # ring reads at least this often: the latency floor at low rates
 IDLE_POLL_MS = 250  # no perf event open: wake only for stats
 STATS_PERIOD = 1.0
 PERF_COUNT_SW_DUMMY = 9
@@ -330,8 +330,7 @@ class Collector:
         buf = self.ring.read()
         if not len(buf):
             self._forget_closed()
-            # nothing new on this CPU up to now: lets the broker release other CPUs' events
-            self._send_header({"kind": "tick", "cpu": self.cpu, "watermark": self.state.watermark})
+            self._tick()
             return 0
         recs = ring.walk(buf)
         total = 0
@@ -345,14 +344,20 @@ class Collector:
             n = len(arr)
             total += n
             self.state.received[source] = self.state.received.get(source, 0) + n
-            self._send(batch.pack({"kind": "samples", "cpu": self.cpu, "source": source,
-                                   "watermark": self.state.watermark}, arr), n)
+            self._send(batch.pack({"kind": "samples", "cpu": self.cpu, "source": source}, arr), n)
         if self.state.unsent_collector_lost and self._send_header(
                 {"kind": "lost", "cpu": self.cpu, "count": self.state.unsent_collector_lost,
                  "source": "collector", "time": self.state.watermark}):
             self.state.unsent_collector_lost = 0
         self._forget_closed()
+        self._tick()
         return total
+
+    def _tick(self) -> None:
+        """After a drain's batches: this CPU's events stamped before the read are all
+        sent. The broker releases a window once every CPU's tick has passed it, so a
+        tick goes after the batches it covers (PUSH keeps order), never with one."""
+        self._send_header({"kind": "tick", "cpu": self.cpu, "watermark": self.state.watermark})
 
     def _forget_closed(self) -> None:
         """After a ring read: records of closed events are all read, and so are

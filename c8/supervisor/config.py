@@ -97,7 +97,7 @@ KEYS: dict[str, Key] = {
         Key("run_dir", "/var/run/capsule8", cv.path),
         Key("ring_pages", 256, cv.power_of_two),
         Key("string_width", 256, cv.positive_int),
-        Key("merge_holdback", "25ms", cv.duration),  # p99 latency < 50 ms; container lifecycle needs > 10 ms
+        Key("merge_holdback", "0ms", cv.duration),  # extra wait past the collectors' watermarks
         Key("subscriber_queue", 64, cv.positive_int),
         Key("pushdown", True, cv.boolean),
         Key("detections.enabled", False, cv.boolean),

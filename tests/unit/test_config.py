@@ -181,7 +181,7 @@ def test_defaults_match_the_reference():
     assert c.limiter.group_request_duration == 1.0
     assert c.run_dir == "/var/run/capsule8"
     assert c.ring_pages == 256 and c.string_width == 256 and c.subscriber_queue == 64
-    assert c.merge_holdback == pytest.approx(0.025)
+    assert c.merge_holdback == 0
     assert c.detections.enabled is False
     assert c.detections.rules[0] == "/etc/capsule8/rules"
     assert c.detections.rules[1] == config.PACKAGE_RULES_DIR
