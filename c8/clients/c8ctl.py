@@ -111,6 +111,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         received = sum((c.get("received") or {}).values())
         print(f"  cpu{cpu}: pid {c.get('pid')} received {received} lost {c.get('lost', 0)}")
     print(f"counts: {st.get('counts')}")
+    print(f"containers: {st.get('containers')}")  # lookups that left names unknown, by cause
     print(f"subscriptions: {len(st.get('subscriptions', []))}")
     for s in st.get("subscriptions", []):
         print(f"  {s['subscription']}: sent {s['sent']} lost {s['lost']} events {sorted(s['spec'].get('events', {}))}")
