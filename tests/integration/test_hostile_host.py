@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import threading
 import time
 
@@ -174,6 +175,10 @@ def attack(sensor, tmp_path, make_state, proof=None):
             got = events_until(sub, lambda evs: any(e["process_pid"] == later.pid for e in evs))
             assert any(e["process_pid"] == later.pid and e["container_id"] == "" for e in got), got
             assert sub.resubscribed == 0 and sub.ended is None
+            ctl = subprocess.run([sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", sensor.run_dir, "status"],
+                                 capture_output=True, text=True, timeout=30)
+            assert ctl.returncode == 0 and f"broker pid {pid}" in ctl.stdout, ctl.stdout + ctl.stderr
+            assert "containers: {" in ctl.stdout
             final = status_quickly(sensor)
             assert final["broker_pid"] == pid
             broker = [c for c in sensor.children() if c["name"] == "c8-broker"]
