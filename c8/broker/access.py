@@ -170,6 +170,11 @@ class Access:
                 raise errors.ProtocolError(errors.FORBIDDEN, f"{peer.principal} ({peer.role}) may not place "
                                            f"probes: {_describe_probes(events, asked)}; admins may, and "
                                            "whom allow_probes names")
+        if isinstance(events, dict):  # each probe costs an ELF or kallsyms look-up while parsing: count first
+            asked_probes = sum(len(events[c]) for c in PROBE_CATEGORIES if isinstance(events.get(c), list))
+            if asked_probes > self.limits.probes:
+                raise errors.ProtocolError(errors.LIMIT_EXCEEDED, f"{asked_probes} probes in one subscription: "
+                                           f"at most {self.limits.probes} (limits.probes)")
         if len(live) >= self.limits.subscriptions:
             raise errors.ProtocolError(errors.LIMIT_EXCEEDED, f"the sensor has {len(live)} subscriptions: "
                                        f"at most {self.limits.subscriptions} (limits.subscriptions)")

@@ -215,6 +215,10 @@ def parse_spec(spec: Any, peer: bytes, validate_probe=None, limits: FilterLimits
                 raise _fail(f"containers.{key} must be a list of strings")
         if containers.get("image") is not None and not isinstance(containers["image"], str):
             raise _fail("containers.image must be a glob string")
+        listed = len(containers.get("ids") or ()) + len(containers.get("names") or ())
+        bound = (limits or FilterLimits()).terms  # each is a test per container per batch, as a term is
+        if listed > bound:
+            raise _fail(f"containers: {listed} ids and names: at most {bound} (limits.filter_terms)")
     modifiers = spec.get("modifiers") or {}
     if not isinstance(modifiers, dict) or set(modifiers) - {"rate", "limit"}:
         raise _fail("'modifiers' must be a map with rate (events/s) and limit (total)")

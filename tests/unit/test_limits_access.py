@@ -140,3 +140,17 @@ def test_default_limits_refuse_the_measured_16000_term_filter_at_once():
     with pytest.raises(errors.ProtocolError) as err:
         parse_spec({"events": {"file": {"filter": short}}}, b"p", None, FilterLimits())
     assert err.value.reason.endswith("more than 1000 terms (comparisons, like, in, is null) (limits.filter_terms)")
+
+
+def test_probe_and_container_lists_are_bounded_before_any_lookup():
+    a = access.Access({"limits": {"probes": 3}}, own_uid=999)
+    spec = {"events": {"user_call": [{"executable": "/bin/true", "symbol": f"f{i}"} for i in range(4)]}}
+    with pytest.raises(errors.ProtocolError) as err:
+        a.check_subscribe(peer(0), spec, {})
+    assert (err.value.code, err.value.reason) == (
+        errors.LIMIT_EXCEEDED, "4 probes in one subscription: at most 3 (limits.probes)")
+    with pytest.raises(errors.ProtocolError) as err:
+        parse_spec({"events": {"process": {}}, "containers": {"ids": ["a"] * 6, "names": ["b"] * 5}}, b"p", None,
+                   FilterLimits(terms=10))
+    assert (err.value.code, err.value.reason) == (
+        errors.BAD_SPEC, "containers: 11 ids and names: at most 10 (limits.filter_terms)")
