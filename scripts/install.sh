@@ -11,7 +11,7 @@
 # /etc/capsule8/capsule8-sensor.yaml is written from conf/ only when absent,
 # never over an edited one. The sensor starts through systemd where systemd
 # runs, else directly with `c8-supervisor --daemon` (log:
-# /var/log/capsule8/c8-supervisor.log; CAPSULE8_* variables of the caller's
+# /var/log/c8-supervisor.log; CAPSULE8_* variables of the caller's
 # environment are passed on, nothing else: under systemd, set keys in the
 # configuration file or a drop-in). A running sensor is restarted on the new
 # code after an upgrade, once its configuration is found valid.
@@ -21,8 +21,10 @@
 # whole venv is made readable (and its directories searchable) by everyone, and
 # checked as an unprivileged user before the sensor starts.
 #
-# Uninstall keeps /etc/capsule8 (configuration), /var/lib/capsule8 (sensor id)
-# and /var/log/capsule8 (supervisor log, file alert outputs) unless --purge.
+# Uninstall keeps /etc/capsule8 (configuration), /var/lib/capsule8 (sensor id),
+# /var/log/capsule8 (file alert outputs) and /var/log/c8-supervisor.log unless
+# --purge. /var/log/capsule8 is left for the supervisor to make, as
+# sensor_user's: the children keep no capability to write into a root's one.
 # The system user sensor_user (capsule8) is always kept: files may still be
 # owned by it, and Debian practice is not to remove system users.
 set -euo pipefail
@@ -35,8 +37,8 @@ COMMANDS=(c8-supervisor c8ctl c8-telemetry)
 CONF_DIR=/etc/capsule8
 CONF=$CONF_DIR/capsule8-sensor.yaml
 STATE_DIR=/var/lib/capsule8
-LOG_DIR=/var/log/capsule8
-LOG=$LOG_DIR/c8-supervisor.log
+LOG_DIR=/var/log/capsule8  # the sensor's own (file alert outputs): made by the supervisor
+LOG=/var/log/c8-supervisor.log
 UNIT_NAME=c8-supervisor.service
 UNIT=/etc/systemd/system/$UNIT_NAME
 SYSTEM_PYTHON=/usr/bin/python3
@@ -172,7 +174,8 @@ start_sensor() {
     wait_started systemd
   else
     stop_direct
-    mkdir -p "$LOG_DIR"
+    # Root's file in root's /var/log: no one else can plant a link at its name.
+    [ -e "$LOG" ] || install -m 0640 /dev/null "$LOG"
     local offset
     offset=$(( $(stat -c %s "$LOG" 2>/dev/null || echo 0) + 1 ))
     say "systemd is not running: starting c8-supervisor --daemon (log: $LOG)"
@@ -323,10 +326,10 @@ do_uninstall() {
   # The supervisor removes run_dir's sockets when it stops; the directory stays.
   rmdir "$run_dir" 2>/dev/null || true
   if [ "$purge" = 1 ]; then
-    rm -rf "$CONF_DIR" "$STATE_DIR" "$LOG_DIR"
+    rm -rf "$CONF_DIR" "$STATE_DIR" "$LOG_DIR" "$LOG"
     say "removed c8 and its configuration, sensor id and logs"
   else
-    say "removed c8; kept $CONF_DIR, $STATE_DIR and $LOG_DIR (--purge removes them)"
+    say "removed c8; kept $CONF_DIR, $STATE_DIR, $LOG_DIR and $LOG (--purge removes them)"
   fi
 }
 
