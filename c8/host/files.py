@@ -115,11 +115,11 @@ def read_beneath(root: str, relpath: str, limit: int = DEFAULT_LIMIT,
     parts = [p for p in relpath.split("/") if p and p != "."]
     if not parts or ".." in parts:
         raise OSError(errno.EINVAL, "bad relative path", relpath)
-    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+    dfd = os.open(root, dir_flags)
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=dfd)
+            nxt = os.open(part, dir_flags | os.O_NOFOLLOW, dir_fd=dfd)
             os.close(dfd)
             dfd = nxt
         fd = open_regular(parts[-1], dir_fd=dfd)
