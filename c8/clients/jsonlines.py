@@ -9,8 +9,10 @@ events have always had). Then either:
 - ``lines``: JSON text per column, never a dict: a column whose value is the
   same for the whole batch (uids, container fields, the sensor id, often the
   kind) becomes literal text once; integers are encoded by orjson a whole
-  column per call; strings, ids and kinds per value with no per-event Python
-  code. Each event's line is then one ``bytes.join`` of its pieces.
+  column per call; plain-ASCII string columns and the event ids are quoted a
+  column at a time (one join, one split), other strings encoded per value by
+  orjson; kinds and container fields by array lookup. No per-event Python
+  code runs: each event's line is one ``bytes.join`` of its pieces.
 
 ``window_lines`` / ``window_dicts`` put the events of every category of one
 broker window in ``sensor_sequence_number`` order (the broker numbers a window
@@ -50,29 +52,29 @@ _dumps = partial(orjson.dumps, default=_default)  # C-level when mapped over a c
 
 
 # -- what each output key holds ------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Column:
     col: np.ndarray  # a batch column, any dtype
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Lookup:
     index: np.ndarray  # per event, into values
     values: tuple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Const:
     value: Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Ids:
     seq: np.ndarray
     mono: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Args:
     keys: tuple[str, ...]
     cols: tuple[np.ndarray, ...]
