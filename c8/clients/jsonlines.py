@@ -289,7 +289,7 @@ def reorder(items: list, order: np.ndarray | None) -> list:
     """``items`` taken in ``order`` (from sequence_order)."""
     if order is None:
         return items
-    return [items[i] for i in order.tolist()]
+    return list(map(items.__getitem__, order.tolist()))
 
 
 def window_dicts(batches: list[Batch], sensor_id: str = "") -> list[dict]:
