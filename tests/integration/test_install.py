@@ -94,10 +94,13 @@ def supervisor_json(run_dir: str) -> dict:
 
 
 def alive(pid: int) -> bool:
+    """`pid` is a live (not zombie) process of the sensor: its title starts with c8-."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
+            running = f.read().split(") ", 1)[1][0] != "Z"
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return running and f.read().startswith(b"c8-")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
 
 
@@ -242,7 +245,7 @@ def host(tmp_path):
             subprocess.run([str(REPO / "scripts/install.sh"), "--uninstall"], env=h.env,
                            cwd="/", capture_output=True, timeout=120)
         for pid in h.pids:  # only supervisors this test started, should uninstall have failed
-            if alive(pid) and b"c8-supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if alive(pid):
                 os.kill(pid, 9)
         if h.conf_before is not None and CONF.read_bytes() != h.conf_before:
             CONF.write_bytes(h.conf_before)
