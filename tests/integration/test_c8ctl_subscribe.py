@@ -154,7 +154,7 @@ def test_c8ctl_ends_quietly_when_its_reader_goes(shared_sensor, tmp_path):
     try:
         assert "subscription" in proc.stderr.readline().decode()
         subprocess.run(["/bin/true", "first"], check=True)
-        assert json.loads(proc.stdout.readline())["kind"] == "EXEC"
+        assert json.loads(proc.stdout.readline())["type"] in ("process", "lost")  # the host's losses come too
         proc.stdout.close()  # what head does after its line
 
         def ended():
