@@ -187,8 +187,9 @@ class Child:
         silent = now - self.last_beat
         if silent < timeout:
             return
-        self.hung = f"hung: no heartbeat for {silent:.0f}s (heartbeat_timeout {timeout:g}s)"
-        log.error("%s (pid %s) %s; killing it with SIGKILL", self.name, self.pid, self.hung)
+        self.hung = f"hung: no heartbeat for {timeout:g}s"  # heartbeat_timeout: stable wording
+        log.error("%s (pid %s) %s (silent %.1fs); killing it with SIGKILL", self.name, self.pid,
+                  self.hung, silent)
         self.os.kill(self.pid, signal.SIGKILL)
 
     def exited(self, status: int, oom: bool = False) -> None:

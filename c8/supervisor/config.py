@@ -115,7 +115,7 @@ KEYS: dict[str, Key] = {
         Key("limits.probes", 64, cv.positive_int),
         Key("sensor_id_file", "/var/lib/capsule8/sensor_id", cv.path),
         Key("log_level", "info", cv.log_level),
-        Key("heartbeat_timeout", "10s", cv.duration),  # 0: hung children are not restarted
+        Key("heartbeat_timeout", "30s", cv.duration),  # > cpu0's eBPF detach (4 s measured); 0: off
     )
 }
 ENV_TO_KEY = {k.env: k.name for k in KEYS.values()}

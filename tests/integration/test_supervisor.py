@@ -380,10 +380,9 @@ def test_hung_child_is_killed_and_restarted_with_reason_hung(supervisor):
     r = supervisor({"heartbeat_timeout": "2s"},
                    {**SLEEPERS, "broker": "test_supervisor:hangs_after_a_while"})
     first = r.wait_running(["c8-broker"])[0]
-    r.wait_log(f"c8-broker (pid {first['pid']}) hung: no heartbeat for 2s "
-               "(heartbeat_timeout 2s); killing it with SIGKILL", timeout=20)
-    r.wait_log(f"c8-broker (pid {first['pid']}) exited: hung: no heartbeat for 2s "
-               "(heartbeat_timeout 2s), killed by SIGKILL; restarting in 1s")
+    r.wait_log(f"c8-broker (pid {first['pid']}) hung: no heartbeat for 2s (silent ", timeout=20)
+    r.wait_log(f"c8-broker (pid {first['pid']}) exited: hung: no heartbeat for 2s, "
+               "killed by SIGKILL; restarting in 1s")
     new = wait_for(lambda: (c := r.child("c8-broker")) and c["pid"] not in (None, first["pid"])
                    and c, what="a new broker pid")
     assert new["last_exit_reason"].startswith("hung: no heartbeat")

@@ -362,7 +362,7 @@ def test_as_dict_is_plain_and_frozen():
 
 
 def test_heartbeat_timeout_default_env_off_and_bad():
-    assert load(environ={}).heartbeat_timeout == 10.0
+    assert load(environ={}).heartbeat_timeout == 30.0
     assert load(environ={"CAPSULE8_HEARTBEAT_TIMEOUT": "2500ms"}).heartbeat_timeout == 2.5
     assert load(environ={"CAPSULE8_HEARTBEAT_TIMEOUT": "0"}).heartbeat_timeout == 0.0
     with pytest.raises(ConfigError, match="heartbeat_timeout: 'soon' from "
