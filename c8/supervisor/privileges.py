@@ -68,9 +68,10 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("CAP_SYS_PTRACE", "readlink of /proc/<pid>/exe, cwd, root and fd/<n> of other "
                                 "users' processes: relative file names, executables, runtime "
                                 "roots (EACCES without)"),
-        Grant("CAP_DAC_READ_SEARCH", "container runtime state (/run/runc, <docker data-root>, "
-                                     "0700/0710 root), listing /proc/<pid>/fd, tracefs and ELF "
-                                     "files when validating probes, root-only interpreter"),
+        Grant("CAP_DAC_READ_SEARCH", "container runtime state (/run/runc, <docker data-root>: "
+                                     "0700/0710 root); /proc/<pid>/fd/ of other users (0500: "
+                                     "readlink of fd/<n> needs this and CAP_SYS_PTRACE); tracefs "
+                                     "and ELF files when validating probes; root-only interpreter"),
     ),
     "collector0": (
         _PERF,
