@@ -78,9 +78,10 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("CAP_BPF", "bpf(BPF_MAP_CREATE) and bpf(BPF_PROG_LOAD) of the eBPF tracepoint "
                          "programs, with CAP_PERFMON for PERF_EVENT_IOC_SET_BPF (EPERM without)"),
         _IPC_LOCK,
-        _TRACEFS_READ,
         Grant("CAP_DAC_OVERRIDE", "writing uprobe_events/kprobe_events (0640 root) to create "
-                                  "and remove the c8probes probes (EACCES without)"),
+                                  "and remove the c8probes probes (EACCES without); it also "
+                                  "serves the reads CAP_DAC_READ_SEARCH serves the other "
+                                  "collectors, which is therefore not kept"),
     ),
     "collector": (_PERF, _IPC_LOCK, _TRACEFS_READ),
     "detector": (
