@@ -98,7 +98,6 @@ class Collector:
         self.push.connect(paths.ipc(paths.ingest(self.run_dir)))
         self.bpf_mgr = None
         self.bpf_map_fd: int | None = None
-        self.bpf_served = False
         self.bpf_owner: int | None = None
         self.probe_defs: dict[str, str] | None = None
         self.stop = False
@@ -273,41 +272,57 @@ class Collector:
             self.probe_defs = None  # retry on the next plan
 
     def _apply_bpf(self, programs: dict) -> None:
+        # Order matters: a program that runs while this CPU's slot is empty, or holds
+        # a disabled event, loses its record (counted, lost source ebpf:<family>).
+        # So the ring is plugged and enabled before cpu0 loads programs, and
+        # unplugged only after cpu0 has unloaded them.
         try:
-            if self.cpu == 0 and (programs or self.bpf_mgr is not None):
-                if self.bpf_mgr is None:
-                    from c8.collectors.bpf.manager import BpfManager
-                    self.bpf_mgr = BpfManager(self.run_dir)
+            if self.cpu == 0 and programs and self.bpf_mgr is None:
+                from c8.collectors.bpf.manager import BpfManager
+                self.bpf_mgr = BpfManager(self.run_dir)
+                self.bpf_mgr.serve()
+            if programs:
+                self._plug_bpf_output()
+            if self.cpu == 0 and self.bpf_mgr is not None:
                 self.state.bpf = self.bpf_mgr.apply(programs)
-                self.bpf_map_fd = self.bpf_mgr.map_fd
-                if not self.bpf_served:
-                    self.bpf_mgr.serve()
-                    self.bpf_served = True
-            if not programs:
-                if BPF_OUTPUT in self.sources:
-                    self._close(BPF_OUTPUT)
-                    if self.bpf_map_fd is not None:
-                        from c8.collectors.bpf.maps import perf_array_clear
-                        perf_array_clear(self.bpf_map_fd, self.cpu)
-                return
-            if self.bpf_map_fd is None:
-                from c8.collectors.bpf.manager import fetch_map_fd
-                self.bpf_map_fd = fetch_map_fd(self.run_dir)
-            if BPF_OUTPUT not in self.sources:
-                from c8.collectors.bpf.maps import perf_array_set
-                fd = perf.open_bpf_output(self.cpu, wakeup_watermark=self.watermark_bytes)
-                try:
-                    perf.set_output(fd, self.ring_fd, BPF_OUTPUT)
-                    sid = perf.event_id(fd, BPF_OUTPUT)
-                    perf_array_set(self.bpf_map_fd, self.cpu, fd)
-                except Exception:
-                    os.close(fd)
-                    raise
-                self.decoder.add_bpf_output(sid)
-                self.sources[BPF_OUTPUT] = Source(BPF_OUTPUT, fd, sid)
+                if not programs:  # unloaded: failures meanwhile were while nobody collected
+                    self.bpf_mgr.losses()
+            if not programs and BPF_OUTPUT in self.sources:
+                self._close(BPF_OUTPUT)
+                if self.bpf_map_fd is not None:
+                    from c8.collectors.bpf.maps import perf_array_clear
+                    perf_array_clear(self.bpf_map_fd, self.cpu)
             self.state.errors.pop("bpf", None)
         except Exception as exc:  # the eBPF layer is optional: tracepoints go on
             self._error("bpf", f"{type(exc).__name__}: {exc}")
+
+    def _plug_bpf_output(self) -> None:
+        """This CPU's BPF-output event, writing into the ring, enabled, in the
+        PERF_EVENT_ARRAY slot of this CPU (it is enabled first: a disabled event in
+        the slot fails every program's output on this CPU)."""
+        if self.bpf_map_fd is None:
+            if self.bpf_mgr is not None:
+                self.bpf_map_fd = self.bpf_mgr.map_fd
+            else:
+                from c8.collectors.bpf.manager import fetch_map_fd
+                self.bpf_map_fd = fetch_map_fd(self.run_dir)
+        if BPF_OUTPUT in self.sources:
+            return
+        from c8.collectors.bpf.maps import perf_array_set
+        fd = perf.open_bpf_output(self.cpu, wakeup_watermark=self.watermark_bytes)
+        src = None
+        try:
+            perf.set_output(fd, self.ring_fd, BPF_OUTPUT)
+            src = Source(BPF_OUTPUT, fd, perf.event_id(fd, BPF_OUTPUT))
+            self.decoder.add_bpf_output(src.sample_id)
+            self._set_enabled(src, self.state.enabled)
+            perf_array_set(self.bpf_map_fd, self.cpu, fd)
+        except Exception:
+            if src is not None:
+                self.decoder.remove(src.sample_id)
+            os.close(fd)
+            raise
+        self.sources[BPF_OUTPUT] = src
 
     # ---- data ------------------------------------------------------------
     def _send(self, frames: list, n_events: int) -> bool:
@@ -388,7 +403,9 @@ class Collector:
         late = self.state.unsent_lost
         if self.bpf_mgr is not None:
             try:
-                for cpu, family, _cause, n in self.bpf_mgr.losses():
+                found = self.bpf_mgr.losses()  # read even when dropped: the next read starts here
+                # dormant (event limiter): the outputs are off on purpose, as subscribers were told
+                for cpu, family, _cause, n in found if self.state.enabled else ():
                     key = (f"ebpf:{family}", self.cpu if cpu is None else cpu)
                     late[key] = late.get(key, 0) + n
             except Exception as exc:
