@@ -2,7 +2,8 @@
 
 Columnar msgpack (``c8.protocol.batch.columns``: raw little-endian buffers per
 column, string columns cut to the batch's longest value), with the container
-rows of the indices the batch holds and, for probes, the argument names.
+rows of the indices the batch holds, the lineage rows its processes reach and,
+for probes, the argument names.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from c8 import schema
 from c8.protocol import batch as wire
 
 
-def encode(sub_id: str, sensor_id: str, batches: list[tuple[str, np.ndarray]], containers) -> bytes:
-    """The ``batches`` message of a subscription (docs/INTERNALS.md, "Broker -> client")."""
+def encode(sub_id: str, sensor_id: str, batches: list[tuple[str, np.ndarray]], containers,
+           lineage: dict | None = None) -> bytes:
+    """The ``batches`` message of a subscription (docs/INTERNALS.md, "Broker -> client").
+
+    ``lineage`` is the window's process table (c8.protocol.batch.Tables.processes):
+    each batch carries the rows its events' lineage reaches, as ``processes``.
+    """
     out = []
     for category, arr in batches:
         extra = {}
@@ -24,6 +30,9 @@ def encode(sub_id: str, sensor_id: str, batches: list[tuple[str, np.ndarray]], c
                                   if n.startswith(schema.ARGUMENT_PREFIX)]
         idx = np.unique(arr["container"]) if "container" in arr.dtype.names else []
         table = containers.table(idx) if len(idx) else {}
+        if lineage and "process_id" in arr.dtype.names and len(arr):
+            ids = [i.decode() for i in np.unique(arr["process_id"]).tolist()]
+            extra["processes"] = wire.lineage_closure(lineage, ids)
         out.append(wire.columns(category, arr, containers={int(k): list(v) for k, v in table.items()}, **extra))
     return msgpack.packb({"type": "batches", "subscription": sub_id, "sensor_id": sensor_id,
                           "batches": out}, use_bin_type=True)

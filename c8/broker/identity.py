@@ -70,6 +70,18 @@ class Identity:
                                                                 batch["sensor_monotime_nanos"])
             self.processes.fill(batch)
 
+    def lineage(self, batch: np.ndarray) -> dict[str, list]:
+        """The lineage table of a batch's processes (c8.protocol.batch.Tables.processes),
+        each chain ending at the host's init or the container's init."""
+        if "process_pid" not in (batch.dtype.names or ()) or not len(batch):
+            return {}
+        ct = self.containers
+
+        def same_tree(pid: int, ancestor: int) -> bool:
+            return ct.lookup_pid(ancestor) == ct.lookup_pid(pid)
+
+        return self.processes.lineage_rows(np.unique(batch["process_pid"]).tolist(), same_tree)
+
     def end_window(self) -> None:
         self.processes.end_window()
 

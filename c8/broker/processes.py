@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from c8.host import proc as hostproc
+from c8.protocol.batch import LINEAGE_DEPTH
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CREDENTIALS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
@@ -164,6 +165,29 @@ class ProcessTable:
         window's other events of that pid take the one that held at their time."""
         history = self._history.setdefault(pid, [(-1, before)])
         history.append((time_ns, _snapshot(self.by_pid.get(pid))))
+
+    # -- lineage ------------------------------------------------------------------
+    def lineage_rows(self, pids, same_tree=None) -> dict[str, list]:
+        """The lineage table of these pids (c8.protocol.batch.Tables.processes):
+        process_id -> [pid, exec_filename, command_line, parent process_id], for each
+        pid and its ancestors up to init, at most LINEAGE_DEPTH above each.
+        ``same_tree(pid, ancestor_pid)`` False stops the walk (a container's init
+        is the top of its processes' lineage)."""
+        rows: dict[str, list] = {}
+        for pid in pids:
+            p = self.get(pid) if pid > 0 else None
+            depth = 0
+            while p is not None and depth <= LINEAGE_DEPTH:
+                key = p.process_id.decode()
+                if key in rows:
+                    break  # the rest of this chain is in already
+                parent = self.get(p.ppid) if p.ppid > 0 and p.ppid != p.pid else None
+                if parent is not None and same_tree is not None and not same_tree(pid, parent.pid):
+                    parent = None
+                rows[key] = [p.pid, p.exec_filename, p.command_line,
+                             parent.process_id.decode() if parent is not None else ""]
+                p, depth = parent, depth + 1
+        return rows
 
     # -- enrichment -------------------------------------------------------------
     def fill(self, batch: np.ndarray) -> None:

@@ -22,6 +22,7 @@ import zmq
 from c8.broker import catalog
 from c8.broker.encode import encode
 from c8.broker.select import select
+from c8.protocol.batch import Tables
 
 log = logging.getLogger("c8.broker.publish")
 
@@ -29,6 +30,7 @@ log = logging.getLogger("c8.broker.publish")
 class Publisher:
     def __init__(self, broker):
         self.broker = broker
+        self._lineage: dict = {}  # the window's lineage table (process_id -> row)
 
     def send(self, envelope: list[bytes], payload: bytes) -> bool:
         """Non-blocking send to one peer; False when it could not take it.
@@ -61,9 +63,11 @@ class Publisher:
 
     def publish(self, window: dict[str, np.ndarray]) -> None:
         now = time.monotonic()
-        # one container table per batch, shared by every subscription's filters
-        tables = {key: self.broker.containers.table(np.unique(batch["container"]))
+        # one container and lineage table per batch, shared by every subscription's filters
+        tables = {key: Tables(self.broker.containers.table(np.unique(batch["container"])),
+                              self.broker.identity.lineage(batch))
                   for key, batch in window.items() if "container" in batch.dtype.names}
+        self._lineage = {k: v for t in tables.values() for k, v in t.processes.items()}
         for sub in list(self.broker.subscriptions.values()):
             batches = []
             selected = 0  # events, not lost/limiter notices: caps and loss counts are in events
@@ -96,7 +100,7 @@ class Publisher:
             for source, count in sub.lost_pending.items():
                 msgs.append(("lost", catalog.lost_event(source, count)))
         msgs.extend(batches)
-        payload = encode(sub.sub_id, self.broker.sensor_id, msgs, self.broker.containers)
+        payload = encode(sub.sub_id, self.broker.sensor_id, msgs, self.broker.containers, self._lineage)
         n = sum(len(b) for c, b in batches if c != "lost")
         if self.send([sub.peer], payload):
             sub.lost_pending.clear()

@@ -203,7 +203,9 @@ class Subscription:
             yield msg
 
     def windows(self, timeout: float | None = None, idle: float | None = None) -> Iterator[list[tuple[str, np.ndarray, dict]]]:
-        """The batches of one broker window at a time: [(category, array, container table)].
+        """The batches of one broker window at a time: [(category, array, tables)], tables
+        being the batch's container table (a dict: index -> row) whose ``processes``
+        is its lineage table (c8.protocol.batch.Tables).
 
         The broker numbers every category of a window in one time order and sends
         them in one message, so a window is the unit to put back in sequence order.
@@ -220,7 +222,8 @@ class Subscription:
                         for src, count in zip(arr["source"].tolist(), arr["count"].tolist(), strict=True):
                             key = src.decode()
                             self.lost[key] = self.lost.get(key, 0) + int(count)
-                    table = {int(k): tuple(v) for k, v in (b.get("containers") or {}).items()}
+                    table = wire.Tables({int(k): tuple(v) for k, v in (b.get("containers") or {}).items()},
+                                        b.get("processes"))
                     window.append((b["category"], arr, table))
                 if window:
                     last = time.monotonic()

@@ -36,6 +36,7 @@ import numpy as np
 import orjson
 
 from c8 import schema
+from c8.protocol.batch import Tables
 
 Batch = tuple[str, np.ndarray, dict]  # (category, array, container table)
 
@@ -101,6 +102,14 @@ def _containers(arr: np.ndarray, table: dict) -> list[_Lookup]:
     return [_Lookup(inverse, tuple(r[j] for r in rows)) for j in range(4)]
 
 
+def _lineage(ids: np.ndarray, table: dict) -> _Lookup:
+    """process_lineage per event: its process's ancestors (parent first), looked up
+    once per distinct process_id in the batch's lineage table."""
+    keys, inverse = np.unique(ids, return_inverse=True)
+    tables = table if isinstance(table, Tables) else Tables(table)
+    return _Lookup(inverse, tuple(tables.lineage(k.decode(errors="replace")) for k in keys.tolist()))
+
+
 def _fields(category: str, arr: np.ndarray, table: dict, sensor_id: str) -> dict[str, Any]:
     """Output key -> what it holds, keys in the order events have (see module doc)."""
     n = len(arr)
@@ -116,6 +125,8 @@ def _fields(category: str, arr: np.ndarray, table: dict, sensor_id: str) -> dict
     out["container_id"], out["container_name"], out["image_id"], out["image_name"] = cid, cname, iid, iname
     if category == "container":
         out["name"], out["image_id"], out["image_name"] = cname, iid, iname
+    if "process_id" in names:
+        out["process_lineage"] = _lineage(arr["process_id"], table)
     out["sensor_id"] = _Const(sensor_id)
     zero = np.zeros(n, np.uint64)
     ids = _Ids(arr["sensor_sequence_number"] if "sensor_sequence_number" in names else zero,
@@ -166,7 +177,10 @@ def _as_values(spec: Any, n: int, sensor_id: str) -> list:
     if isinstance(spec, _Lookup):
         if len(spec.values) == 1:
             return [spec.values[0]] * n
-        return np.array(spec.values, dtype=object)[spec.index].tolist()
+        values = np.empty(len(spec.values), dtype=object)  # values may be lists: no 2-D array
+        for i, v in enumerate(spec.values):
+            values[i] = v
+        return values[spec.index].tolist()
     if isinstance(spec, _Const):
         return [spec.value] * n
     if isinstance(spec, _Ids):

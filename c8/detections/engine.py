@@ -80,7 +80,7 @@ class Engine:
 
     def evaluate(self, category: str, batch: np.ndarray, containers: dict | None) -> list[Alert]:
         """Alerts of every rule matching events of this batch, in rule order."""
-        containers = containers or {}
+        containers = containers if containers is not None else {}
         if category == "process" and self.track_execs and len(batch):
             self._learn_execs(batch)
         alerts: list[Alert] = []

@@ -14,7 +14,7 @@ from typing import Any
 from c8 import schema
 from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
-from c8.expr.fieldinfo import CONTAINER_FIELDS
+from c8.expr.fieldinfo import CONTAINER_FIELDS, lineage_field
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or, Value
 
 OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
@@ -35,6 +35,14 @@ def evaluate(node: Node, event: Mapping[str, Any]) -> bool:
         return not evaluate(node.operand, event)
     if node.field == "kind":
         return _kind(node, event)
+    relation = lineage_field(node.field)
+    if relation is not None:  # from the event's process_lineage (parent first)
+        rel, name = relation
+        chain = event.get("process_lineage") or []
+        values = [as_bytes(a[name]) if isinstance(a[name], str | bytes) else int(a[name]) for a in chain]
+        if rel == "parent":
+            return leaf_matches(node, values[0] if values else (0 if name == "pid" else b""))
+        return any(leaf_matches(node, v) for v in values)
     if node.field in event:
         value = event[node.field]
     elif node.field in CONTAINER_FIELDS:

@@ -18,8 +18,24 @@ CONTAINER_FIELDS: dict[str, int] = {
     "container_id": 0, "container_name": 1, "image_id": 2, "image_name": 3,
 }
 
+# Lineage fields: ``parent.<f>`` tests the parent, ``ancestor.<f>`` is true when any
+# ancestor (up to 16, parent first) matches; looked up in the batch's lineage table
+# (c8.protocol.batch.Tables.processes: process_id -> [pid, exec_filename,
+# command_line, parent process_id]).
+LINEAGE_FIELDS: dict[str, int] = {"pid": 0, "exec_filename": 1, "command_line": 2, "process_id": -1}
+LINEAGE_RELATIONS = ("parent", "ancestor")
+
+
+def lineage_field(name: str) -> tuple[str, str] | None:
+    """(relation, field) of ``parent.pid`` / ``ancestor.exec_filename``; None otherwise."""
+    rel, dot, field = name.partition(".")
+    if dot and rel in LINEAGE_RELATIONS and field in LINEAGE_FIELDS:
+        return rel, field
+    return None
+
+
 # Virtual fields that exist only client-side, so no filter can test them.
-CLIENT_ONLY = frozenset({"id", "sensor_id"})
+CLIENT_ONLY = frozenset({"id", "sensor_id", "process_lineage"})
 
 
 def all_field_types() -> dict[str, str]:

@@ -21,7 +21,7 @@ from c8 import schema
 from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
 from c8.expr.evaluate import leaf_matches, literal
-from c8.expr.fieldinfo import CONTAINER_FIELDS, constant_compare, int_range
+from c8.expr.fieldinfo import CONTAINER_FIELDS, constant_compare, int_range, lineage_field
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or
 
 Containers = Mapping[int, Sequence[str]]
@@ -77,6 +77,8 @@ def _compile(node: Node, category: str) -> _Leaf:
         return lambda batch, containers: ~inner(batch, containers)
     if node.field in CONTAINER_FIELDS:
         return _container_leaf(node)
+    if lineage_field(node.field):
+        return _lineage_leaf(node)
     if node.field == "type":
         hit = leaf_matches(node, category.encode())
         return lambda batch, containers: np.full(len(batch), hit)
@@ -271,6 +273,33 @@ def _kind_leaf(leaf: Node, category: str) -> _Leaf:
     else:
         raise ExprTypeError("'kind' is never null", leaf.pos, "kind")
     return lambda batch, containers: _number_leaf(numeric, _column(batch, leaf))
+
+
+def _lineage_leaf(leaf: Node) -> _Leaf:
+    """``parent.<f>`` / ``ancestor.<f>``: evaluated once per distinct process_id of the
+    batch on its lineage table (``containers.processes``, c8.protocol.batch.Tables),
+    then mapped onto the events. No lineage known: the parent's fields are empty
+    (0 for pid), and no ancestor matches."""
+    rel, name = lineage_field(leaf.field)
+
+    def value(ancestor: dict) -> bytes | int:
+        v = ancestor[name]
+        return v if isinstance(v, int) else str(v).encode("utf-8", "surrogateescape")
+
+    def run(batch: np.ndarray, containers: Containers | None) -> np.ndarray:
+        lineage = getattr(containers, "lineage", None)
+        keys, inverse = np.unique(_column(batch, Compare("process_id", "==", "", leaf.pos)),
+                                  return_inverse=True)
+        hits = np.zeros(len(keys), bool)
+        for i, key in enumerate(keys.tolist()):
+            chain = lineage(key.decode(errors="replace")) if lineage is not None else []
+            if rel == "parent":
+                hits[i] = leaf_matches(leaf, value(chain[0]) if chain else (0 if name == "pid" else b""))
+            else:
+                hits[i] = any(leaf_matches(leaf, value(a)) for a in chain)
+        return hits[inverse.reshape(-1)]
+
+    return run
 
 
 def _container_leaf(leaf: Node) -> _Leaf:

@@ -42,7 +42,7 @@ MAX_NUMBER_DIGITS = 32  # a 64-bit value has at most 20 decimal or 16 hex digits
 _DIGITS = frozenset("0123456789")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
-_NAME_CHARS = _NAME_START | _DIGITS
+_NAME_CHARS = _NAME_START | _DIGITS | {"."}  # parent.exec_filename, ancestor.pid
 _SIMPLE_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t", "r": "\r"}
 _OPERATORS = ("==", "!=", "<=", ">=", "<", ">")
 

@@ -17,6 +17,48 @@ from typing import Any
 import msgpack
 import numpy as np
 
+LINEAGE_DEPTH = 16  # ancestors named per event, parent first
+
+
+class Tables(dict):
+    """What a batch's events refer to, beside its columns: the container table
+    (this dict: index -> [container_id, container_name, image_id, image_name,
+    runtime]) and ``processes``, the process table of its lineage: process_id ->
+    [pid, exec_filename, command_line, parent process_id ("" at the top)]."""
+
+    def __init__(self, containers=(), processes: dict | None = None):
+        super().__init__(containers)
+        self.processes: dict = processes or {}
+
+    def lineage(self, process_id: str) -> list[dict]:
+        """A process's ancestors, parent first, at most LINEAGE_DEPTH: each
+        {pid, process_id, exec_filename, command_line}."""
+        out: list[dict] = []
+        row = self.processes.get(process_id)
+        seen = {process_id}
+        while row is not None and row[3] and len(out) < LINEAGE_DEPTH and row[3] not in seen:
+            key = row[3]
+            seen.add(key)
+            row = self.processes.get(key)
+            if row is not None:
+                out.append({"pid": row[0], "process_id": key, "exec_filename": row[1],
+                            "command_line": row[2]})
+        return out
+
+
+def lineage_closure(processes: dict, ids) -> dict:
+    """The rows of ``processes`` that the lineage of ``ids`` reaches (for one batch)."""
+    out: dict = {}
+    for pid_id in ids:
+        depth = 0
+        while pid_id and pid_id not in out and depth <= LINEAGE_DEPTH:
+            row = processes.get(pid_id)
+            if row is None:
+                break
+            out[pid_id] = row
+            pid_id, depth = row[3], depth + 1
+    return out
+
 
 def dtype_to_wire(dt: np.dtype) -> dict:
     """A dtype as a msgpack-able map (names, formats, offsets, itemsize)."""

@@ -18,12 +18,22 @@ arguments and the user memory they point to), a tracepoint name, `sockaddr`
 and container tables, or the client.
 
 Notes:
-- `filename` is the name as the process passed it; `path` resolves a relative
-  name against the process's cwd (`AT_FDCWD`) or its directory fd, read from
-  `/proc/<pid>/cwd` or `/proc/<pid>/fd/<dirfd>` when the broker receives the
-  record. When the process has exited (or closed the fd) by then, `path` is
-  the name as passed. An empty name with an fd (fchmod, fchown) resolves to
-  the fd's path. Filters and the in-kernel prefix pushdown match `filename`.
+- `filename` is the name as the process passed it; `path` is that name as
+  the kernel resolved it: absolute, canonical (no `.`, `..`, repeated slash
+  or symlinked directory) and inside the process's root (chroot, container),
+  as the process sees it. The broker resolves it when the record arrives:
+  relative names against `/proc/<pid>/cwd` or `/proc/<pid>/fd/<dirfd>`,
+  directories with `openat2(RESOLVE_IN_ROOT)` from `/proc/<pid>/root` (never
+  out of that root, never through a magic link); the last component is
+  followed when the call follows it (open without `O_NOFOLLOW`, chmod, chown).
+  When the process has exited by then (most short-lived programs), an
+  absolute name is cleaned as text (`/etc/../etc//shadow` is `/etc/shadow`;
+  a `..` after a symlinked directory may then be wrong) and `path` is empty
+  for a relative name: its cwd or dirfd can no longer be read. An empty name
+  with an fd (fchmod, fchown) resolves to what the fd names while it is open.
+  `oldpath` resolves `oldname` the same way (a SYMLINK's target from the
+  link's directory). Filters and the in-kernel prefix pushdown match
+  `filename`; the default rules match `path` and `oldpath`.
 - A name the kernel program could not read (its page not yet in memory, as
   for a program's first opens right after exec) arrives empty.
 - Network `port` is in host order, `port_raw` as stored in the sockaddr

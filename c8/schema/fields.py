@@ -96,6 +96,15 @@ VIRTUAL: tuple[Field, ...] = (
     Field("container_name", "S128", "container name; empty on the host", "container table"),
     Field("image_id", "S80", "image id; empty on the host", "container table"),
     Field("image_name", "S128", "image name; empty on the host", "container table"),
+    Field("process_lineage", "O", "ancestors of the acting process, parent first, up to the host's or "
+          "the container's init (at most 16): each {pid, process_id, exec_filename, command_line}",
+          "process table"),
+    *(Field(f"{rel}.{name}", code, f"{what} of {'the parent' if rel == 'parent' else 'any ancestor'}"
+            f"{'' if rel == 'parent' else ' (true when one matches)'}; filters only", "process table")
+      for rel in ("parent", "ancestor")
+      for name, code, what in (("pid", "i4", "pid"), ("process_id", "S16", "process_id"),
+                               ("exec_filename", "S256", "executable"),
+                               ("command_line", "S1024", "command line"))),
 )
 
 ADDRESS = "S108"
@@ -132,9 +141,13 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
     ),
     "file": (
         Field("filename", "S256", "path as the process passed it (RENAME/LINK/SYMLINK: the new name)", "eBPF"),
-        Field("path", "S256", "filename made absolute against the process's cwd or dirfd while it lives; "
-              "else as passed", "broker: /proc/<pid>/cwd, /proc/<pid>/fd/<dirfd>"),
+        Field("path", "S256", "filename as the kernel resolved it: absolute and canonical (no . .. // "
+              "or symlinked directory, inside the process's root); empty when it cannot be known "
+              "(relative name of an exited process, unreadable name)",
+              "broker: /proc/<pid>/root, cwd, fd/<n>"),
         Field("oldname", "S256", "RENAME/LINK/SYMLINK: source path", "eBPF"),
+        Field("oldpath", "S256", "RENAME/LINK: oldname resolved like path; SYMLINK: the target, "
+              "resolved from the link's directory", "broker: /proc/<pid>/root, cwd, fd/<n>"),
         Field("newname", "S256", "RENAME/LINK/SYMLINK: target path", "eBPF"),
         Field("open_flags", "i4", "OPEN: flags", "eBPF"),
         Field("open_mode", "i4", "OPEN/CREATE/ATTRIBUTE_CHANGE: mode", "eBPF"),

@@ -18,12 +18,18 @@ pytestmark = pytest.mark.root
 
 
 def collect(sub, until, timeout=20.0):
+    """Events until ``until(events)``, or ``timeout`` seconds, or 2 s without one."""
     events = []
     deadline = time.monotonic() + timeout
-    for ev in sub.events(timeout=2.0):
-        events.append(ev)
-        if until(events) or time.monotonic() > deadline:
-            break
+    while time.monotonic() < deadline:
+        for ev in sub.events(timeout=2.0, idle=min(2.0, max(deadline - time.monotonic(), 0.1))):
+            events.append(ev)
+            if until(events) or time.monotonic() > deadline:
+                return events
+        else:
+            if time.monotonic() + 0.1 < deadline and not events:
+                continue  # nothing yet: wait on until the deadline
+            return events
     return events
 
 
@@ -100,3 +106,28 @@ def test_move_into_a_container_cgroup_then_exec(shared_sensor, tmp_path):
     assert opened_before["container_id"] == ""
     assert cat_exec["container_id"] == cid
     assert opened_after["container_id"] == cid
+
+
+def test_lineage_on_every_event_and_in_filters(shared_sensor, tmp_path):
+    """A file event carries its process's ancestors (parent first, up to init), and
+    ``parent.`` / ``ancestor.`` predicates select on them in the broker."""
+    marker = tmp_path / "lineage-marker"
+    marker.write_text("x")
+    script = f"/bin/sh -c '/bin/cat {marker} > /dev/null'"
+    spec = {"events": {"file": {"filter": f'filename == "{marker}" and ancestor.exec_filename == "/bin/bash" '
+                                          'and parent.exec_filename == "/bin/sh"'}}}
+    decoy = {"events": {"file": {"filter": f'filename == "{marker}" and parent.exec_filename == "/bin/bash"'}}}
+    with shared_sensor.client.subscribe(spec) as sub, shared_sensor.client.subscribe(decoy) as other:
+        p = subprocess.Popen(["/bin/bash", "-c", script + "; true"])
+        assert p.wait() == 0
+        events = collect(sub, lambda evs: any(e.get("filename") == str(marker) for e in evs))
+        missed = collect(other, lambda evs: False, timeout=2.0)
+    opened = next(e for e in events if e.get("filename") == str(marker))
+    lineage = opened["process_lineage"]
+    assert [a["exec_filename"] for a in lineage[:2]] == ["/bin/sh", "/bin/bash"]
+    assert lineage[1]["pid"] == p.pid
+    assert lineage[0]["command_line"].startswith("/bin/sh -c")
+    assert all(set(a) == {"pid", "process_id", "exec_filename", "command_line"} for a in lineage)
+    assert lineage[-1]["pid"] == 1 or len(lineage) == 16  # up to the host's init
+    assert [a["pid"] for a in lineage][2] == os.getpid()  # bash's parent: this test
+    assert not [e for e in missed if e.get("filename") == str(marker)]  # cat's parent is sh

@@ -46,6 +46,8 @@ def ref_to_dicts(category, arr, table, sensor_id=""):
         ev["container_id"], ev["container_name"], ev["image_id"], ev["image_name"] = row[:4]
         if category == "container":
             ev["name"], ev["image_id"], ev["image_name"] = row[1], row[2], row[3]
+        if "process_id" in names:  # ancestors from the batch's lineage table (none here: [])
+            ev["process_lineage"] = wire.Tables(table, getattr(table, "processes", None)).lineage(ev["process_id"])
         ev["sensor_id"] = sensor_id
         eid = ref_event_id(sensor_id, ev.get("sensor_sequence_number", 0), ev.get("sensor_monotime_nanos", 0))
         ev["event_id"] = eid
