@@ -159,7 +159,7 @@ def build_sys_exit(raw: np.ndarray) -> Built:
 def build_open(raw: np.ndarray) -> Built:
     out = base("file", raw, "OPEN")
     out["filename"] = raw["filename"]
-    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"])
+    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], open_follows(raw["flags"]))
     out["open_flags"] = raw["flags"]
     out["open_mode"] = raw["mode"]
     out["syscall"] = raw["nr"]
@@ -193,12 +193,41 @@ def _only_known(raw: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, np.ndar
     return rows.take(raw, known), kinds[known]
 
 
+O_NOFOLLOW, O_CREAT_EXCL = 0o400000, 0o300
+AT_SYMLINK_NOFOLLOW, AT_SYMLINK_FOLLOW = 0x100, 0x400
+_FOLLOWING = np.array([NR["chmod"], NR["chown"], NR["fchmodat"]])  # always follow the last symlink
+_FOLLOWING_UNLESS_FLAG = np.array([NR["fchmodat2"], NR["fchownat"]])  # unless AT_SYMLINK_NOFOLLOW
+
+
+def open_follows(flags: np.ndarray) -> np.ndarray:
+    """Opens that follow a symlink in the last component: not O_NOFOLLOW, not O_CREAT|O_EXCL."""
+    flags = flags.astype(np.int64)
+    return ((flags & O_NOFOLLOW) == 0) & ((flags & O_CREAT_EXCL) != O_CREAT_EXCL)
+
+
+def file1_follows(nrs: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """chmod/chown follow the last symlink; unlink, rmdir, mkdir, mknod, lchown do not."""
+    nofollow = (flags.astype(np.int64) & AT_SYMLINK_NOFOLLOW) != 0
+    return np.isin(nrs, _FOLLOWING) | (np.isin(nrs, _FOLLOWING_UNLESS_FLAG) & ~nofollow)
+
+
+def file2_oldpath(raw: np.ndarray, kinds: np.ndarray, newpath: np.ndarray) -> np.ndarray:
+    """The canonical source: RENAME and LINK against olddirfd (LINK follows a symlink
+    only with AT_SYMLINK_FOLLOW); SYMLINK's target from the link's directory."""
+    link_follow = (kinds == schema.kind_code("file", "LINK")) & ((raw["flags"].astype(np.int64) & AT_SYMLINK_FOLLOW) != 0)
+    out = paths.resolve(raw["pid"], raw["olddirfd"], raw["oldname"], link_follow)
+    sym = kinds == schema.kind_code("file", "SYMLINK")
+    if sym.any():
+        out[sym] = paths.symlink_targets(raw["pid"][sym], newpath[sym], raw["oldname"][sym])
+    return out
+
+
 def build_file1(raw: np.ndarray) -> Built:
     kinds = _kinds_by_nr(raw["nr"], FILE_KINDS)
     raw, kinds = _only_known(raw, kinds)
     out = base("file", raw, kinds)
     out["filename"] = raw["filename"]
-    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"])
+    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], file1_follows(raw["nr"], raw["flags"]))
     out["open_mode"] = raw["mode"]
     out["owner_uid"] = raw["owner_uid"]
     out["owner_gid"] = raw["owner_gid"]
@@ -215,6 +244,7 @@ def build_file2(raw: np.ndarray) -> Built:
     out["newname"] = raw["newname"]
     out["filename"] = raw["newname"]  # the path the operation made, for globs
     out["path"] = paths.resolve(raw["pid"], raw["newdirfd"], raw["newname"])
+    out["oldpath"] = file2_oldpath(raw, kinds, out["path"])
     out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]
     return [("file", out)]
