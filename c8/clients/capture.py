@@ -1,0 +1,427 @@
+"""Captures: a subscription's windows to Apache Parquet, and back into the rule engine.
+
+    subscription windows -> CaptureWriter -> FILE.parquet -> read_batches -> Engine
+
+One file schema for every capture (``file_schema``): one column per event field
+of every category, named as in ``c8ctl fields`` (strings as UTF-8 text, kinds
+by name), a ``type`` column for the category, ``sensor_id``, the container
+identity (container_id, container_name, image_id, image_name) and
+``process_lineage`` (a list of {pid, process_id, exec_filename, command_line},
+parent first). A column a category lacks is null on its rows. The batch-local
+``container`` index and the filter-only ``parent.*`` / ``ancestor.*`` fields
+are not stored; kernel_call/user_call argument columns (``arg_*``, their names
+depend on the probe) are not stored either.
+
+Arrow arrays are made from the numpy columns a whole column at a time: string
+columns from their fixed-width buffers (lengths by ``np.char.str_len``, bytes
+gathered by one mask), kinds and container fields by lookup. The only Python
+objects made are one lineage list per distinct process of a batch. A window's
+batches are put in sensor sequence order and buffered into row groups of about
+``ROW_GROUP_ROWS`` rows.
+
+Reading back (``read_batches``) turns each row group into one numpy structured
+array per category with the broker's dtype, and a batch table (containers and
+lineage) that the filter language and the engine read as they read live ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from c8 import schema
+from c8.clients import jsonlines
+from c8.protocol.batch import Tables
+
+ROW_GROUP_ROWS = 65536  # rows buffered before a row group is written
+FORMAT_VERSION = 1  # of the file layout; in the file's metadata as c8.capture
+NOT_STORED = frozenset({"container"})  # batch-local index: rebuilt from container_id on read
+CONTAINER_COLUMNS = ("container_id", "container_name", "image_id", "image_name")
+
+LINEAGE_TYPE = pa.list_(pa.struct([("pid", pa.int32()), ("process_id", pa.string()),
+                                   ("exec_filename", pa.string()), ("command_line", pa.string())]))
+
+
+class CaptureError(ValueError):
+    """A file that is not a c8 capture, or one this version cannot read."""
+
+
+def _arrow_type(np_type: np.dtype) -> pa.DataType:
+    return pa.string() if np_type.kind == "S" else pa.from_numpy_dtype(np_type)
+
+
+def _field_dtypes() -> dict[str, np.dtype]:
+    """Every stored event column -> its numpy dtype, over all categories (one type per name)."""
+    out: dict[str, np.dtype] = {}
+    for category in schema.CATEGORIES:
+        dt = schema.dtype(category)
+        for name in dt.names:
+            if name in NOT_STORED:
+                continue
+            t = dt.fields[name][0]
+            if out.setdefault(name, t) != t:  # the field table gives each name one type
+                raise AssertionError(f"field {name} has two types: {out[name]} and {t}")
+    return out
+
+
+FIELD_DTYPES = _field_dtypes()
+
+
+def file_schema(metadata: dict | None = None) -> pa.Schema:
+    """The schema every capture has: type, the event fields, sensor and container
+    identity, lineage."""
+    fields = [pa.field("type", pa.string(), nullable=False)]
+    for name, t in FIELD_DTYPES.items():
+        fields.append(pa.field(name, pa.string() if name == "kind" else _arrow_type(t)))
+        if name == "sensor_monotime_nanos":  # the identity columns near the front
+            fields.append(pa.field("sensor_id", pa.string()))
+    fields += [pa.field(c, pa.string()) for c in CONTAINER_COLUMNS]
+    fields.append(pa.field("process_lineage", LINEAGE_TYPE))
+    meta = {"c8.capture": str(FORMAT_VERSION), "c8.wire": str(schema.WIRE_VERSION)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    return pa.schema(fields, metadata=meta)
+
+
+# -- numpy -> Arrow, a column at a time ---------------------------------------------
+def strings_to_arrow(col: np.ndarray) -> pa.Array:
+    """A fixed-width byte-string column as Arrow UTF-8 strings (trailing NULs cut).
+    Valid UTF-8 goes straight from the buffer; a column holding invalid bytes is
+    decoded with replacement characters."""
+    col = np.ascontiguousarray(col)
+    n, width = len(col), col.dtype.itemsize
+    lengths = np.char.str_len(col).astype(np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if width:
+        data = col.view(np.uint8).reshape(n, width)[np.arange(width) < lengths[:, None]]
+    else:
+        data = np.zeros(0, np.uint8)
+    if offsets[-1] < 2**31:
+        arr = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
+    else:
+        arr = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data)).cast(pa.string())
+    try:
+        arr.validate(full=True)
+    except pa.ArrowInvalid:  # not UTF-8 (a file name is any bytes): this column per value
+        arr = pa.array(jsonlines.strings(col), pa.string())
+    return arr
+
+
+def _lookup(index: np.ndarray, values: list, type_: pa.DataType) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(index, pa.int32()), pa.array(values, type_)).dictionary_decode()
+
+
+def _kinds(category: str, codes: np.ndarray) -> pa.Array:
+    names = list(schema.KINDS.get(category, ()))
+    codes = codes.astype(np.int64)
+    ok = (codes > 0) & (codes <= len(names))
+    if ok.all():
+        return _lookup(codes - 1, names, pa.string())
+    extra = np.unique(codes[~ok])  # unnamed codes as their number, as JSON lines show them
+    index = np.where(ok, codes - 1, len(names) + np.searchsorted(extra, codes))
+    return _lookup(index, names + [str(c) for c in extra.tolist()], pa.string())
+
+
+def batch_to_arrow(category: str, arr: np.ndarray, table: dict, sensor_id: str,
+                   schema_: pa.Schema) -> pa.RecordBatch:
+    """One broker batch as a record batch of the capture schema."""
+    n = len(arr)
+    names = set(arr.dtype.names)
+    tables = table if isinstance(table, Tables) else Tables(table or {})
+    cols: dict[str, pa.Array] = {}
+    cols["type"] = _lookup(np.zeros(n, np.int32), [category], pa.string())
+    cols["sensor_id"] = _lookup(np.zeros(n, np.int32), [sensor_id], pa.string())
+    for name in FIELD_DTYPES:
+        if name not in names:
+            continue
+        col = arr[name]
+        if name == "kind":
+            cols[name] = _kinds(category, col)
+        elif col.dtype.kind == "S":
+            cols[name] = strings_to_arrow(col)
+        else:
+            cols[name] = pa.array(np.ascontiguousarray(col))
+    idx = arr["container"] if "container" in names else np.zeros(n, np.uint32)
+    keys, inverse = np.unique(idx, return_inverse=True)
+    rows = [tuple(tables.get(k) or jsonlines.NO_CONTAINER)[:4] for k in keys.tolist()]
+    for j, name in enumerate(CONTAINER_COLUMNS):
+        cols[name] = _lookup(inverse.reshape(-1), [r[j] or "" for r in rows], pa.string())
+    if "process_id" in names and n:
+        keys, inverse = np.unique(arr["process_id"], return_inverse=True)
+        chains = [tables.lineage(k.decode(errors="replace")) for k in keys.tolist()]
+        cols["process_lineage"] = pa.array(chains, LINEAGE_TYPE).take(pa.array(inverse.reshape(-1)))
+    out = []
+    for f in schema_:
+        c = cols.get(f.name)
+        out.append(pa.nulls(n, f.type) if c is None else c.cast(f.type) if c.type != f.type else c)
+    return pa.RecordBatch.from_arrays(out, schema=schema_)
+
+
+# -- writing ---------------------------------------------------------------------------
+class CaptureWriter:
+    """Windows in, a Parquet capture out; ``close()`` finishes the file.
+
+    ``metadata`` (str -> str or JSON-able) goes into the file's key-value metadata,
+    beside ``c8.capture`` (format version) and ``c8.wire``.
+    """
+
+    def __init__(self, path: str, sensor_id: str = "", metadata: dict | None = None,
+                 row_group_rows: int = ROW_GROUP_ROWS):
+        self.path = path
+        self.sensor_id = sensor_id
+        self.schema = file_schema(dict(metadata or {}, **{"c8.sensor_id": sensor_id}))
+        self.row_group_rows = row_group_rows
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self.row_groups = 0
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write_window(self, window: list[tuple[str, np.ndarray, dict]]) -> int:
+        """Append one window's batches, its rows in sensor sequence order; returns rows."""
+        batches = [batch_to_arrow(c, a, t, self.sensor_id, self.schema) for c, a, t in window if len(a)]
+        if not batches:
+            return 0
+        order = jsonlines.sequence_order([w for w in window if len(w[1])])
+        if order is not None:
+            batches = pa.Table.from_batches(batches, self.schema).take(pa.array(order)).to_batches()
+        n = sum(b.num_rows for b in batches)
+        self._pending += batches
+        self._pending_rows += n
+        self.rows += n
+        if self._pending_rows >= self.row_group_rows:
+            self.flush()
+        return n
+
+    def flush(self) -> None:
+        """Write what is buffered as one row group."""
+        if not self._pending_rows:
+            return
+        table = pa.Table.from_batches(self._pending, self.schema)
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.row_groups += 1
+        self._pending, self._pending_rows = [], 0
+
+    def close(self, metadata: dict | None = None) -> None:
+        """Flush and write the footer (with ``metadata`` added to the file's)."""
+        if self._writer is None:
+            return
+        self.flush()
+        if metadata:
+            self._writer.add_key_value_metadata(
+                {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+        self._writer.close()
+        self._writer = None
+
+
+def cut_window(window: list, keep: int, categories) -> tuple[list, int]:
+    """The window up to its ``keep``-th event of ``categories`` in sequence order (other
+    categories' rows up to the same point); returns (window, events of categories kept)."""
+    seqs = [a["sensor_sequence_number"] for c, a, _ in window if c in categories]
+    counted = int(sum(len(s) for s in seqs))
+    if counted <= keep:
+        return window, counted
+    if keep <= 0:
+        return [], 0
+    last = np.sort(np.concatenate(seqs))[keep - 1]
+    out = [(c, a[a["sensor_sequence_number"] <= last], t) for c, a, t in window]
+    return [w for w in out if len(w[1])], keep
+
+
+def record(sub, path: str, count: int | None = None, duration: float | None = None,
+           metadata: dict | None = None, idle_poll: float = 0.5) -> dict:
+    """Write a subscription's windows to ``path`` until ``count`` events of its
+    categories, ``duration`` seconds, the subscription's end or KeyboardInterrupt.
+    Returns {path, events, rows, row_groups, seconds, lost, ended}."""
+    categories = set((sub.spec or {}).get("events") or ()) or set(schema.CATEGORIES)
+    start = time.monotonic()
+    deadline = start + duration if duration is not None else None
+    events = 0
+    meta = dict(metadata or {}, **{"c8.subscription": sub.spec or {}})
+    writer = CaptureWriter(path, sub.sensor_id, meta)
+    try:
+        done = False
+        while not done and sub.ended is None:
+            for window in sub.windows(idle=idle_poll):
+                if count is not None:
+                    window, n = cut_window(window, count - events, categories)
+                else:
+                    n = sum(len(a) for c, a, _ in window if c in categories)
+                writer.write_window(window)
+                events += n
+                if (count is not None and events >= count) or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    done = True
+                    break
+            if deadline is not None and time.monotonic() >= deadline:
+                done = True
+    except KeyboardInterrupt:
+        pass
+    finally:
+        seconds = time.monotonic() - start
+        writer.close({"c8.recorded": {"events": events, "seconds": round(seconds, 3),
+                                      "lost": dict(sub.lost), "ended": sub.ended}})
+    return {"path": path, "events": events, "rows": writer.rows, "row_groups": writer.row_groups,
+            "seconds": round(seconds, 3), "lost": dict(sub.lost), "ended": sub.ended}
+
+
+# -- reading ---------------------------------------------------------------------------
+class CaptureTables(Tables):
+    """A read-back batch's table: containers by index like a live one, and lineage
+    from the stored ``process_lineage`` lists (converted once per distinct process,
+    when asked)."""
+
+    def __init__(self, containers: dict, process_ids: np.ndarray, lineage: pa.Array | None):
+        super().__init__(containers)
+        self._ids = process_ids
+        self._lineage = lineage
+        self._first: dict[str, int] | None = None
+        self._cache: dict[str, list[dict]] = {}
+
+    def lineage(self, process_id: str) -> list[dict]:
+        if self._lineage is None:
+            return []
+        if self._first is None:
+            keys, first = np.unique(self._ids, return_index=True)
+            self._first = {k.decode(errors="replace"): i for k, i in zip(keys.tolist(), first.tolist(), strict=True)}
+        if process_id not in self._cache:
+            row = self._first.get(process_id)
+            self._cache[process_id] = (self._lineage[row].as_py() or []) if row is not None else []
+        return self._cache[process_id]
+
+
+def strings_from_arrow(arr: pa.Array, width: int) -> np.ndarray:
+    """Arrow strings as a numpy ``S<width>`` column (nulls empty, longer values cut)."""
+    arr = pc.fill_null(arr, "") if arr.null_count else arr
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    n = len(arr)
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, np.int32, n + 1, arr.offset * 4).astype(np.int64)
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    starts = offsets[:-1]
+    lengths = np.minimum(offsets[1:] - starts, width)
+    out = np.zeros((n, max(width, 1)), np.uint8)
+    total = int(lengths.sum())
+    if total:
+        rows = np.repeat(np.arange(n), lengths)
+        within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, within] = data[np.repeat(starts, lengths) + within]
+    return out[:, :width].copy().view(f"S{width}").reshape(n) if width else np.zeros(n, "S0")
+
+
+def _codes(category: str, kinds: pa.Array) -> np.ndarray:
+    enc = pc.dictionary_encode(pc.fill_null(kinds, ""))
+    names = enc.dictionary.to_pylist()  # a handful of names per batch
+    table = np.array([_kind_code(category, k) for k in names], np.uint8)
+    return table[np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)]
+
+
+def _kind_code(category: str, name: str) -> int:
+    if name in schema.KINDS.get(category, ()):
+        return schema.kind_code(category, name)
+    return int(name) if name.isdigit() else 0
+
+
+def _containers(rows: pa.Table) -> tuple[np.ndarray, dict]:
+    """The container index column and table of a read-back batch (0: the host)."""
+    cid = pc.fill_null(rows.column("container_id").combine_chunks(), "")
+    enc = pc.dictionary_encode(cid)
+    ids = enc.dictionary.to_pylist()
+    indices = np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)
+    _, first = np.unique(indices, return_index=True)
+    slot = np.zeros(len(ids), np.uint32)
+    table: dict[int, tuple] = {}
+    others = [rows.column(c).combine_chunks() for c in CONTAINER_COLUMNS[1:]]
+    for d, row in zip(np.unique(indices).tolist(), first.tolist(), strict=True):
+        if not ids[d]:
+            continue  # the host
+        slot[d] = len(table) + 1
+        table[int(slot[d])] = (ids[d], *((o[row].as_py() or "") for o in others), "")
+    return slot[indices], table
+
+
+def rows_to_batch(category: str, rows: pa.Table) -> tuple[np.ndarray, CaptureTables]:
+    """Capture rows of one category as the broker's structured array and batch table."""
+    dt = schema.dtype(category)
+    n = rows.num_rows
+    out = np.zeros(n, dt)
+    present = set(rows.column_names)
+    for name in dt.names:
+        if name == "container" or name not in present:
+            continue
+        col = rows.column(name).combine_chunks()
+        t = dt.fields[name][0]
+        if name == "kind":
+            out[name] = _codes(category, col)
+        elif t.kind == "S":
+            out[name] = strings_from_arrow(col, t.itemsize)
+        else:
+            out[name] = (pc.fill_null(col, 0) if col.null_count else col).to_numpy(zero_copy_only=False)
+    index, containers = _containers(rows)
+    if "container" in dt.names:
+        out["container"] = index
+    lineage = rows.column("process_lineage").combine_chunks() if "process_lineage" in present else None
+    ids = out["process_id"] if "process_id" in dt.names else np.zeros(n, "S16")
+    return out, CaptureTables(containers, ids, lineage)
+
+
+def open_capture(path: str) -> pq.ParquetFile:
+    """The Parquet file, checked to be a c8 capture this version reads."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CaptureError(f"{path}: not a Parquet file ({exc})") from None
+    meta = pf.schema_arrow.metadata or {}
+    version = meta.get(b"c8.capture")
+    if version is None:
+        raise CaptureError(f"{path}: a Parquet file but not a c8 capture (no c8.capture metadata)")
+    if int(version) > FORMAT_VERSION:
+        raise CaptureError(f"{path}: capture format {version.decode()} is newer than this c8 reads ({FORMAT_VERSION})")
+    if "type" not in pf.schema_arrow.names:
+        raise CaptureError(f"{path}: capture without a type column")
+    return pf
+
+
+def read_batches(path: str, categories=None) -> Iterator[tuple[str, np.ndarray, CaptureTables]]:
+    """(category, structured array, batch table) per category of each row group, in
+    file order; within a row group process events come first (so EXECs are known to
+    the engine before the file events of the same programs), then the schema's order."""
+    pf = open_capture(path)
+    wanted = [c for c in schema.CATEGORIES if categories is None or c in categories]
+    for i in range(pf.num_row_groups):
+        group = pf.read_row_group(i)
+        types = group.column("type").combine_chunks()
+        present = set(pc.unique(types).to_pylist())
+        for category in wanted:
+            if category not in present:
+                continue
+            rows = group.filter(pc.equal(types, category))
+            arr, tables = rows_to_batch(category, rows)
+            yield category, arr, tables
+
+
+def replay(path: str, engine, categories=None) -> Iterator[tuple[str, np.ndarray, list]]:
+    """(category, batch, the engine's alerts) per batch of a capture (a limiter TRIPPED flushes its caches,
+    as the detector does)."""
+    tripped = schema.kind_code("limiter", "TRIPPED")
+    for category, arr, tables in read_batches(path, categories):
+        if category == "limiter":
+            if (arr["kind"] == tripped).any():
+                engine.flush()
+            continue
+        if category == "lost":
+            continue
+        yield category, arr, engine.evaluate(category, arr, tables)
