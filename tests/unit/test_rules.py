@@ -316,11 +316,26 @@ CASES = {
         {"kind": "OPEN", "filename": "/etc/sudoers", "open_flags": O_RDONLY},
         {"kind": "OPEN", "filename": "/etc/gshadow", "open_flags": O_RDWR},
         {"kind": "OPEN", "filename": "/etc/ssh/ssh_host_ed25519_key", "open_flags": O_RDONLY},
+        # the kernel's resolution decides, not the name as passed
+        {"kind": "OPEN", "filename": "/etc/../etc/../etc/shadow", "path": "/etc/shadow", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "shadow", "path": "/etc/shadow", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/home/u/.ssh/id_ed25519", "open_flags": O_RDONLY},
+        # a relative name of an exited process: path unknown, its last component decides
+        {"kind": "OPEN", "filename": "../etc/shadow", "path": "", "open_flags": O_RDONLY},
+        # a program named like an exception, elsewhere
+        {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_RDONLY,
+         "process_exec_filename": "/tmp/useradd"},
     ], [
         {"kind": "OPEN", "filename": "/etc/passwd", "open_flags": O_RDONLY},
         {"kind": "OPEN", "filename": "/etc/ssh/ssh_host_ed25519_key.pub", "open_flags": O_RDONLY},
         {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_WRONLY | O_TRUNC},
         {"kind": "DELETE", "filename": "/etc/shadow"},
+        {"kind": "OPEN", "filename": "/home/u/.ssh/id_ed25519.pub", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "shadow", "path": "/home/u/shadow", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_RDONLY,
+         "process_exec_filename": "/usr/sbin/useradd"},
+        {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_RDONLY,
+         "process_exec_filename": "/usr/sbin/unix_chkpwd"},
     ]),
     "Write below system directory": ("file", [
         {"kind": "OPEN", "filename": "/etc/passwd", "open_flags": O_WRONLY | O_CREAT | O_TRUNC},
@@ -329,12 +344,68 @@ CASES = {
         {"kind": "OPEN", "filename": "/etc/c8-x", "open_flags": 0x941},
         {"kind": "CREATE", "filename": "/usr/local/bin/miner"},
         {"kind": "DELETE", "filename": "/sbin/auditd"},
-        {"kind": "RENAME", "oldname": "/tmp/x", "newname": "/bin/ls"},
+        {"kind": "RENAME", "oldname": "/tmp/x", "newname": "/bin/ls", "filename": "/bin/ls"},
+        {"kind": "OPEN", "filename": "cron.d/evil", "path": "/etc/cron.d/evil", "open_flags": O_WRONLY | O_CREAT},
+        {"kind": "OPEN", "filename": "etc/cron.d/evil", "path": "", "open_flags": O_WRONLY | O_CREAT},
+        # an account tool writing outside the account files, another program on them
+        {"kind": "OPEN", "filename": "/etc/ld.so.preload", "open_flags": O_WRONLY | O_CREAT,
+         "process_exec_filename": "/usr/sbin/useradd"},
+        {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_WRONLY,
+         "process_exec_filename": "/usr/bin/python3"},
+        {"kind": "RENAME", "oldname": "/tmp/shadow", "newname": "/etc/shadow", "filename": "/etc/shadow",
+         "process_exec_filename": "/usr/sbin/useradd"},
     ], [
         {"kind": "OPEN", "filename": "/etc/passwd", "open_flags": O_RDONLY | O_CLOEXEC},
         {"kind": "CREATE", "filename": "/home/u/notes"},
-        {"kind": "RENAME", "oldname": "/tmp/a", "newname": "/tmp/b"},
+        {"kind": "RENAME", "oldname": "/tmp/a", "newname": "/tmp/b", "filename": "/tmp/b"},
         {"kind": "OPEN", "filename": "/var/log/x", "open_flags": O_WRONLY},
+        {"kind": "OPEN", "filename": "/etc/shadow+", "open_flags": O_WRONLY | O_CREAT,
+         "process_exec_filename": "/usr/sbin/useradd"},
+        {"kind": "DELETE", "filename": "/etc/passwd.lock", "process_exec_filename": "/usr/sbin/userdel"},
+        {"kind": "RENAME", "oldname": "/etc/gshadow+", "newname": "/etc/gshadow", "filename": "/etc/gshadow",
+         "process_exec_filename": "/usr/sbin/useradd"},
+        {"kind": "OPEN", "filename": "/etc/.pwd.lock", "open_flags": O_WRONLY | O_CREAT,
+         "process_exec_filename": "/usr/sbin/usermod"},
+    ]),
+    "User account management": ("process", [
+        {"kind": "EXEC", "exec_filename": "/usr/sbin/useradd", "exec_command_line": "useradd bob"},
+        {"kind": "EXEC", "exec_filename": "/sbin/userdel", "exec_command_line": "userdel bob"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/passwd", "exec_command_line": "passwd root"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/id", "exec_command_line": "id bob"},
+        {"kind": "EXEC", "exec_filename": "/tmp/x/useradd-notes", "exec_command_line": "useradd"},
+    ]),
+    "Link to sensitive file": ("file", [
+        {"kind": "LINK", "oldname": "/etc/shadow", "newname": "/tmp/s", "filename": "/tmp/s"},
+        {"kind": "SYMLINK", "oldname": "../../etc/shadow", "oldpath": "/etc/shadow",
+         "newname": "/tmp/x/s", "filename": "/tmp/x/s"},
+        {"kind": "LINK", "oldname": "shadow", "oldpath": "", "newname": "/tmp/s", "filename": "/tmp/s"},
+        {"kind": "SYMLINK", "oldname": "/root/.ssh/id_rsa", "newname": "/tmp/k", "filename": "/tmp/k"},
+    ], [
+        {"kind": "LINK", "oldname": "/etc/passwd", "newname": "/tmp/p", "filename": "/tmp/p"},
+        {"kind": "SYMLINK", "oldname": "/root/.ssh/id_rsa.pub", "newname": "/tmp/k", "filename": "/tmp/k"},
+        {"kind": "RENAME", "oldname": "/etc/shadow", "newname": "/tmp/s", "filename": "/tmp/s"},
+        {"kind": "SYMLINK", "oldname": "shadow", "oldpath": "/tmp/shadow", "newname": "/tmp/s",
+         "filename": "/tmp/s"},
+    ]),
+    "Secure deletion of files": ("process", [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/shred", "exec_command_line": "shred -u /var/log/auth.log"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/srm", "exec_command_line": "srm -r /home/u"},
+        {"kind": "EXEC", "exec_filename": "/bin/busybox", "exec_command_line": "busybox shred x"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/rm", "exec_command_line": "rm -f shred.txt"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/shredder-report", "exec_command_line": "shredder-report"},
+    ]),
+    "Search for private keys or credentials": ("process", [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/find", "exec_command_line": "find / -name id_rsa"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/grep",
+         "exec_command_line": "grep -rl BEGIN RSA PRIVATE KEY /home"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/find", "exec_command_line": "find /srv -name *.pem"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/locate", "exec_command_line": "locate .aws/credentials"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/find", "exec_command_line": "find /tmp -name *.log"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/cat", "exec_command_line": "cat /root/.ssh/id_rsa.pub"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/grep", "exec_command_line": "grep -r TODO src"},
     ]),
     "Shell spawned by server": ("process", [
         {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/sbin/nginx"},
@@ -398,6 +469,21 @@ CASES = {
 }
 
 
+def resolved(category: str, rows: list[dict]) -> list[dict]:
+    """File rows as the broker gives them: ``path`` (and ``oldpath``) default to the
+    name as passed, already canonical in these cases; a case that names them says
+    what the kernel's resolution gave (c8/broker/paths.py; tested in test_paths_canon)."""
+    if category != "file":
+        return rows
+    out = []
+    for row in rows:
+        row = dict(row)
+        row.setdefault("path", row.get("filename", ""))
+        row.setdefault("oldpath", row.get("oldname", ""))
+        out.append(row)
+    return out
+
+
 @pytest.fixture(scope="module")
 def default_rules():
     rules, errors = load_rules([default_rules_path()])
@@ -414,6 +500,7 @@ def test_every_default_rule_loads(default_rules):
 def test_default_rule_matches_its_event_and_not_benign_ones(default_rules, name):
     by, _ = default_rules
     category, good, benign = CASES[name]
+    good, benign = resolved(category, good), resolved(category, benign)
     eng = Engine([by[name]], track_execs=False)
     alerts = eng.evaluate(category, batch(category, *good, *benign), CONTAINERS)
     assert len(alerts) == len(good), [a.event for a in alerts]
