@@ -6,6 +6,9 @@
     c8ctl unsubscribe ID              end one
     c8ctl probes                      kernel/user probes in use
     c8ctl fields [CATEGORY]           the event field table (--markdown: docs/events.md)
+    c8ctl record --events process -o F.parquet [--count N | --duration D]   a capture
+    c8ctl replay F.parquet [--rules PATH]   the detection rules over a capture: alerts
+    c8ctl top                         live view: rates, losses, subscriptions, children
 
 The sensor is found through run_dir: --run-dir, else CAPSULE8_RUN_DIR, else the
 config file's run_dir, else /var/run/capsule8.
@@ -147,6 +150,65 @@ def cmd_fields(_client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(client: Client, args: argparse.Namespace) -> int:
+    """Events to a Parquet capture until --count events, --duration or Ctrl-C
+    (c8.clients.capture; docs/captures.md)."""
+    from c8.clients import capture
+
+    duration = capture.parse_duration(args.duration) if args.duration is not None else None
+    if args.count is not None and args.count <= 0:
+        raise ValueError(f"--count must be a positive number of events, got {args.count}")
+    spec = build_spec(argparse.Namespace(spec=None, events=args.events, filter=args.filter,
+                                         image=args.image, rate=None, limit=None))
+    if not spec.get("events"):
+        print("c8ctl record: name event types with --events", file=sys.stderr)
+        return 2
+    with client.subscribe(spec, queue=256) as sub:
+        print(json.dumps({"subscription": sub.id, "output": args.output}), file=sys.stderr)
+        stats = capture.record(sub, args.output, count=args.count, duration=duration)
+    print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_replay(_client, args: argparse.Namespace) -> int:
+    """A capture through the detection rules as fast as it goes; alerts as JSON lines
+    (as the detector's stdout output writes them), a summary on stderr."""
+    import time
+
+    from c8.clients import capture
+    from c8.detections.engine import Engine
+    from c8.detections.outputs.base import alert_dict
+    from c8.detections.rules import default_rules_path, load_rules
+
+    rules, errors = load_rules(args.rules or [default_rules_path()])
+    for err in errors:
+        print(f"c8ctl replay: rule not loaded: {err}", file=sys.stderr)
+    if errors:
+        return 2
+    engine = Engine(rules)
+    start = time.perf_counter()
+    events = alerts = 0
+    out = sys.stdout
+    for _category, arr, found in capture.replay(args.file, engine):
+        events += len(arr)
+        alerts += len(found)
+        for alert in found:
+            out.write(json.dumps(alert_dict(alert), default=str) + "\n")
+    out.flush()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"events": events, "alerts": alerts, "rules": len(engine.rules),
+                      "seconds": round(seconds, 3),
+                      "events_per_second": round(events / seconds) if seconds else None}), file=sys.stderr)
+    return 0
+
+
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    """A live view refreshed every --interval seconds; q or Ctrl-C ends it."""
+    from c8.clients import top
+
+    return top.run(client, interval=args.interval, once=args.once)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c8ctl", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", help="the sensor's run_dir (default: from CAPSULE8_RUN_DIR or the config)")
@@ -172,6 +234,23 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("category", nargs="?", choices=schema.CATEGORIES)
     f.add_argument("--markdown", action="store_true", help="the whole table as docs/events.md")
     f.set_defaults(fn=cmd_fields)
+    r = sub.add_parser("record", help="events to a Parquet capture (docs/captures.md)")
+    r.add_argument("--events", required=True, help="comma-separated event types, as for subscribe")
+    r.add_argument("--filter", help="filter expression applied to each event type")
+    r.add_argument("--image", help="only containers whose image name matches this glob")
+    r.add_argument("-o", "--output", required=True, help="the capture file to write (FILE.parquet)")
+    stop = r.add_mutually_exclusive_group()
+    stop.add_argument("--duration", help="stop after this long (30, 30s, 5m, 1h)")
+    stop.add_argument("--count", type=int, help="stop after this many events of the named types")
+    r.set_defaults(fn=cmd_record)
+    rp = sub.add_parser("replay", help="run the detection rules over a capture, print the alerts")
+    rp.add_argument("file", help="a capture written by c8ctl record")
+    rp.add_argument("--rules", action="append", help="a rule file or directory (repeatable; default: the packaged rules)")
+    rp.set_defaults(fn=cmd_replay)
+    tp = sub.add_parser("top", help="live view: rates, losses, subscriptions, children (q quits)")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    tp.add_argument("--once", action="store_true", help="print one view (after one interval) and exit")
+    tp.set_defaults(fn=cmd_top)
     return p
 
 

@@ -26,6 +26,7 @@ lineage) that the filter language and the engine read as they read live ones.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -249,7 +250,8 @@ def record(sub, path: str, count: int | None = None, duration: float | None = No
     start = time.monotonic()
     deadline = start + duration if duration is not None else None
     events = 0
-    meta = dict(metadata or {}, **{"c8.subscription": sub.spec or {}})
+    meta = dict(metadata or {}, **{"c8.subscription": sub.spec or {},
+                                   "c8.wall_minus_monotime_nanos": str(time.time_ns() - time.monotonic_ns())})
     writer = CaptureWriter(path, sub.sensor_id, meta)
     try:
         done = False
@@ -414,9 +416,13 @@ def read_batches(path: str, categories=None) -> Iterator[tuple[str, np.ndarray, 
 
 
 def replay(path: str, engine, categories=None) -> Iterator[tuple[str, np.ndarray, list]]:
-    """(category, batch, the engine's alerts) per batch of a capture (a limiter TRIPPED flushes its caches,
-    as the detector does)."""
+    """(category, batch, the engine's alerts) per batch of a capture (a limiter TRIPPED
+    flushes its caches, as the detector does). An alert's ``time`` is the wall time
+    of the recording host (its clock offset is in the file); a ``{time}`` in a rule's
+    output text is rendered by the engine with this host's clock."""
     tripped = schema.kind_code("limiter", "TRIPPED")
+    meta = open_capture(path).schema_arrow.metadata or {}
+    offset = meta.get(b"c8.wall_minus_monotime_nanos")
     for category, arr, tables in read_batches(path, categories):
         if category == "limiter":
             if (arr["kind"] == tripped).any():
@@ -424,4 +430,31 @@ def replay(path: str, engine, categories=None) -> Iterator[tuple[str, np.ndarray
             continue
         if category == "lost":
             continue
-        yield category, arr, engine.evaluate(category, arr, tables)
+        alerts = engine.evaluate(category, arr, tables)
+        if offset is not None:
+            for alert in alerts:
+                alert.time = _iso(int(offset) + alert.time_nanos)
+        yield category, arr, alerts
+
+
+def _iso(wall_nanos: int) -> str:
+    return datetime.datetime.fromtimestamp(wall_nanos / 1e9, datetime.UTC).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30``, ``30s``, ``5m``, ``1h`` or ``250ms``; ValueError naming the text."""
+    t = str(text).strip().lower()
+    for unit, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(unit):
+            t, mult = t[: -len(unit)], scale
+            break
+    else:
+        mult = 1.0
+    try:
+        value = float(t) * mult
+    except ValueError:
+        raise ValueError(f"bad duration {text!r} (use e.g. 30, 30s, 5m, 1h, 250ms)") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"bad duration {text!r}: must be a positive number of seconds")
+    return value
