@@ -43,7 +43,9 @@ MIN_RELEASE_GAP = 0.002  # a tick from every CPU releases at once, but windows a
 PLAN_REPUBLISH_SECONDS = 1.0
 MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
 EXIT_LIMITER = 78
-SUBSCRIBE_READY_WAIT = 10.0       # loading eBPF families can take seconds
+# Loading eBPF families takes seconds, and on a loaded host over 10 (after unloading the
+# previous plan's): a subscriber answered before they run misses events, uncounted.
+SUBSCRIBE_READY_WAIT = 30.0
 MAX_WAIT_NS = 1_000_000_000       # longest the merge waits for a stalled collector
 WATERMARK_SLACK_NS = 1_000_000    # records being written while a ring was read  # the supervisor stops the sensor with status 1 on this
 
@@ -464,7 +466,12 @@ class Broker:
     def _send_ready_replies(self, now: float) -> None:
         waiting = []
         for envelope, payload, generation, deadline in self.pending_replies:
-            if self._collecting(generation, now) or now >= deadline:
+            if self._collecting(generation, now):
+                self.publisher.send(envelope, payload)
+            elif now >= deadline:
+                log.warning("answering a subscribe after %.0fs although not every collector runs plan %d "
+                            "(collector stats: %s): its first events may be missed", SUBSCRIBE_READY_WAIT,
+                            generation, {c: st.get("generation") for c, st in self.collectors.items()})
                 self.publisher.send(envelope, payload)
             else:
                 waiting.append((envelope, payload, generation, deadline))

@@ -26,7 +26,7 @@ from c8.clients import jsonlines
 from c8.protocol import batch as wire
 from c8.protocol import control, paths
 
-SUBSCRIBE_READY_WAIT = 10.0  # the broker answers once collectors run what a subscription needs
+SUBSCRIBE_READY_WAIT = 30.0  # the broker answers once collectors run what a subscription needs
 
 
 class SensorError(Exception):
@@ -102,7 +102,7 @@ class Client:
         rid = next(self._ids)
         sock.send(control.request("subscribe", spec, rid))
         try:
-            # the broker answers once the collectors run what this needs (up to 10 s)
+            # the broker answers once the collectors run what this needs (up to 30 s)
             reply = _await_reply(sock, rid, self.timeout + SUBSCRIBE_READY_WAIT)
         except Exception:
             sock.close()
