@@ -448,12 +448,16 @@ class Broker:
             "subscriptions": [s.describe() for s in (self.subscriptions.values() if who is None or who.admin
                                                       else self.access.visible(who, self.subscriptions))],
             "plan": self.planner.plan if who is None or who.admin else _plan_outline(self.planner.plan),
-            "collectors": {str(cpu): {k: v for k, v in st.items() if k not in ("kind", "_seen")}
+            # seen_ago: seconds since its last stats (health: each collector reports every second)
+            "collectors": {str(cpu): {**{k: v for k, v in st.items() if k not in ("kind", "_seen")},
+                                      "seen_ago": round(time.monotonic() - st.get("_seen", 0), 3)}
                            for cpu, st in self.collectors.items()},
             "counts": dict(self.counts, late=self.merger.late),
             "processes": len(self.processes.by_pid),
             "containers": self.containers.stats(),  # lookups that left names unknown, by cause
             "dormant": self.dormant,
+            "limiter": {"enabled": self.limiter is not None,
+                        "trips": getattr(self.limiter, "trips", 0)},
         }
 
     # -- periodic -----------------------------------------------------------------------------
@@ -480,12 +484,32 @@ class Broker:
     def _every_second(self, now: float) -> None:
         self.publisher.tick()
         self._refresh_own_pids()
+        self._reload_limits()
         try:
             self.containers.refresh()
         except Exception as exc:
             log.warning("container refresh failed: %s", exc)
         if self.limiter is not None:
             self._limiter_poll()
+
+    def _reload_limits(self) -> None:
+        """limits.* of a configuration the supervisor accepted on reload (run_dir/
+        config.json, docs/operations.md): they apply to subscriptions made from now on."""
+        path = paths.accepted_config(self.run_dir)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if mtime == getattr(self, "_limits_mtime", None):
+                return
+            self._limits_mtime = mtime
+            with open(path) as f:
+                limits = json.load(f).get("limits")
+            self.access.limits = type(self.access.limits).from_config(limits)
+            self.filter_limits = FilterLimits.from_config(limits)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("cannot apply the reloaded limits from %s: %s", path, exc)
+            return
+        log.info("limits reloaded: %s", limits)
 
     def _refresh_own_pids(self) -> None:
         try:

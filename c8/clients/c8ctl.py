@@ -5,6 +5,7 @@
     c8ctl subscriptions               list live subscriptions
     c8ctl unsubscribe ID              end one
     c8ctl probes                      kernel/user probes in use
+    c8ctl reload                      re-read the configuration and rule files (root)
     c8ctl fields [CATEGORY]           the event field table (--markdown: docs/events.md)
     c8ctl record --events process -o F.parquet [--count N | --duration D]   a capture
     c8ctl replay F.parquet [--rules PATH]   the detection rules over a capture: alerts
@@ -113,6 +114,14 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     for cpu, c in sorted((st.get("collectors") or {}).items(), key=lambda kv: int(kv[0])):
         received = sum((c.get("received") or {}).values())
         print(f"  cpu{cpu}: pid {c.get('pid')} received {received} lost {c.get('lost', 0)}")
+    reload = sup.get("reload")
+    if reload:
+        line = f"reload {reload.get('generation')}: {reload.get('state')} at {reload.get('time')}"
+        if reload.get("error"):
+            line += f": {reload['error']}"
+        if reload.get("restart_needed"):
+            line += f"; restart needed for {', '.join(reload['restart_needed'])}"
+        print(line)
     print(f"counts: {st.get('counts')}")
     print(f"containers: {st.get('containers')}")  # lookups that left names unknown, by cause
     print(f"subscriptions: {len(st.get('subscriptions', []))}")
@@ -135,6 +144,47 @@ def cmd_unsubscribe(client: Client, args: argparse.Namespace) -> int:
 def cmd_probes(client: Client, args: argparse.Namespace) -> int:
     print(json.dumps(client.request("probes").get("probes", {}), indent=2))
     return 0
+
+
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    """Ask the supervisor to re-read the configuration and the rule files (SIGHUP,
+    so root only), wait for its verdict in supervisor.json and print it: exit 0
+    when accepted, 1 when refused (the running configuration stays)."""
+    import signal
+    import time
+
+    path = os.path.join(client.run_dir, "supervisor.json")
+
+    def current() -> dict:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise SensorUnavailable(f"no {path}: is the sensor running?") from None
+
+    sup = current()
+    pid = int(sup.get("pid") or 0)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"c8-supervisor" not in f.read():
+                raise ProcessLookupError
+    except (OSError, ProcessLookupError):
+        raise SensorUnavailable(f"{path} names pid {pid}, which is no c8-supervisor") from None
+    before = (sup.get("reload") or {}).get("generation", 0)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        print("c8ctl reload: only root may signal the supervisor", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        reload = current().get("reload") or {}
+        if reload.get("generation", 0) > before and reload.get("state") != "pending":
+            print(json.dumps(reload, indent=2))
+            return 0 if reload.get("state") == "accepted" else 1
+        time.sleep(0.1)
+    print(f"c8ctl reload: no verdict within {args.timeout:.0f}s", file=sys.stderr)
+    return 1
 
 
 def cmd_fields(_client, args: argparse.Namespace) -> int:
@@ -230,6 +280,9 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("id")
     u.set_defaults(fn=cmd_unsubscribe)
     sub.add_parser("probes", help="kernel and user probes in use").set_defaults(fn=cmd_probes)
+    r = sub.add_parser("reload", help="re-read the configuration and the rule files (root)")
+    r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the verdict")
+    r.set_defaults(fn=cmd_reload)
     f = sub.add_parser("fields", help="the event field table")
     f.add_argument("category", nargs="?", choices=schema.CATEGORIES)
     f.add_argument("--markdown", action="store_true", help="the whole table as docs/events.md")

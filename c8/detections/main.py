@@ -33,15 +33,13 @@ from c8 import schema
 from c8.detections.engine import Engine
 from c8.detections.outputs import build_output, build_outputs
 from c8.detections.rules import default_rules_path, load_rules
-from c8.protocol import files
+from c8.protocol import files, paths
 
 log = logging.getLogger("c8.detections")
 
 BROKER_SILENCE_S = 5.0      # the broker ticks every second
 POLL_S = 1.0                # how often the loop looks at the stop flag
 MAX_BACKOFF_S = 30.0
-RELOAD_FILE = "reload.json"      # written by the supervisor: {"generation", "config"}
-STATS_FILE = "detector.json"     # written here every second: alerts, outputs, reload verdict
 MAX_RELOAD_BYTES = 1 << 20
 SWITCH_DRAIN_S = 2.0             # how long the old subscription is read after the new one runs
 
@@ -163,7 +161,7 @@ class Detector:
 
     def read_reload(self) -> tuple[int, dict]:
         """(generation, config) from run_dir/reload.json."""
-        path = os.path.join(self.config.get("run_dir") or "", RELOAD_FILE)
+        path = paths.detector_reload(self.config.get("run_dir") or "")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as f:
@@ -205,10 +203,10 @@ class Detector:
         if not run_dir:
             return
         try:
-            files.write_atomic(os.path.join(run_dir, STATS_FILE),
+            files.write_atomic(paths.detector_stats(run_dir),
                                json.dumps(self.stats(), default=str).encode())
         except OSError as exc:
-            log.warning("cannot write %s: %s", STATS_FILE, exc)
+            log.warning("cannot write %s: %s", paths.detector_stats(run_dir), exc)
 
     def _on_limiter(self, batch: np.ndarray) -> None:
         for kind, dormancy, trips in zip(batch["kind"].tolist(), batch["dormancy_nanos"].tolist(),

@@ -32,3 +32,18 @@ def supervisor_status(rd: str) -> str:
 
 def ipc(path: str) -> str:
     return "ipc://" + path
+
+
+# Reload (docs/operations.md): the supervisor writes the configuration it accepted;
+# the broker re-reads limits.* from config.json, the detector rules and outputs from
+# reload.json (on SIGHUP) and answers in detector.json, with its alert counts.
+def accepted_config(rd: str) -> str:
+    return os.path.join(rd, "config.json")
+
+
+def detector_reload(rd: str) -> str:
+    return os.path.join(rd, "reload.json")
+
+
+def detector_stats(rd: str) -> str:
+    return os.path.join(rd, "detector.json")

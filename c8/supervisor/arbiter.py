@@ -3,6 +3,9 @@
 Signal handlers only queue the signal; the main loop reaps, restarts, writes
 supervisor.json and logs metrics. SIGTERM/SIGINT stop the tree; a child that
 exits with EXIT_LIMITER, or goes FATAL, stops the tree with exit status 1.
+SIGHUP reloads the configuration and the rule files (c8.supervisor.reload,
+docs/operations.md); metrics.listen serves /metrics and /healthz
+(c8.supervisor.metrics).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import time
 
 from setproctitle import setproctitle
 
-from c8.supervisor import cleanup, privileges, rundir, status
+from c8.protocol import files, paths
+from c8.supervisor import cleanup, config, privileges, rundir, status
+from c8.supervisor import reload as reloading
 from c8.supervisor.cgroups import CgroupError, SensorCgroup
 from c8.supervisor.children import EXIT_LIMITER, Children, ChildSpec, ProcessOS, State
 from c8.supervisor.config import Config
@@ -36,10 +41,18 @@ ENTRY_POINTS = {
 TEST_ENTRY_POINTS_ENV = "C8_SUPERVISOR_TEST_ENTRY_POINTS"
 STOP_TIMEOUT = 5.0
 LOOP_INTERVAL = 0.2
+RELOAD_TIMEOUT = 15.0  # the detector answers a reload within this (rules load in seconds)
+# Files of one run (besides the sockets): removed at start, so a stale accepted config
+# or reload verdict never applies to a new tree, and at the end.
+RUN_FILES = ("supervisor.json", "config.json", "reload.json", "detector.json")
 
 
 class StartupError(Exception):
     """The host cannot be prepared; the message says what and why."""
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def online_cpus(text: str | None = None) -> list[int]:
@@ -100,8 +113,12 @@ class Supervisor:
         self.gid: int | None = None  # sensor_user's group: may read supervisor.json
         self._signals: list[int] = []
         self._wake_r = self._wake_w = -1
-        self._last_status: list[dict] | None = None
+        self._last_status: tuple | None = None
         self.started = time.time()
+        self.metrics = None  # c8.supervisor.metrics.MetricsServer when metrics.listen is set
+        self.snapshot = None  # what the loop publishes for the metrics threads
+        self.reload_status: dict | None = None  # the last reload, as supervisor.json shows it
+        self._reload_pending: tuple[int, reloading.ReloadPlan, float] | None = None
 
     # -- start-up
     def prepare(self) -> tuple[int, int]:
@@ -127,7 +144,7 @@ class Supervisor:
         other = status.running_supervisor(self.status_path)
         if other:
             raise StartupError(f"another c8-supervisor (pid {other}) uses {cfg.run_dir}")
-        removed = cleanup.remove_files(cfg.run_dir, cleanup.SOCKETS + ("supervisor.json",))
+        removed = cleanup.remove_files(cfg.run_dir, cleanup.SOCKETS + RUN_FILES)
         if removed:
             log.info("removed stale files: %s", ", ".join(removed))
         self.tracefs = cleanup.ensure_tracefs()
@@ -158,14 +175,17 @@ class Supervisor:
     def write_status(self, force: bool = False) -> None:
         """supervisor.json, when anything in it changed."""
         children = self.children.status() if self.children else []
-        if not force and children == self._last_status:
+        if self.snapshot is not None:
+            self.snapshot.update(children, self.reload_status)
+        if not force and (children, self.reload_status) == self._last_status:
             return
-        self._last_status = children
+        self._last_status = (children, dict(self.reload_status) if self.reload_status else None)
         sup = {"pid": os.getpid(),
                "started": datetime.datetime.fromtimestamp(self.started, datetime.UTC).isoformat(),
                "started_unix": self.started,
                "config": self.cfg.config_path,
-               "cgroup": self.cgroup.name if self.cgroup else None}
+               "cgroup": self.cgroup.name if self.cgroup else None,
+               "reload": self.reload_status}
         try:
             status.write(self.status_path, sup, children, self.gid)
         except OSError as e:  # e.g. a directory planted at its name: keep supervising
@@ -181,6 +201,101 @@ class Supervisor:
             return
         log.info("cgroup %s metrics: %s", self.cgroup.name,
                  " ".join(f"{k}={v}" for k, v in m.items()))
+
+    def start_metrics(self) -> None:
+        """Serve /metrics and /healthz on metrics.listen (threads; see c8.supervisor.metrics)."""
+        from c8.supervisor.metrics import MetricsError, MetricsServer, Snapshot
+
+        self.snapshot = Snapshot()
+        try:
+            self.metrics = MetricsServer(self.cfg.metrics.listen, self.cfg.run_dir, self.snapshot,
+                                         self.cgroup).start()
+        except MetricsError as e:
+            raise StartupError(str(e)) from None
+
+    # -- reload
+    def begin_reload(self) -> None:
+        """SIGHUP: validate the configuration again and hand the live part to the
+        children; a refusal leaves everything running as it was."""
+        generation = (self.reload_status or {}).get("generation", 0) + 1
+        if self._reload_pending is not None:
+            log.warning("reload %d: reload %d is still waiting for the detector: superseded",
+                        generation, self._reload_pending[0])
+        self._reload_pending = None
+        try:
+            plan = reloading.plan_reload(self.cfg)
+        except config.ConfigError as e:
+            return self._end_reload(generation, "refused", error=f"configuration: {e}")
+        if plan.restart_needed:
+            log.warning("reload %d: %s changed but only a restart applies them (running values "
+                        "kept)", generation, ", ".join(plan.restart_needed))
+        detector = next((c for c in (self.children.children if self.children else [])
+                         if c.name == "c8-detector" and c.state is State.RUNNING and c.pid), None)
+        self.reload_status = {"generation": generation, "state": "pending", "time": _now_iso(),
+                              "changed": plan.changed, "restart_needed": plan.restart_needed}
+        if detector is None:  # no detector to ask (disabled, or restarting: it starts with the new)
+            return self._commit_reload(generation, plan)
+        new_files = [o["path"] for o in plan.merged.alert_output.outputs
+                     if o.get("type") == "file" and o.get("enabled", True) and o.get("path")]
+        try:
+            uid = privileges.ensure_user(self.cfg.sensor_user)[0]
+            rundir.make_missing_dirs(new_files, uid, self.gid)
+            files.write_atomic(paths.detector_reload(self.cfg.run_dir),
+                               json.dumps({"generation": generation,
+                                           "config": plan.merged.as_dict()}).encode(),
+                               gid=self.gid)
+            os.kill(detector.pid, signal.SIGHUP)
+        except (OSError, privileges.PrivilegeError) as e:
+            return self._end_reload(generation, "refused", error=f"cannot hand it to the detector: {e}")
+        self._reload_pending = (generation, plan, time.monotonic() + RELOAD_TIMEOUT)
+        log.info("reload %d: configuration valid (live changes: %s); the detector loads the rules",
+                 generation, ", ".join(plan.changed) or "none")
+
+    def poll_reload(self) -> None:
+        """The detector's verdict on the pending reload (run_dir/detector.json)."""
+        if self._reload_pending is None:
+            return
+        generation, plan, deadline = self._reload_pending
+        from c8.supervisor.metrics import read_detector_stats
+
+        verdict = (read_detector_stats(self.cfg.run_dir) or {}).get("reload") or {}
+        if verdict.get("generation") == generation and verdict.get("state") == "accepted":
+            self._reload_pending = None
+            self._commit_reload(generation, plan, rules=verdict.get("rules"))
+        elif verdict.get("generation") == generation:
+            self._reload_pending = None
+            self._end_reload(generation, "refused", error=f"rules or outputs: {verdict.get('error')}")
+        elif time.monotonic() > deadline:
+            self._reload_pending = None
+            self._end_reload(generation, "refused", error=f"the detector did not answer within "
+                                                          f"{RELOAD_TIMEOUT:.0f}s")
+
+    def _commit_reload(self, generation: int, plan: reloading.ReloadPlan, rules=None) -> None:
+        try:  # the broker reads limits.* from it within a second
+            files.write_atomic(paths.accepted_config(self.cfg.run_dir),
+                               json.dumps(plan.merged.as_dict()).encode(), gid=self.gid)
+        except OSError as e:
+            return self._end_reload(generation, "refused", error=f"cannot write config.json: {e}")
+        self.cfg = plan.merged
+        osx = self.children.os if self.children else None
+        if osx is not None and hasattr(osx, "config"):  # children started from now on
+            osx.config = plan.merged.as_dict()
+        self._end_reload(generation, "accepted", rules=rules)
+
+    def _end_reload(self, generation: int, state: str, **extra) -> None:
+        prev = self.reload_status if (self.reload_status or {}).get("generation") == generation else {}
+        self.reload_status = {"generation": generation, "state": state, "time": _now_iso(),
+                              "changed": prev.get("changed", []),
+                              "restart_needed": prev.get("restart_needed", []),
+                              **{k: v for k, v in extra.items() if v is not None}}
+        if state == "refused":
+            log.error("reload %d refused, the running configuration and rules stay: %s", generation,
+                      extra.get("error"))
+        else:
+            log.info("reload %d accepted%s", generation,
+                     f" (restart needed for {', '.join(self.reload_status['restart_needed'])})"
+                     if self.reload_status["restart_needed"] else "")
+        self.write_status()
 
     # -- the loop
     def run(self) -> int:
@@ -198,6 +313,8 @@ class Supervisor:
                      len(self.children.children), self.cfg.sensor_user, uid, gid,
                      f" in cgroup {self.cgroup.name}" if self.cgroup else "")
             self.children.start_all()
+            if self.cfg.metrics.listen:
+                self.start_metrics()
             self.write_status(force=True)
             rc = self._loop()
         finally:
@@ -220,6 +337,10 @@ class Supervisor:
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.info("%s: stopping", signal.Signals(sig).name)
                     return 0
+            if signal.SIGHUP in signals:
+                log.info("SIGHUP: reloading the configuration and the rule files")
+                self.begin_reload()
+            self.poll_reload()
             self.children.reap()
             failed = self.children.failed()
             if failed is not None:
@@ -239,6 +360,9 @@ class Supervisor:
 
     def shutdown(self) -> None:
         """Stop the children, then remove probes, cgroup, sockets and supervisor.json."""
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.children is not None:
             self.children.stop_all(STOP_TIMEOUT)
         cleanup.remove_probes(self.tracefs)
@@ -247,7 +371,7 @@ class Supervisor:
                 self.cgroup.remove()
             except CgroupError as e:
                 log.error("%s", e)
-        cleanup.remove_files(self.cfg.run_dir, cleanup.SOCKETS + ("supervisor.json",))
+        cleanup.remove_files(self.cfg.run_dir, cleanup.SOCKETS + RUN_FILES)
         if self._wake_w >= 0:
             signal.set_wakeup_fd(-1)
             os.close(self._wake_r)

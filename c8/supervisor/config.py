@@ -116,6 +116,7 @@ KEYS: dict[str, Key] = {
         Key("sensor_id_file", "/var/lib/capsule8/sensor_id", cv.path),
         Key("log_level", "info", cv.log_level),
         Key("heartbeat_timeout", "30s", cv.duration),  # > cpu0's eBPF detach (4 s measured); 0: off
+        Key("metrics.listen", None, cv.host_port),  # Prometheus /metrics and /healthz; off when unset
     )
 }
 ENV_TO_KEY = {k.env: k.name for k in KEYS.values()}
@@ -161,6 +162,13 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """metrics.*: where the supervisor serves /metrics and /healthz (None: nowhere)."""
+
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated configuration. Durations are seconds, sizes bytes."""
 
@@ -191,6 +199,7 @@ class Config:
     heartbeat_timeout: float
     # The file the values came from (None: defaults and environment only).
     config_path: str | None = field(default=None, compare=False)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def as_dict(self) -> dict[str, Any]:
         """A plain nested dict (lists, not tuples) safe to hand to a child."""
@@ -305,4 +314,5 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         detections=section(DetectionsConfig, "detections"),
         limits=section(LimitsConfig, "limits"),
         config_path=used_path,
+        metrics=section(MetricsConfig, "metrics"),
     )
