@@ -351,8 +351,10 @@ class Collector:
         total = 0
         if recs.lost:
             self.state.lost += recs.lost
-            self._send_header({"kind": "lost", "cpu": self.cpu, "count": recs.lost,
-                               "source": "kernel", "time": self.state.watermark})
+            if not self._send_header({"kind": "lost", "cpu": self.cpu, "count": recs.lost,
+                                      "source": "kernel", "time": self.state.watermark}):
+                key = ("kernel", self.cpu)  # the broker hears of it with the next stats period
+                self.state.unsent_lost[key] = self.state.unsent_lost.get(key, 0) + recs.lost
         for source, arr in self.decoder.decode(buf, recs.samples):
             if source == "bpf:exec":
                 arr = exec_text(arr)

@@ -666,3 +666,48 @@ def test_subscriber_hears_of_output_failures(tmp_path):
     finally:
         sensor.stop()
     assert lost >= OPENS and opens == 0 and cpus == {CPU}, (lost, opens, cpus)
+
+
+def test_a_loss_notice_the_queue_refused_is_sent_later(tmp_path):
+    """A collector whose queue to the broker is full cannot send the kernel's lost
+    count when it reads it: the count waits and reaches the broker with the next
+    stats period, whole (nothing lost without a count that arrives)."""
+    import zmq
+
+    from c8.collectors.main import Collector
+    from c8.protocol import batch, paths
+
+    col = Collector({"run_dir": str(tmp_path), "ring_pages": 1}, CPU)  # nobody reads yet
+    pull = None
+    try:
+        col.apply_plan({"generation": 1, "enabled": True, "bpf": {},
+                        "tracepoints": {"raw_syscalls:sys_enter": {"filter": None}}})
+        while col._send_header({"kind": "filler"}):  # the queue to the broker fills up
+            pass
+        run_child("import os\nfor _ in range(20000): os.getppid()")  # overflows a 1-page ring
+        col.drain()
+        # the kernel writes PERF_RECORD_LOST with the first record that fits again
+        run_child("import os\nfor _ in range(100): os.getppid()")
+        col.drain()
+        assert col.state.lost > 0
+        assert col.state.unsent_lost == {("kernel", CPU): col.state.lost}
+        pull = col.ctx.socket(zmq.PULL)  # the broker comes: the queue drains
+        pull.bind(paths.ipc(paths.ingest(str(tmp_path))))
+        told = 0
+        deadline = time.monotonic() + 10
+        while col.state.unsent_lost and time.monotonic() < deadline:
+            col._report_losses()
+            while pull.poll(50):
+                header, _ = batch.unpack(pull.recv_multipart())
+                if header.get("kind") == "lost" and header.get("source") == "kernel":
+                    told += header["count"]
+        assert not col.state.unsent_lost
+        while pull.poll(200):
+            header, _ = batch.unpack(pull.recv_multipart())
+            if header.get("kind") == "lost" and header.get("source") == "kernel":
+                told += header["count"]
+        assert told == col.state.lost
+    finally:
+        col.close()
+        if pull is not None:
+            pull.close(0)
