@@ -331,3 +331,62 @@ def test_useradd_userdel_one_alert_each_and_shadow_tamper_still_alerts(sensor, r
         return lambda a: pid_of(a) == pid and a["event"]["path"] == "/etc/shadow"
     alert = attempt(rx, "Write below system directory", tamper, "python opening /etc/shadow for writing")
     assert alert["event"]["kind"] == "OPEN" and alert["priority"] == "error"
+
+
+# ---- attribute changes through an fd ----------------------------------------------------------
+
+def test_fchmod_setuid_resolves_path_from_the_fd(sensor, rx, workdir):
+    """fchmod(fd, 04755) carries no name: path is what the fd names (the process keeps it open)."""
+    rule = "Set-user-ID or set-group-ID bit set"
+    holders = []
+
+    def act():
+        target = os.path.join(workdir, f"suid-{uuid.uuid4().hex[:8]}")
+        shutil.copy("/bin/true", target)
+        h = Holder(f"""
+            import os
+            fd = os.open({target!r}, os.O_RDONLY)
+            os.fchmod(fd, 0o755)
+            os.fchmod(fd, 0o4755)
+        """)
+        holders.append((h, target))
+        return lambda a: pid_of(a) == h.pid
+    try:
+        alert = attempt(rx, rule, act, "fchmod(fd, 04755)")
+        target = next(t for h, t in holders if h.pid == pid_of(alert))
+        ev = alert["event"]
+        assert ev["kind"] == "ATTRIBUTE_CHANGE" and ev["filename"] == "" and ev["path"] == target
+        assert ev["open_mode"] == 0o4755 and target in alert["output"]
+        barrier(rx, workdir)
+        assert len([a for a in rx.alerts(rule) if pid_of(a) == pid_of(alert)]) == 1  # not the 0755
+    finally:
+        for h, _ in holders:
+            h.close()
+
+
+def test_chmod_of_shadow_by_name_and_fd(sensor, rx, workdir):
+    """chmod of /etc/shadow to the mode it has (nothing changes) by ../ and through an fd."""
+    rule = "Sensitive file permissions changed"
+    mode = os.stat("/etc/shadow").st_mode & 0o7777
+    holders = []
+
+    def act():
+        h = Holder(f"""
+            import os
+            os.chmod('/etc/../etc/shadow', {mode})
+            fd = os.open('/etc/shadow', os.O_RDONLY)
+            os.fchmod(fd, {mode})
+        """)
+        holders.append(h)
+        return lambda a: pid_of(a) == h.pid
+    try:
+        first = attempt(rx, rule, act, "chmod /etc/../etc/shadow")
+        pid = pid_of(first)
+        got = wait_for(lambda: len([a for a in rx.alerts(rule) if pid_of(a) == pid]) == 2 and
+                       sorted(a["event"]["filename"] for a in rx.alerts(rule) if pid_of(a) == pid),
+                       ATTEMPT_TIMEOUT, 0.1, "chmod and fchmod alerts")
+        assert got == ["", "/etc/../etc/shadow"]
+        assert {a["event"]["path"] for a in rx.alerts(rule) if pid_of(a) == pid} == {"/etc/shadow"}
+    finally:
+        for h in holders:
+            h.close()

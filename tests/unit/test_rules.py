@@ -407,6 +407,26 @@ CASES = {
         {"kind": "EXEC", "exec_filename": "/usr/bin/cat", "exec_command_line": "cat /root/.ssh/id_rsa.pub"},
         {"kind": "EXEC", "exec_filename": "/usr/bin/grep", "exec_command_line": "grep -r TODO src"},
     ]),
+    "Set-user-ID or set-group-ID bit set": ("file", [
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/tmp/x/sh", "open_mode": 0o4755, "ret": 0},
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "", "path": "/opt/tool", "open_mode": 0o2755, "ret": 0},
+    ], [
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/tmp/x/sh", "open_mode": 0o755, "ret": 0},
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/tmp/x/sh", "open_mode": 0o4755, "ret": -1},
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/usr/bin/passwd", "open_mode": 0o4755, "ret": 0,
+         "process_exec_filename": "/usr/bin/dpkg"},
+        {"kind": "CREATE", "filename": "/tmp/d", "open_mode": 0o2775, "ret": 0},
+    ]),
+    "Sensitive file permissions changed": ("file", [
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/etc/shadow", "open_mode": 0o644},
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "", "path": "/etc/sudoers", "owner_uid": 1000},
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "shadow", "path": "", "open_mode": 0o666},
+    ], [
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/etc/passwd", "open_mode": 0o644},
+        {"kind": "ATTRIBUTE_CHANGE", "filename": "/etc/shadow+", "open_mode": 0o640,
+         "process_exec_filename": "/usr/sbin/useradd"},
+        {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_RDONLY},
+    ]),
     "Shell spawned by server": ("process", [
         {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/sbin/nginx"},
         {"kind": "EXEC", "exec_filename": "/usr/bin/bash", "parent_exec_filename": "/usr/lib/postgresql/16/bin/postgres"},
