@@ -240,6 +240,40 @@ def test_exec_full_argv(cap):
     assert records.argv_text(np.array([r["argv"]]))[0] == b"/bin/true a b c"
 
 
+def test_exec_from_a_thread_other_than_the_leader(manager, cap):
+    """A thread that execs returns from execve as the leader (its pid becomes the
+    tgid): its EXEC is recorded all the same, and no pending entry is left behind."""
+    pending = manager.family_maps("exec").pending
+    p = run_child("""
+        import os, threading
+        t = threading.Thread(target=os.execv, args=("/bin/true", ["/bin/true", "from-a-thread"]))
+        t.start(); t.join()
+    """)
+    recs = cap.wait(lambda: [r for r in cap.of(p.pid, "exec") if r["filename"] == b"/bin/true"])
+    assert len(recs) == 1 and recs[0]["ret"] == 0 and recs[0]["argv"] == b"/bin/true\0from-a-thread"
+    assert not any(struct.unpack("<Q", k)[0] >> 32 == p.pid for k in _keys(pending))
+
+
+def _keys(map_fd: int) -> list[bytes]:
+    """The keys of a pending map (u64 pid_tgid)."""
+    import ctypes
+
+    from c8.collectors.bpf import syscalls as sc
+    out, key = [], None
+    while True:
+        k = ctypes.create_string_buffer(key or b"\0" * 8, 8)
+        nk = ctypes.create_string_buffer(8)
+        attr = ctypes.create_string_buffer(sc.ATTR_SIZE)
+        struct.pack_into("<IIQQ", attr, 0, map_fd, 0, ctypes.addressof(k) if key is not None else 0,
+                         ctypes.addressof(nk))
+        try:
+            sc.bpf(sc.MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
+        except sc.BpfError:
+            return out
+        key = nk.raw
+        out.append(key)
+
+
 def test_exec_long_argv_truncated_in_bounds(cap):
     args = ["x" * 100] * 20  # 2 KiB of arguments: fills 1024 bytes exactly
     p = subprocess.Popen(["/bin/true", *args], preexec_fn=_pin)

@@ -137,3 +137,22 @@ def test_counter_entries_are_distinct_and_fill_the_map():
     idx = {losses.index(f, c) for f in losses.FAMILIES for c in range(len(losses.COUNTERS))}
     assert idx == set(range(losses.ENTRIES))
     assert set(losses.FAMILIES) == set(programs.family_names())
+
+
+def _process_keyed(ins) -> bool:
+    """pid_tgid turned into (tgid << 32) | tgid before it is stored as the pending key:
+    rsh 32, lsh 32, or (64-bit), then stx DW to fp-16."""
+    ops = [(op, imm) for op, _d, _s, _o, imm in ins]
+    for i in range(len(ops) - 5):
+        if (ops[i][0], ops[i][1]) == (0x77, 32) and ops[i + 2] == (0x67, 32) and ops[i + 3][0] == 0x4F:
+            st = ins[i + 4]
+            return st[0] == 0x7B and st[1] == 10 and st[3] == programs.PID_TGID
+    return False
+
+
+def test_exec_records_are_keyed_by_process_the_rest_by_thread():
+    # a thread that execs comes back from execve as the leader: its exit must find the record
+    for fam, scs in programs.FAMILIES.items():
+        for sc in scs:
+            for prog in (programs.enter_program(fam, sc, MAPS), programs.exit_program(fam, sc, MAPS)):
+                assert _process_keyed(disassemble(prog.assemble())) == (fam == "exec"), prog.name

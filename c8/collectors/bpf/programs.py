@@ -11,6 +11,12 @@ Each syscall of a family gets two tracepoint programs:
   peer, recvfrom's source, recvmsg's msg_name), write it into this CPU's
   perf ring with bpf_perf_event_output and delete the entry.
 
+Pending records are keyed by pid_tgid, except the exec family's: by the process
+(tgid in both halves). A thread other than the leader that execs successfully
+returns as the leader (the kernel gives it the tgid as its pid), so its exit
+would not find a record keyed by its old tid: the EXEC would be lost, uncounted,
+and the entry left in the map for good.
+
 Family ``exit`` has one program on sched:sched_process_exit that reads the
 raw wait status from ``current->exit_code`` (offset from BTF) and outputs at
 once. A user string that cannot be read (page not present) leaves its field
@@ -202,6 +208,7 @@ DEFAULTS = {"dirfd": AT_FDCWD, "olddirfd": AT_FDCWD, "newdirfd": AT_FDCWD,
             "owner_uid": rec.NO_ID, "owner_gid": rec.NO_ID, "fd": -1}
 
 EXIT_FAMILY = "exit"
+EXEC_FAMILY = "exec"
 EXIT_TRACEPOINT = "sched:sched_process_exit"
 
 
@@ -268,6 +275,11 @@ def _ignore_check(p: Program, ignore_fd: int, out: str) -> None:
     p.mov(R1, R0).rshi(R1, 32).stx(W, FP, TGID, R1)
     p.ld_map_fd(R1, ignore_fd).mov(R2, FP).addi(R2, TGID).call(MAP_LOOKUP_ELEM)
     p.jmp("jne", R0, None, 0, out)
+
+
+def _process_key(p: Program, reg: int) -> None:
+    """reg = pid_tgid -> (tgid << 32) | tgid, the pending key of the exec family. Clobbers r1."""
+    p.mov(R1, reg).rshi(R1, 32).mov(reg, R1).lshi(reg, 32).alu("or", reg, R1)
 
 
 def _sext32(p: Program, reg: int) -> None:
@@ -349,6 +361,9 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     out, drop, save = "out", "drop", "save"
     p.mov(R6, R1)
     _ignore_check(p, maps.ignore, out)
+    if family == EXEC_FAMILY:
+        _process_key(p, R7)
+        p.stx(DW, FP, PID_TGID, R7)
     p.st(W, FP, KEY0, 0)
     _lookup(p, maps.config, KEY0, out)
     p.mov(R9, R0)
@@ -443,7 +458,10 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     _tag, dt = rec.RECORDS[family]
     p = Program(f"c8x_{sc.name}")
     p.mov(R6, R1)
-    p.call(GET_CURRENT_PID_TGID).stx(DW, FP, PID_TGID, R0)
+    p.call(GET_CURRENT_PID_TGID)
+    if family == EXEC_FAMILY:
+        _process_key(p, R0)
+    p.stx(DW, FP, PID_TGID, R0)
     _lookup(p, maps.pending, PID_TGID, "out")
     p.mov(R8, R0)
     # an entry left by another syscall of the family (missed exit): drop it, counted
