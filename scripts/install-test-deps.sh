@@ -12,5 +12,8 @@ else
 fi
 # systemd: systemd-analyze verifies the unit scripts/install.sh installs (tests/integration/test_install.py).
 apt-get install -y -qq linux-perf gcc binutils iproute2 util-linux passwd systemd >/dev/null
+# prometheus: the metrics test scrapes a sensor with Debian's Prometheus server
+# (tests/integration/test_metrics_prometheus.py).
+apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 python -m pip install -q -e '.[test]'
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing

@@ -289,7 +289,6 @@ class Detector:
                  last)
 
     def _consume(self, holder: list, stop: threading.Event) -> str:
-        quiet = 0.0
         while not stop.is_set():
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
@@ -301,20 +300,19 @@ class Detector:
                     except Exception as exc:  # the broker refused or is away: start over
                         return f"cannot subscribe for the reloaded rules: {exc}"
             sub = holder[0]
-            got = False
-            # whole windows: leaving between two of them loses nothing; idle: come back
-            # to look at the flags when nothing happens (ticks alone never end windows())
+            last = time.monotonic()
+            # whole windows: leaving between two of them loses nothing. The iteration
+            # ends after POLL_S without events while ticks come (to look at the flags),
+            # or after BROKER_SILENCE_S without any message at all
             for window in _windows(sub):
-                got = True
+                last = time.monotonic()
                 for category, batch, containers in window:
                     self.handle(category, batch, containers)
                 if stop.is_set() or self.reload_requested.is_set():
                     break
             if getattr(sub, "ended", None):
                 return f"ended by the broker: {sub.ended}"
-            # batches() returns after POLL_S without any message, ticks included
-            quiet = 0.0 if got else quiet + POLL_S
-            if quiet >= BROKER_SILENCE_S:
+            if time.monotonic() - last >= BROKER_SILENCE_S:
                 return f"no message from the broker for {BROKER_SILENCE_S:.0f}s"
         return "stopping"
 
@@ -323,8 +321,8 @@ def _windows(sub):
     """Windows of a subscription; a source offering only batches (a replay) gives
     each batch as a window of its own."""
     if hasattr(sub, "windows"):
-        return sub.windows(timeout=POLL_S, idle=POLL_S)
-    return ([b] for b in sub.batches(timeout=POLL_S))
+        return sub.windows(timeout=BROKER_SILENCE_S, idle=POLL_S)
+    return ([b] for b in sub.batches(timeout=BROKER_SILENCE_S))
 
 
 def _entries(config: dict) -> list:

@@ -118,7 +118,8 @@ class Supervisor:
         self.metrics = None  # c8.supervisor.metrics.MetricsServer when metrics.listen is set
         self.snapshot = None  # what the loop publishes for the metrics threads
         self.reload_status: dict | None = None  # the last reload, as supervisor.json shows it
-        self._reload_pending: tuple[int, reloading.ReloadPlan, float] | None = None
+        # (generation, plan, deadline, pid signalled or None) while the detector decides
+        self._reload_pending: tuple[int, reloading.ReloadPlan, float, int | None] | None = None
 
     # -- start-up
     def prepare(self) -> tuple[int, int]:
@@ -229,11 +230,9 @@ class Supervisor:
         if plan.restart_needed:
             log.warning("reload %d: %s changed but only a restart applies them (running values "
                         "kept)", generation, ", ".join(plan.restart_needed))
-        detector = next((c for c in (self.children.children if self.children else [])
-                         if c.name == "c8-detector" and c.state is State.RUNNING and c.pid), None)
         self.reload_status = {"generation": generation, "state": "pending", "time": _now_iso(),
                               "changed": plan.changed, "restart_needed": plan.restart_needed}
-        if detector is None:  # no detector to ask (disabled, or restarting: it starts with the new)
+        if self._detector() is None:  # none to ask (disabled, or restarting: it starts with the new)
             return self._commit_reload(generation, plan)
         new_files = [o["path"] for o in plan.merged.alert_output.outputs
                      if o.get("type") == "file" and o.get("enabled", True) and o.get("path")]
@@ -244,21 +243,41 @@ class Supervisor:
                                json.dumps({"generation": generation,
                                            "config": plan.merged.as_dict()}).encode(),
                                gid=self.gid)
-            os.kill(detector.pid, signal.SIGHUP)
         except (OSError, privileges.PrivilegeError) as e:
             return self._end_reload(generation, "refused", error=f"cannot hand it to the detector: {e}")
-        self._reload_pending = (generation, plan, time.monotonic() + RELOAD_TIMEOUT)
+        self._reload_pending = (generation, plan, time.monotonic() + RELOAD_TIMEOUT, None)
         log.info("reload %d: configuration valid (live changes: %s); the detector loads the rules",
                  generation, ", ".join(plan.changed) or "none")
+        self.poll_reload()
+
+    def _detector(self):
+        return next((c for c in (self.children.children if self.children else [])
+                     if c.name == "c8-detector" and c.pid
+                     and c.state in (State.STARTING, State.RUNNING)), None)
 
     def poll_reload(self) -> None:
-        """The detector's verdict on the pending reload (run_dir/detector.json)."""
+        """Signal the detector once it is ready, then read its verdict on the
+        pending reload (run_dir/detector.json)."""
         if self._reload_pending is None:
             return
-        generation, plan, deadline = self._reload_pending
-        from c8.supervisor.metrics import read_detector_stats
-
-        verdict = (read_detector_stats(self.cfg.run_dir) or {}).get("reload") or {}
+        generation, plan, deadline, signalled = self._reload_pending
+        stats = reloading.read_detector_stats(self.cfg.run_dir) or {}
+        detector = self._detector()
+        if detector is None or (signalled is not None and detector.pid != signalled):
+            # it exited (or restarted) meanwhile: the next one starts with the new config
+            self._reload_pending = None
+            return self._commit_reload(generation, plan)
+        if signalled is None:
+            # SIGHUP only once it has said it handles it (its detector.json): before, the
+            # signal's default action would end it
+            if stats.get("pid") == detector.pid:
+                os.kill(detector.pid, signal.SIGHUP)
+                self._reload_pending = (generation, plan, deadline, detector.pid)
+            elif time.monotonic() > deadline:
+                self._reload_pending = None
+                self._end_reload(generation, "refused", error="the detector did not start in time")
+            return
+        verdict = stats.get("reload") or {}
         if verdict.get("generation") == generation and verdict.get("state") == "accepted":
             self._reload_pending = None
             self._commit_reload(generation, plan, rules=verdict.get("rules"))
@@ -271,6 +290,7 @@ class Supervisor:
                                                           f"{RELOAD_TIMEOUT:.0f}s")
 
     def _commit_reload(self, generation: int, plan: reloading.ReloadPlan, rules=None) -> None:
+        self._reload_pending = None
         try:  # the broker reads limits.* from it within a second
             files.write_atomic(paths.accepted_config(self.cfg.run_dir),
                                json.dumps(plan.merged.as_dict()).encode(), gid=self.gid)

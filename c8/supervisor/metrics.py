@@ -19,7 +19,6 @@ management network. It uses its own ZeroMQ context, never the children's.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -34,13 +33,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from c8.protocol import control, paths
+from c8.supervisor.reload import read_detector_stats
 
 log = logging.getLogger("c8.supervisor.metrics")
 
 BROKER_DEADLINE_S = 1.0     # a scrape never waits longer on the broker
 COLLECTOR_PERIOD_S = 1.0    # collectors send stats every second
 HEALTH_SILENCE_S = 3.0      # a collector silent this long is unhealthy (3 periods)
-MAX_DETECTOR_STATS = 1 << 20
 
 
 class MetricsError(Exception):
@@ -121,18 +120,6 @@ class BrokerStatus:
 
     def close(self) -> None:
         self.ctx.term()
-
-
-def read_detector_stats(run_dir: str) -> dict | None:
-    """run_dir/detector.json (written by the detector as sensor_user), or None."""
-    try:
-        fd = os.open(paths.detector_stats(run_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(MAX_DETECTOR_STATS + 1)
-        data = json.loads(raw) if len(raw) <= MAX_DETECTOR_STATS else None
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _num(v) -> float:

@@ -14,12 +14,16 @@ the processes is in docs/operations.md.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 
+from c8.protocol import paths
 from c8.supervisor import config
 from c8.supervisor.config import Config
 
 LIVE_PREFIXES = ("alert_output.", "detections.rules", "limits.")
+MAX_DETECTOR_STATS = 1 << 20
 
 
 def is_live(key: str) -> bool:
@@ -46,3 +50,17 @@ def plan_reload(running: Config) -> ReloadPlan:
         detections=dataclasses.replace(running.detections, rules=new.detections.rules))
     return ReloadPlan(merged, [k for k in changed if is_live(k)],
                       [k for k in changed if not is_live(k)])
+
+
+def read_detector_stats(run_dir: str) -> dict | None:
+    """run_dir/detector.json, which the detector (sensor_user) writes every second
+    and after each reload: its pid, alert counts, reload verdict. None when absent
+    or not a small JSON map; never followed through a symlink."""
+    try:
+        fd = os.open(paths.detector_stats(run_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_DETECTOR_STATS + 1)
+        data = json.loads(raw) if len(raw) <= MAX_DETECTOR_STATS else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

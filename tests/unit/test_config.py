@@ -338,7 +338,7 @@ def test_every_key_loads_from_its_env_name():
                "listen_tcp": "", "curve_server_secret_key_file": "/k",
                "curve_authorized_keys_dir": "/d", "sensor_id_file": "/s", "log_level": "debug",
                "curve_admin_keys_dir": "/a", "allow_probes": "0,group:root",
-               "heartbeat_timeout": "3s",
+               "heartbeat_timeout": "3s", "metrics.listen": "127.0.0.1:9464",
                **{n: "7" for n in config.KEYS if n.startswith("limits.")}}
     env = {}
     for name, key in config.KEYS.items():
