@@ -390,3 +390,137 @@ def test_chmod_of_shadow_by_name_and_fd(sensor, rx, workdir):
     finally:
         for h in holders:
             h.close()
+
+
+# ---- persistence and covering tracks ----------------------------------------------------------
+
+def py(code: str) -> int:
+    """Run python code in a child process to its end; its pid."""
+    return run([sys.executable, "-c", textwrap.dedent(code)])
+
+
+def check_rule(rx: Receivers, workdir: str, rule: str, benign_act, attack, what: str) -> dict:
+    """benign_act() -> pids that must not alert; attack() -> (pid, match(alert))."""
+    benign: set[int] = set()
+
+    def act():
+        benign.update(benign_act())
+        pid, match = attack()
+        return lambda a: pid_of(a) == pid and match(a)
+    alert = attempt(rx, rule, act, what)
+    barrier(rx, workdir)
+    no_alert(rx, rule, benign)
+    return alert
+
+
+def test_ld_so_preload_written(sensor, rx, workdir):
+    # an empty /etc/ld.so.preload, removed at once: no program loads anything from it
+    assert not os.path.exists("/etc/ld.so.preload"), "this host already has /etc/ld.so.preload"
+
+    def benign():
+        return {py("import os\ntry: os.close(os.open('/etc/ld.so.preload', os.O_RDONLY))\nexcept OSError: pass")}
+
+    def attack():
+        pid = py("""
+            import os
+            os.chdir('/etc')
+            try:
+                os.close(os.open('./ld.so.preload', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            finally:
+                os.unlink('/etc/ld.so.preload')
+        """)
+        return pid, lambda a: a["event"]["kind"] == "OPEN"
+    alert = check_rule(rx, workdir, "Dynamic linker preload modified", benign, attack, "open ld.so.preload for writing")
+    assert alert["priority"] == "critical" and alert["event"]["filename"] == "./ld.so.preload"
+    assert alert["event"]["path"] in ("/etc/ld.so.preload", "")
+
+
+def test_authorized_keys_written(sensor, rx, workdir):
+    ssh = os.path.join(workdir, "home", ".ssh")
+    os.makedirs(ssh, exist_ok=True)
+    keys = os.path.join(ssh, "authorized_keys")
+
+    def benign():
+        return {py(f"open({os.path.join(ssh, 'known_hosts')!r}, 'a').write('x\\n')"),
+                py(f"import os\nif os.path.exists({keys!r}): open({keys!r}).read()")}
+
+    def attack():
+        pid = py(f"open({keys!r}, 'a').write('ssh-ed25519 AAAA c8-test\\n')")
+        return pid, lambda a: a["event"]["path"] == keys
+    alert = check_rule(rx, workdir, "SSH authorized_keys modified", benign, attack, "append to authorized_keys")
+    assert alert["event"]["kind"] == "OPEN" and alert["priority"] == "error"
+
+
+def test_cron_file_written(sensor, rx, workdir):
+    made = []
+
+    def benign():
+        return {run(["/bin/ls", "/etc"], stdout=subprocess.DEVNULL)}
+
+    def attack():
+        path = f"/etc/cron.d/c8-test-{uuid.uuid4().hex[:8]}"
+        made.append(path)
+        pid = py(f"open({path!r}, 'w').write('# c8 test: no job\\n')")
+        return pid, lambda a: a["event"]["path"] == path
+    try:
+        alert = check_rule(rx, workdir, "Cron job scheduled", benign, attack, "a file in /etc/cron.d")
+        assert alert["event"]["kind"] == "OPEN"
+    finally:
+        for p in made:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_log_truncated_and_deleted(sensor, rx, workdir):
+    rule = "Log file truncated or deleted"
+    logs = []
+
+    def benign():
+        log = f"/var/log/c8-test-{uuid.uuid4().hex[:8]}.log"
+        logs.append(log)
+        return {run(["bash", "-c", f"echo one >> {log}; echo two >> {log}"])}
+
+    def attack():
+        log = logs[-1]
+        pid = run(["bash", "-c", f": > {log}"])
+        return pid, lambda a: a["event"]["path"] == log and a["event"]["kind"] == "OPEN"
+    try:
+        check_rule(rx, workdir, rule, benign, attack, ": > /var/log/<file>")
+        rm = run(["/bin/rm", logs[-1]])
+        wait_for(lambda: [a for a in rx.alerts(rule) if pid_of(a) == rm and a["event"]["kind"] == "DELETE"],
+                 ATTEMPT_TIMEOUT, 0.1, "rm of a log")
+    finally:
+        for p in logs:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_shell_history_truncated(sensor, rx, workdir):
+    hist = os.path.join(workdir, "home", ".bash_history")
+    os.makedirs(os.path.dirname(hist), exist_ok=True)
+
+    def benign():
+        return {run(["bash", "-c", f"echo ls >> {hist}"])}
+
+    def attack():
+        pid = py(f"open({hist!r}, 'w').close()")
+        return pid, lambda a: a["event"]["path"] == hist
+    alert = check_rule(rx, workdir, "Shell history deleted or truncated", benign, attack, "truncate .bash_history")
+    assert alert["event"]["kind"] == "OPEN" and alert["event"]["open_flags"] & 0x200
+
+
+def test_kernel_module_load(sensor, rx, workdir):
+    def benign():
+        # delete_module of a module that is not there: a module call, not a load
+        return {py("import ctypes; ctypes.CDLL(None).syscall(176, b'c8_none', 0)")}
+
+    def attack():
+        # finit_module(-1, "", 0): refused (EBADF; ENOSYS without module support), but asked
+        pid = py("""
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.syscall(313, -1, b"", 0) == -1 and ctypes.get_errno() in (9, 38)
+        """)
+        return pid, lambda a: a["event"]["id"] == 313
+    alert = check_rule(rx, workdir, "Kernel module load", benign, attack, "finit_module")
+    assert alert["event"]["kind"] == "ENTER"

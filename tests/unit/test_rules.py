@@ -427,6 +427,66 @@ CASES = {
          "process_exec_filename": "/usr/sbin/useradd"},
         {"kind": "OPEN", "filename": "/etc/shadow", "open_flags": O_RDONLY},
     ]),
+    "Dynamic linker preload modified": ("file", [
+        {"kind": "OPEN", "filename": "/etc/ld.so.preload", "open_flags": O_WRONLY | O_CREAT | O_TRUNC},
+        {"kind": "OPEN", "filename": "ld.so.preload", "path": "/etc/ld.so.preload", "open_flags": O_WRONLY},
+        {"kind": "RENAME", "oldname": "/tmp/p", "newname": "/etc/ld.so.preload", "filename": "/etc/ld.so.preload"},
+        {"kind": "OPEN", "filename": "../etc/ld.so.preload", "path": "", "open_flags": O_RDWR},
+    ], [
+        {"kind": "OPEN", "filename": "/etc/ld.so.preload", "open_flags": O_RDONLY | O_CLOEXEC},
+        {"kind": "OPEN", "filename": "/etc/ld.so.cache", "open_flags": O_WRONLY},
+        {"kind": "DELETE", "filename": "/etc/ld.so.preload"},
+    ]),
+    "SSH authorized_keys modified": ("file", [
+        {"kind": "OPEN", "filename": "/root/.ssh/authorized_keys", "open_flags": O_WRONLY | O_CREAT | 0x400},
+        {"kind": "RENAME", "oldname": "/tmp/k", "newname": "/home/u/.ssh/authorized_keys2",
+         "filename": "/home/u/.ssh/authorized_keys2"},
+        {"kind": "OPEN", "filename": ".ssh/authorized_keys", "path": "", "open_flags": O_WRONLY},
+    ], [
+        {"kind": "OPEN", "filename": "/root/.ssh/authorized_keys", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/root/.ssh/known_hosts", "open_flags": O_WRONLY},
+    ]),
+    "Cron job scheduled": ("file", [
+        {"kind": "OPEN", "filename": "/etc/cron.d/evil", "open_flags": O_WRONLY | O_CREAT},
+        {"kind": "OPEN", "filename": "/etc/crontab", "open_flags": O_WRONLY | 0x400},
+        {"kind": "RENAME", "oldname": "crontabs/tmp.X", "newname": "crontabs/root",
+         "filename": "crontabs/root", "path": "/var/spool/cron/crontabs/root",
+         "oldpath": "/var/spool/cron/crontabs/tmp.X"},
+        {"kind": "OPEN", "filename": "cron.d/evil", "path": "", "open_flags": O_WRONLY | O_CREAT},
+    ], [
+        {"kind": "OPEN", "filename": "/etc/crontab", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/etc/cron.daily/logrotate", "open_flags": O_RDONLY | O_CLOEXEC},
+    ]),
+    "Log file truncated or deleted": ("file", [
+        {"kind": "OPEN", "filename": "/var/log/auth.log", "open_flags": O_WRONLY | O_TRUNC},
+        {"kind": "DELETE", "filename": "/var/log/wtmp"},
+        {"kind": "RENAME", "oldname": "/var/log/syslog", "newname": "/tmp/s", "filename": "/tmp/s"},
+    ], [
+        {"kind": "OPEN", "filename": "/var/log/auth.log", "open_flags": O_WRONLY | 0x400},
+        {"kind": "OPEN", "filename": "/var/log/syslog", "open_flags": O_WRONLY | O_TRUNC,
+         "process_exec_filename": "/usr/sbin/logrotate"},
+        {"kind": "RENAME", "oldname": "/var/log/syslog", "newname": "/var/log/syslog.1",
+         "filename": "/var/log/syslog.1"},
+        {"kind": "OPEN", "filename": "/tmp/x.log", "open_flags": O_WRONLY | O_TRUNC},
+    ]),
+    "Shell history deleted or truncated": ("file", [
+        {"kind": "DELETE", "filename": "/root/.bash_history"},
+        {"kind": "OPEN", "filename": "/home/u/.zsh_history", "open_flags": O_WRONLY | O_TRUNC},
+        {"kind": "SYMLINK", "oldname": "/dev/null", "newname": "/root/.bash_history",
+         "filename": "/root/.bash_history"},
+        {"kind": "DELETE", "filename": ".bash_history", "path": ""},
+    ], [
+        {"kind": "OPEN", "filename": "/root/.bash_history", "open_flags": O_WRONLY | 0x400},
+        {"kind": "OPEN", "filename": "/root/.bash_history", "open_flags": O_RDONLY},
+        {"kind": "DELETE", "filename": "/root/history.txt"},
+    ]),
+    "Kernel module load": ("syscall", [
+        {"kind": "ENTER", "id": 313, "arg0": 3},
+        {"kind": "ENTER", "id": 175},
+    ], [
+        {"kind": "ENTER", "id": 176},
+        {"kind": "EXIT", "id": 313, "ret": 0},
+    ]),
     "Shell spawned by server": ("process", [
         {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/sbin/nginx"},
         {"kind": "EXEC", "exec_filename": "/usr/bin/bash", "parent_exec_filename": "/usr/lib/postgresql/16/bin/postgres"},
