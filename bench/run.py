@@ -24,11 +24,12 @@ import bench_cost  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_pushdown  # noqa: E402
+import bench_replay  # noqa: E402
 import bench_storm  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl")
+ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl", "replay")
 
 
 def decode(quick: bool) -> dict:
@@ -60,6 +61,8 @@ def run_all(names: list[str], quick: bool) -> dict[str, dict]:
             res = bench_pushdown.run(quick)
         elif name == "c8ctl":
             res = bench_c8ctl.run(quick)
+        elif name == "replay":
+            res = bench_replay.run(quick)
         else:
             res = decode(quick)
         res["seconds"] = time.monotonic() - t0

@@ -355,16 +355,28 @@ def _containers(rows: pa.Table) -> tuple[np.ndarray, dict]:
     return slot[indices], table
 
 
-def rows_to_batch(category: str, rows: pa.Table) -> tuple[np.ndarray, CaptureTables]:
-    """Capture rows of one category as the broker's structured array and batch table."""
-    dt = schema.dtype(category)
+def rows_to_batch(category: str, rows: pa.Table, narrow: bool = True) -> tuple[np.ndarray, CaptureTables]:
+    """Capture rows of one category as the broker's structured array and batch table.
+
+    ``narrow``: each string column only as wide as its longest value (at most the
+    declared width), as the wire sends them before a client pads them back: the
+    filter masks scan less; the values are the same."""
+    declared = schema.dtype(category)
     n = rows.num_rows
-    out = np.zeros(n, dt)
     present = set(rows.column_names)
-    for name in dt.names:
-        if name == "container" or name not in present:
-            continue
-        col = rows.column(name).combine_chunks()
+    cols: dict[str, pa.Array] = {}
+    formats = []
+    for name in declared.names:
+        t = declared.fields[name][0]
+        if name != "container" and name in present:
+            cols[name] = rows.column(name).combine_chunks()
+        if t.kind == "S" and narrow and name in cols:
+            used = pc.max(pc.binary_length(cols[name])).as_py() or 0
+            t = np.dtype(f"S{min(max(used, 1), t.itemsize)}")
+        formats.append((name, t))
+    dt = np.dtype(formats)
+    out = np.zeros(n, dt)
+    for name, col in cols.items():
         t = dt.fields[name][0]
         if name == "kind":
             out[name] = _codes(category, col)
