@@ -47,7 +47,7 @@ def record_workload(path: str, seconds: float) -> dict:
             marker = os.path.join(os.path.dirname(path), "replay-marker")
             with open(marker, "w") as f:
                 f.write("x")
-            w = c.Workload("paced_open", OPEN_RATE, seconds, marker, cpu=c.STORM_CPU)
+            w = c.Workload("paced", OPEN_RATE, seconds, marker, cpu=c.STORM_CPU)
             w.go()
             stats = capture.record(sub, path, duration=seconds + 0.5)
             w.wait()

@@ -6,7 +6,7 @@ Three cases, each a subscription written the way the README shows them:
 - enter+exit:  filter ``id == 110`` (two events a call)
 - file opens:  filter ``kind == "OPEN" and filename like "/tmp/c8open*"`` (eBPF names)
 
-The loop (bench/common.py "paced", "paced_open") counts its own calls exactly
+The loop (bench/common.py "paced") counts its own calls exactly
 and runs at each rate in turn for ``seconds``; one Python-client subscriber
 counts the events of the loop's pid with Subscription.batches(). perf record
 gets ``-m <ring_pages>`` and the same kernel filter (for opens, perf cannot read
@@ -37,7 +37,7 @@ def _cases() -> list[dict]:
          "spec": {"events": {"syscall": {"filter": f"id == {nr}"}}},
          "category": "syscall", "perf_events": ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"],
          "perf_filter": f"id == {nr}"},
-        {"name": "file opens (eBPF)", "program": "paced_open", "per_call": 1, "args": [OPEN_PATH],
+        {"name": "file opens (eBPF)", "program": "paced", "per_call": 1, "args": [OPEN_PATH],
          "spec": {"events": {"file": {"filter": 'kind == "OPEN" and filename like "/tmp/c8open*"'}}},
          "category": "file", "perf_events": ["syscalls:sys_enter_openat"], "perf_filter": None},
     ]

@@ -70,41 +70,18 @@ int main(int argc, char **argv) {
     return 0;
 }
 """,
-    # rate per second for seconds: bursts every millisecond on an absolute clock
+    # rate per second for seconds: bursts every millisecond on an absolute clock; each
+    # call a getppid, or with a path argument an open()+close() of it (eBPF file events)
     "paced": r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
-#include <sys/syscall.h>
-static long ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
-int main(int argc, char **argv) {
-    long rate = atol(argv[1]); double secs = atof(argv[2]); char line[8];
-    printf("%d\n", getpid()); fflush(stdout);
-    if (!fgets(line, sizeof line, stdin)) return 1;
-    long t0 = ns(), total = (long)(rate * secs), done = 0;
-    struct timespec next; clock_gettime(CLOCK_MONOTONIC, &next);
-    while (done < total) {
-        long due = (long)((double)(ns() - t0) * rate / 1e9) + 1;
-        if (due > total) due = total;
-        for (; done < due; done++) syscall(SYS_getppid);
-        next.tv_nsec += 1000000; if (next.tv_nsec >= 1000000000) { next.tv_nsec -= 1000000000; next.tv_sec++; }
-        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
-    }
-    printf("%ld %ld\n", done, ns() - t0); fflush(stdout);
-    return 0;
-}
-""",
-    # like "paced", but each call is an open()+close() of argv[3] (file events via eBPF)
-    "paced_open": r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <sys/syscall.h>
 static long ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
 int main(int argc, char **argv) {
-    long rate = atol(argv[1]); double secs = atof(argv[2]); const char *path = argv[3]; char line[8];
+    long rate = atol(argv[1]); double secs = atof(argv[2]); const char *path = argc > 3 ? argv[3] : 0; char line[8];
     printf("%d\n", getpid()); fflush(stdout);
     if (!fgets(line, sizeof line, stdin)) return 1;
     long t0 = ns(), total = (long)(rate * secs), done = 0;
@@ -112,7 +89,10 @@ int main(int argc, char **argv) {
     while (done < total) {
         long due = (long)((double)(ns() - t0) * rate / 1e9) + 1;
         if (due > total) due = total;
-        for (; done < due; done++) { int fd = open(path, O_RDONLY); if (fd >= 0) close(fd); }
+        for (; done < due; done++) {
+            if (path) { int fd = open(path, O_RDONLY); if (fd >= 0) close(fd); }
+            else syscall(SYS_getppid);
+        }
         next.tv_nsec += 1000000; if (next.tv_nsec >= 1000000000) { next.tv_nsec -= 1000000000; next.tv_sec++; }
         clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
     }
