@@ -150,3 +150,25 @@ def test_not_a_capture_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"a": [1]}), tmp_path / "y.parquet")
     with pytest.raises(capture.CaptureError, match="not a c8 capture"):
         list(capture.read_batches(str(tmp_path / "y.parquet")))
+
+
+def test_every_query_in_the_docs_runs(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "captures.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 8
+    proc, files = batch("process", 60, 3), batch("file", 40, 4)
+    for arr in (proc, files):  # CLOCK_MONOTONIC values a host has (days, not centuries)
+        arr["sensor_monotime_nanos"] = arr["sensor_sequence_number"] * 1000
+    windows = [[with_lineage(*over_the_wire("process", proc)), over_the_wire("file", files)]]
+    path = tmp_path / "capture.parquet"
+    with capture.CaptureWriter(str(path), SENSOR, {"c8.wall_minus_monotime_nanos": "1700000000000000000"}) as w:
+        for window in windows:
+            w.write_window(window)
+    con = duckdb.connect()
+    for block in blocks:
+        for query in filter(str.strip, block.split(";")):
+            con.sql(query.replace("'capture.parquet'", f"'{path}'")).fetchall()
