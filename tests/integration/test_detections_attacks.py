@@ -524,3 +524,40 @@ def test_kernel_module_load(sensor, rx, workdir):
         return pid, lambda a: a["event"]["id"] == 313
     alert = check_rule(rx, workdir, "Kernel module load", benign, attack, "finit_module")
     assert alert["event"]["kind"] == "ENTER"
+
+
+# ---- a process in its own root ---------------------------------------------------------------
+
+def test_chrooted_process_paths_stay_in_its_root(sensor, rx, workdir):
+    """A chrooted process's names resolve inside its root and read as it sees them:
+    '..' past its root stays there, an absolute symlink points inside it."""
+    rule = "Read sensitive file"
+    jail = tempfile.mkdtemp(prefix="c8-jail-")
+    os.makedirs(os.path.join(jail, "etc"))
+    os.makedirs(os.path.join(jail, "data"))
+    with open(os.path.join(jail, "etc", "shadow"), "w") as f:
+        f.write("root:*:1::::::\n")
+    os.symlink("/etc", os.path.join(jail, "data", "cfg"))  # absolute: the jail's /etc
+    holders = []
+
+    def act():
+        h = Holder(f"""
+            import os
+            os.chroot({jail!r})
+            os.chdir('/data')
+            os.close(os.open('../../../etc/shadow', os.O_RDONLY))
+            os.close(os.open('cfg/shadow', os.O_RDONLY))
+        """)
+        holders.append(h)
+        return lambda a: pid_of(a) == h.pid
+    try:
+        first = attempt(rx, rule, act, "open in a chroot")
+        pid = pid_of(first)
+        got = wait_for(lambda: len([a for a in rx.alerts(rule) if pid_of(a) == pid]) == 2 and
+                       {a["event"]["filename"]: a["event"]["path"] for a in rx.alerts(rule) if pid_of(a) == pid},
+                       ATTEMPT_TIMEOUT, 0.1, "both reads in the chroot")
+        assert got == {"../../../etc/shadow": "/etc/shadow", "cfg/shadow": "/etc/shadow"}
+    finally:
+        for h in holders:
+            h.close()
+        shutil.rmtree(jail, ignore_errors=True)
