@@ -183,6 +183,7 @@ class CaptureWriter:
         self._pending_rows = 0
         self.rows = 0
         self.row_groups = 0
+        self.not_stored: set[str] = set()  # columns of batches the schema has no place for (arg_*)
 
     def __enter__(self) -> CaptureWriter:
         return self
@@ -193,6 +194,8 @@ class CaptureWriter:
     def write_window(self, window: list[tuple[str, np.ndarray, dict]]) -> int:
         """Append one window's batches, its rows in sensor sequence order; returns rows."""
         batches = [batch_to_arrow(c, a, t, self.sensor_id, self.schema) for c, a, t in window if len(a)]
+        for _, a, _ in window:
+            self.not_stored.update(n for n in a.dtype.names if n not in FIELD_DTYPES and n not in NOT_STORED)
         if not batches:
             return 0
         order = jsonlines.sequence_order([w for w in window if len(w[1])])
@@ -275,8 +278,11 @@ def record(sub, path: str, count: int | None = None, duration: float | None = No
         seconds = time.monotonic() - start
         writer.close({"c8.recorded": {"events": events, "seconds": round(seconds, 3),
                                       "lost": dict(sub.lost), "ended": sub.ended}})
-    return {"path": path, "events": events, "rows": writer.rows, "row_groups": writer.row_groups,
-            "seconds": round(seconds, 3), "lost": dict(sub.lost), "ended": sub.ended}
+    out = {"path": path, "events": events, "rows": writer.rows, "row_groups": writer.row_groups,
+           "seconds": round(seconds, 3), "lost": dict(sub.lost), "ended": sub.ended}
+    if writer.not_stored:
+        out["columns_not_stored"] = sorted(writer.not_stored)
+    return out
 
 
 # -- reading ---------------------------------------------------------------------------

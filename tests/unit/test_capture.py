@@ -172,3 +172,12 @@ def test_every_query_in_the_docs_runs(tmp_path):
     for block in blocks:
         for query in filter(str.strip, block.split(";")):
             con.sql(query.replace("'capture.parquet'", f"'{path}'")).fetchall()
+
+
+def test_probe_argument_columns_are_named_as_not_stored(tmp_path):
+    src = over_the_wire("kernel_call", batch("kernel_call", 10, 1, [("arg_fd", "<i4"), ("arg_name", "S32")]))
+    w = write(tmp_path / "k.parquet", [[src]])
+    assert w.rows == 10 and w.not_stored == {"arg_fd", "arg_name"}
+    (category, arr, _), = capture.read_batches(str(tmp_path / "k.parquet"))
+    assert category == "kernel_call"
+    assert jsonlines.strings(arr["symbol"]) == jsonlines.strings(src[1]["symbol"])
