@@ -56,6 +56,12 @@ def exec_and_pid(s: Sensor, name: str) -> int:
     return p.pid
 
 
+def output_alerts(s: Sensor) -> int:
+    """Alerts the file output's limiter passed on (run_dir/detector.json, every second)."""
+    with open(os.path.join(s.run_dir, "detector.json")) as f:
+        return json.load(f)["outputs"]["0:file"]["alerts"]
+
+
 def detector_pid(s: Sensor) -> int:
     return next(c["pid"] for c in s.children() if c["name"] == "c8-detector")
 
@@ -89,6 +95,7 @@ def test_sighup_swaps_a_rule_without_restarting_the_detector(rsensor):
     a_pid = exec_and_pid(s, "c8reload-a")
     wait_for(lambda: any(a["process"]["pid"] == a_pid for a in alerts(s, "Rule A")), 30, 0.1,
              "Rule A's alert before the reload")
+    delivered = wait_for(lambda: output_alerts(s), 10, 0.2, "the file output's count")
     before = supervisor_reload(s).get("generation", 0)
     (s.dir / "rules.yaml").write_text(RULE.format(name="Rule B", binary="c8reload-b"))
     s.proc.send_signal(signal.SIGHUP)
@@ -102,6 +109,8 @@ def test_sighup_swaps_a_rule_without_restarting_the_detector(rsensor):
     assert not [a for a in alerts(s, "Rule A") if a["process"]["pid"] == a_pid]
     assert detector_pid(s) == pid
     assert "c8-detector" in [c["name"] for c in s.children() if c["restarts"] == 0]
+    # the output's alert limiter is the same one: its count goes on
+    wait_for(lambda: output_alerts(s) >= delivered + 1, 10, 0.2, "the count to go on")
 
 
 def test_invalid_rule_file_is_refused_and_the_old_rules_keep_alerting(rsensor):
