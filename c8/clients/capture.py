@@ -288,26 +288,27 @@ def record(sub, path: str, count: int | None = None, duration: float | None = No
 # -- reading ---------------------------------------------------------------------------
 class CaptureTables(Tables):
     """A read-back batch's table: containers by index like a live one, and lineage
-    from the stored ``process_lineage`` lists (converted once per distinct process,
-    when asked)."""
+    from the stored ``process_lineage`` lists, converted once per distinct process
+    the first time any is asked for. ``lineage`` is the batch's lineage column, or a
+    function of row positions in the batch giving theirs (read from the file only
+    then: most rules never ask)."""
 
-    def __init__(self, containers: dict, process_ids: np.ndarray, lineage: pa.Array | None):
+    def __init__(self, containers: dict, process_ids: np.ndarray, lineage):
         super().__init__(containers)
         self._ids = process_ids
-        self._lineage = lineage
-        self._first: dict[str, int] | None = None
-        self._cache: dict[str, list[dict]] = {}
+        self._source = lineage
+        self._chains: dict[str, list[dict]] | None = None
 
     def lineage(self, process_id: str) -> list[dict]:
-        if self._lineage is None:
-            return []
-        if self._first is None:
-            keys, first = np.unique(self._ids, return_index=True)
-            self._first = {k.decode(errors="replace"): i for k, i in zip(keys.tolist(), first.tolist(), strict=True)}
-        if process_id not in self._cache:
-            row = self._first.get(process_id)
-            self._cache[process_id] = (self._lineage[row].as_py() or []) if row is not None else []
-        return self._cache[process_id]
+        if self._chains is None:
+            self._chains = {}
+            if self._source is not None and len(self._ids):
+                keys, first = np.unique(self._ids, return_index=True)
+                source = self._source
+                col = source.take(pa.array(first)) if isinstance(source, pa.Array) else source(first)
+                names = [k.decode(errors="replace") for k in keys.tolist()]
+                self._chains = {k: v or [] for k, v in zip(names, col.to_pylist(), strict=True)}
+        return self._chains.get(process_id, [])
 
 
 def strings_from_arrow(arr: pa.Array, width: int) -> np.ndarray:
@@ -361,7 +362,8 @@ def _containers(rows: pa.Table) -> tuple[np.ndarray, dict]:
     return slot[indices], table
 
 
-def rows_to_batch(category: str, rows: pa.Table, narrow: bool = True) -> tuple[np.ndarray, CaptureTables]:
+def rows_to_batch(category: str, rows: pa.Table, narrow: bool = True,
+                  lineage=None) -> tuple[np.ndarray, CaptureTables]:
     """Capture rows of one category as the broker's structured array and batch table.
 
     ``narrow``: each string column only as wide as its longest value (at most the
@@ -393,7 +395,8 @@ def rows_to_batch(category: str, rows: pa.Table, narrow: bool = True) -> tuple[n
     index, containers = _containers(rows)
     if "container" in dt.names:
         out["container"] = index
-    lineage = rows.column("process_lineage").combine_chunks() if "process_lineage" in present else None
+    if "process_lineage" in present:
+        lineage = rows.column("process_lineage").combine_chunks()
     ids = out["process_id"] if "process_id" in dt.names else np.zeros(n, "S16")
     return out, CaptureTables(containers, ids, lineage)
 
@@ -421,16 +424,38 @@ def read_batches(path: str, categories=None) -> Iterator[tuple[str, np.ndarray, 
     the engine before the file events of the same programs), then the schema's order."""
     pf = open_capture(path)
     wanted = [c for c in schema.CATEGORIES if categories is None or c in categories]
+    columns = [n for n in pf.schema_arrow.names if n != "process_lineage"]
+    has_lineage = "process_lineage" in pf.schema_arrow.names
     for i in range(pf.num_row_groups):
-        group = pf.read_row_group(i)
+        group = pf.read_row_group(i, columns=columns)  # lineage lists only when asked for
         types = group.column("type").combine_chunks()
         present = set(pc.unique(types).to_pylist())
+        lineage = _LazyColumn(pf, i, "process_lineage") if has_lineage else None
         for category in wanted:
             if category not in present:
                 continue
-            rows = group.filter(pc.equal(types, category))
-            arr, tables = rows_to_batch(category, rows)
+            mask = pc.equal(types, category)
+            rows = group.filter(mask)
+            positions = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            source = lineage.rows(positions) if lineage is not None else None
+            arr, tables = rows_to_batch(category, rows, lineage=source)
             yield category, arr, tables
+
+
+class _LazyColumn:
+    """One column of one row group, read from the file the first time it is needed."""
+
+    def __init__(self, pf: pq.ParquetFile, group: int, name: str):
+        self.pf, self.group, self.name = pf, group, name
+        self._col: pa.Array | None = None
+
+    def rows(self, positions: np.ndarray):
+        """A function of row positions in a batch (``positions`` in the row group) -> values."""
+        def take(idx: np.ndarray) -> pa.Array:
+            if self._col is None:
+                self._col = self.pf.read_row_group(self.group, columns=[self.name]).column(0).combine_chunks()
+            return self._col.take(pa.array(positions[idx]))
+        return take
 
 
 def replay(path: str, engine, categories=None) -> Iterator[tuple[str, np.ndarray, list]]:
