@@ -82,9 +82,13 @@ def test_record_count_matches_a_live_subscriber(shared_sensor, workload, tmp_pat
                 break
     finally:
         live.close()
-    assert stats["events"] == count and not stats["lost"], stats
-    rows = pq.read_table(out).to_pylist()
+    # a kernel ring's loss on a busy host reaches both subscribers alike (lost rows in the
+    # file); a loss at the broker for this reader only would make the streams differ
+    assert stats["events"] == count and not stats["lost"].get("subscriber"), stats
+    table = pq.read_table(out)
+    rows = [r for r in table.to_pylist() if r["type"] != "lost"]
     assert len(rows) == count
+    assert all(r["source"] and r["count"] > 0 for r in table.to_pylist() if r["type"] == "lost")
     first = sorted(events, key=lambda e: e["sensor_sequence_number"])[:count]
     assert len(first) == count
     keys = ("type", "kind", "sensor_sequence_number", "process_pid", "process_id", "exec_filename",
@@ -102,19 +106,20 @@ def test_record_duration_then_duckdb_and_replay(shared_sensor, workload, tmp_pat
     shell, marker, run = workload
     out = tmp_path / "duration.parquet"
     flt = f'kind == "EXEC" and ancestor.exec_filename == "{shell}"'
-    begin = time.monotonic()
     rec = c8ctl(shared_sensor.run_dir, "record", "--events", "process", "--filter", flt,
                 "--duration", "4s", "-o", str(out))
     started(rec)
     run()
     _, stats = finished(rec)
-    took = time.monotonic() - begin
-    assert 4 <= took < 15, took
+    # the recording's own time (c8ctl's start-up on a loaded host is not part of it)
+    assert 4 <= stats["seconds"] < 7, stats
     assert stats["events"] == CATS, stats
     # plain SQL over the file
-    by_type = duckdb.sql(f"SELECT type, kind, count(*) AS n FROM '{out}' GROUP BY ALL ORDER BY ALL").fetchall()
-    assert by_type == [("process", "EXEC", CATS)]
-    parents = duckdb.sql(f"SELECT DISTINCT process_lineage[1].exec_filename FROM '{out}'").fetchall()
+    by_type = duckdb.sql(f"SELECT type, kind, count(*) AS n FROM '{out}' WHERE type <> 'lost' "
+                         "GROUP BY ALL ORDER BY ALL").fetchall()
+    assert by_type == [("process", "EXEC", CATS)]  # (a busy host's kernel ring losses are 'lost' rows)
+    parents = duckdb.sql(f"SELECT DISTINCT process_lineage[1].exec_filename FROM '{out}' "
+                         "WHERE type = 'process'").fetchall()
     assert parents == [(shell,)]
     # replay: a rule on the parent (a lineage field) raises one alert per cat
     rules = tmp_path / "rules.yaml"
@@ -131,7 +136,7 @@ def test_record_duration_then_duckdb_and_replay(shared_sensor, workload, tmp_pat
     assert len(alerts) == CATS and summary["alerts"] == CATS and summary["events"] == CATS
     assert {a["rule"] for a in alerts} == {"Cat under the test shell"}
     assert all(a["output"].startswith(f"cat /bin/cat {marker} (pid ") for a in alerts)
-    pids = {r[0] for r in duckdb.sql(f"SELECT process_pid FROM '{out}'").fetchall()}
+    pids = {r[0] for r in duckdb.sql(f"SELECT process_pid FROM '{out}' WHERE type = 'process'").fetchall()}
     assert {a["process"]["pid"] for a in alerts} == pids
 
 
