@@ -10,6 +10,8 @@
     c8ctl record --events process -o F.parquet [--count N | --duration D]   a capture
     c8ctl replay F.parquet [--rules PATH]   the detection rules over a capture: alerts
     c8ctl top                         live view: rates, losses, subscriptions, children
+    c8ctl fleet subscribe --nats URL  the fleet's events from NATS JetStream (docs/export.md)
+    c8ctl fleet sensors --nats URL    the sensors exporting to the stream
 
 The sensor is found through run_dir: --run-dir, else CAPSULE8_RUN_DIR, else the
 config file's run_dir, else /var/run/capsule8.
@@ -124,10 +126,25 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print(line)
     print(f"counts: {st.get('counts')}")
     print(f"containers: {st.get('containers')}")  # lookups that left names unknown, by cause
+    _print_export(client.run_dir)
     print(f"subscriptions: {len(st.get('subscriptions', []))}")
     for s in st.get("subscriptions", []):
         print(f"  {s['subscription']}: sent {s['sent']} lost {s['lost']} events {sorted(s['spec'].get('events', {}))}")
     return 0
+
+
+def _print_export(run_dir: str) -> None:
+    """The exporter's line (its <run_dir>/export.json), when it runs."""
+    try:
+        with open(os.path.join(run_dir, "export.json")) as f:
+            ex = json.load(f)
+        os.kill(int(ex["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    state = f"connected to {ex.get('server')}" if ex.get("connected") else "not connected"
+    error = f"  error: {ex['last_error']}" if ex.get("last_error") and not ex.get("connected") else ""
+    print(f"export: stream {ex.get('stream')} {state}  published {ex.get('published', 0)}"
+          f"  spool {ex.get('spool_bytes', 0)} bytes  lost {ex.get('lost', 0)} (source export){error}")
 
 
 def cmd_subscriptions(client: Client, args: argparse.Namespace) -> int:
@@ -259,6 +276,59 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
     return top.run(client, interval=args.interval, once=args.once)
 
 
+def cmd_fleet_subscribe(_client, args: argparse.Namespace) -> int:
+    """JSON lines from the JetStream stream the sensors export to, with sensor_id;
+    follows new messages until interrupted (or --timeout idle seconds)."""
+    from c8.clients.fleet import Fleet, parse_duration
+
+    events = [e.strip() for e in (args.events or "").split(",") if e.strip()] or None
+    since = parse_duration(args.since) if args.since else None
+    out = sys.stdout.buffer
+    with Fleet(args.nats, args.stream) as fleet:
+        try:
+            for chunk in fleet.lines(events, args.filter, args.image, sensor=args.sensor,
+                                     since=since, all=args.all, timeout=args.timeout):
+                out.write(chunk)
+                out.flush()
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def cmd_fleet_sensors(_client, args: argparse.Namespace) -> int:
+    """The sensors in the stream: last seen, events exported, lost (JSON lines)."""
+    from c8.clients.fleet import Fleet
+
+    with Fleet(args.nats, args.stream) as fleet:
+        for s in fleet.sensors():
+            print(json.dumps(s))
+    return 0
+
+
+def _fleet_parser(sub) -> None:
+    fl = sub.add_parser("fleet", help="read the fleet from NATS JetStream (docs/export.md)")
+    fsub = fl.add_subparsers(dest="fleet_command", required=True)
+    for name, fn, text in (("subscribe", cmd_fleet_subscribe, "stream the fleet's events"),
+                           ("sensors", cmd_fleet_sensors, "the sensors in the stream")):
+        f = fsub.add_parser(name, help=text)
+        f.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+                       help="server URL(s), comma separated (default $NATS_URL or local)")
+        f.add_argument("--stream", default="C8", help="the stream (default C8)")
+        f.set_defaults(fn=fn)
+        if name != "subscribe":
+            continue
+        f.add_argument("--events", help="comma-separated event types (and alerts); default all")
+        f.add_argument("--filter", help="filter expression applied to each event type")
+        f.add_argument("--image", help="only containers whose image name matches this glob")
+        f.add_argument("--sensor", help="only this sensor id")
+        when = f.add_mutually_exclusive_group()
+        when.add_argument("--since", help="start this long ago (90s, 15m, 2h, 1d)")
+        when.add_argument("--all", action="store_true", help="start at the stream's first message")
+        f.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c8ctl", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", help="the sensor's run_dir (default: from CAPSULE8_RUN_DIR or the config)")
@@ -304,6 +374,7 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     tp.add_argument("--once", action="store_true", help="print one view (after one interval) and exit")
     tp.set_defaults(fn=cmd_top)
+    _fleet_parser(sub)
     return p
 
 

@@ -34,6 +34,7 @@ ENTRY_POINTS = {
     "broker": "c8.broker.main:run",
     "collector": "c8.collectors.main:run",
     "detector": "c8.detections.main:run",
+    "exporter": "c8.export.main:run",
 }
 # Test-only hook: a JSON map overriding ENTRY_POINTS by role, e.g.
 # {"broker": "test_supervisor:sleeper"}. Read only from the environment, never
@@ -97,6 +98,8 @@ def child_specs(cfg: Config, cpus: list[int], eps: dict[str, str]) -> list[Child
               for n in cpus]
     if cfg.detections.enabled:
         specs.append(ChildSpec("c8-detector", eps["detector"], role="detector"))
+    if cfg.export.enabled:
+        specs.append(ChildSpec("c8-exporter", eps["exporter"], role="exporter"))
     return specs
 
 
@@ -140,6 +143,8 @@ class Supervisor:
         if cfg.detections.enabled:
             written += [o["path"] for o in cfg.alert_output.outputs
                         if o.get("type") == "file" and o.get("enabled", True) and o.get("path")]
+        if cfg.export.enabled:  # the spool, sensor_user's
+            written.append(os.path.join(cfg.export.spool_dir, "cursor"))
         for d in rundir.make_missing_dirs(written, uid, gid):
             log.info("made %s for the children's files (%s, 0750)", d, cfg.sensor_user)
         other = status.running_supervisor(self.status_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ from c8.supervisor import converters as cv
 DEFAULT_PATH = "/etc/capsule8/capsule8-sensor.yaml"
 CONFIG_ENV = "CAPSULE8_CONFIG"
 ENV_PREFIX = "CAPSULE8_"
+# The alert file the detector writes and the exporter follows when both run.
+EXPORT_ALERTS_FILE = "alerts.jsonl"
+EXPORT_ALERTS_OUTPUT = "export"
 # The package's own rules, shipped as data of c8.detections.
 PACKAGE_RULES_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "detections", "default_rules"
@@ -60,6 +64,57 @@ def _probe_grants(value: Any) -> tuple[str, ...]:
             raise cv.ConvertError(value, "must be a list of uids, user names or group:NAME")
         out.append(text)
     return tuple(out)
+
+
+def _nats_urls(value: Any) -> tuple[str, ...]:
+    """export.nats.url: one or more nats:// (or tls://, ws://, wss://) server URLs."""
+    urls = cv.string_list(value) if isinstance(value, str | list) else value
+    if not isinstance(urls, list) or not urls:
+        raise cv.ConvertError(value, "must be one or more nats://host:port URLs")
+    for u in urls:
+        if not isinstance(u, str) or not re.match(r"^(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?$", u):
+            raise cv.ConvertError(value, f"{u!r} is not a nats://host:port URL")
+    return tuple(urls)
+
+
+def _optional_text(value: Any) -> str | None:
+    """A string or None/'' for unset (names, secrets: never a number by accident)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    raise cv.ConvertError(value, "must be a string")
+
+
+def _stream_name(value: Any) -> str:
+    """A JetStream stream name: letters, digits, - and _ (no dots, spaces or wildcards)."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        return value
+    raise cv.ConvertError(value, "must be a stream name of letters, digits, - and _")
+
+
+def _export_spec(value: Any) -> dict[str, Any]:
+    """export.events: a subscription spec as c8ctl subscribe takes it (a map; from the
+    environment YAML/JSON, or a comma list of event types). Filters are checked by the
+    broker when the exporter subscribes."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise cv.ConvertError(value, "must be a subscription spec map") from None
+        else:
+            value = {"events": {t.strip(): {} for t in text.split(",") if t.strip()}}
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not set(value) <= {"events", "containers", "modifiers"}:
+        raise cv.ConvertError(value, "must be a map with events (and optional containers, "
+                                     "modifiers), as c8ctl subscribe takes it")
+    events = value.get("events") or {}
+    if not isinstance(events, dict):
+        raise cv.ConvertError(value, "events must be a map of event type to options")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in value.items()}
 
 
 @dataclass(frozen=True)
@@ -117,10 +172,30 @@ KEYS: dict[str, Key] = {
         Key("log_level", "info", cv.log_level),
         Key("heartbeat_timeout", "30s", cv.duration),  # > cpu0's eBPF detach (4 s measured); 0: off
         Key("metrics.listen", None, cv.host_port),  # Prometheus /metrics and /healthz; off when unset
+        Key("export.enabled", False, cv.boolean),
+        Key("export.nats.url", ["nats://127.0.0.1:4222"], _nats_urls),
+        Key("export.nats.user", None, _optional_text),
+        Key("export.nats.password", None, _optional_text),
+        Key("export.nats.token", None, _optional_text),
+        Key("export.nats.creds_file", None, cv.optional_path),
+        Key("export.nats.nkeys_seed_file", None, cv.optional_path),
+        Key("export.nats.tls_ca_file", None, cv.optional_path),
+        Key("export.nats.tls_cert_file", None, cv.optional_path),
+        Key("export.nats.tls_key_file", None, cv.optional_path),
+        Key("export.nats.tls_hostname", None, _optional_text),
+        Key("export.nats.stream", "C8", _stream_name),
+        Key("export.nats.replicas", 1, cv.positive_int),
+        Key("export.nats.max_age", "168h", cv.duration),   # 0: no age limit
+        Key("export.nats.max_bytes", "1G", cv.byte_size),  # 0: no size limit
+        Key("export.nats.duplicate_window", "2m", cv.positive_duration),
+        Key("export.events", {}, _export_spec),
+        Key("export.spool_dir", "/var/lib/capsule8/export", cv.path),
+        Key("export.spool_bytes", "256M", cv.byte_size),
     )
 }
 ENV_TO_KEY = {k.env: k.name for k in KEYS.values()}
-_SECTIONS = {name.split(".", 1)[0] for name in KEYS if "." in name}
+# Every dotted prefix of a key is a section (export, export.nats).
+_SECTIONS = {name.rsplit(".", i)[0] for name in KEYS for i in range(1, name.count(".") + 1)}
 
 
 @dataclass(frozen=True)
@@ -162,6 +237,39 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class NatsConfig:
+    """export.nats.*: the JetStream servers, credentials (as nats-py takes them) and stream."""
+
+    url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkeys_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_hostname: str | None = None
+    stream: str = "C8"
+    replicas: int = 1
+    max_age: float = 7 * 86400.0
+    max_bytes: int = 1 << 30
+    duplicate_window: float = 120.0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """export.*: whether the exporter runs, where it sends (NATS JetStream), what
+    (a subscription spec; alerts whenever detections run) and its on-disk spool."""
+
+    enabled: bool = False
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    events: dict[str, Any] = field(default_factory=dict)
+    spool_dir: str = "/var/lib/capsule8/export"
+    spool_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """metrics.*: where the supervisor serves /metrics and /healthz (None: nowhere)."""
 
@@ -200,6 +308,7 @@ class Config:
     # The file the values came from (None: defaults and environment only).
     config_path: str | None = field(default=None, compare=False)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def as_dict(self) -> dict[str, Any]:
         """A plain nested dict (lists, not tuples) safe to hand to a child."""
@@ -211,7 +320,19 @@ class Config:
                 return {k: plain(x) for k, x in v.items()}
             return v
 
-        return plain(dataclasses.asdict(self))
+        d = plain(dataclasses.asdict(self))
+        if self.export.enabled and self.detections.enabled:
+            # The detector's hook for the exporter: one more file output, which the
+            # exporter follows (docs/export.md). No NATS code runs in the detector.
+            d["alert_output"]["outputs"] += cv.alert_outputs(
+                [{"type": "file", "name": EXPORT_ALERTS_OUTPUT, "max_bytes": "16M", "backups": 1,
+                  "path": self.export_alerts_path}])
+        return d
+
+    @property
+    def export_alerts_path(self) -> str:
+        """The alert file the detector writes for the exporter (export and detections on)."""
+        return os.path.join(self.export.spool_dir, EXPORT_ALERTS_FILE)
 
     def get(self, dotted: str) -> Any:
         """A value by its dotted key name, e.g. get("limiter.enabled")."""
@@ -233,8 +354,8 @@ def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str
         name = f"{prefix}{k}"
         if name in KEYS:
             flat[name] = v
-        elif not prefix and k in _SECTIONS and isinstance(v, dict):
-            flat.update(_flatten(v, source, prefix=f"{k}."))
+        elif name in _SECTIONS and isinstance(v, dict):
+            flat.update(_flatten(v, source, prefix=f"{name}."))
         else:
             raise ConfigError(f"{name}: unknown key in {source}")
     return flat
@@ -306,6 +427,9 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
                 kwargs[k] = tuple(v)
         return cls(**kwargs)
 
+    if values["export.spool_bytes"] < 1 << 20:
+        v, src = raw["export.spool_bytes"]
+        raise ConfigError(f"export.spool_bytes: {v!r} from {src}: must be at least 1M")
     top = {n: v for n, v in values.items() if "." not in n}
     return Config(
         **top,
@@ -315,4 +439,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         limits=section(LimitsConfig, "limits"),
         config_path=used_path,
         metrics=section(MetricsConfig, "metrics"),
+        export=ExportConfig(enabled=values["export.enabled"], nats=section(NatsConfig, "export.nats"),
+                            events=values["export.events"], spool_dir=values["export.spool_dir"],
+                            spool_bytes=values["export.spool_bytes"]),
     )

@@ -88,12 +88,18 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("CAP_DAC_READ_SEARCH", "reading the rule files root configured wherever they are, "
                                      "and a root-only interpreter"),
     ),
+    "exporter": (
+        Grant("CAP_DAC_READ_SEARCH", "reading the NATS credentials, nkey seed and TLS files "
+                                     "root configured (0600 root), and a root-only interpreter; "
+                                     "its spool is sensor_user's own"),
+    ),
 }
 ROLE_TITLES = {
     "broker": "c8-broker",
     "collector0": "c8-collector cpu0 (eBPF and probe owner)",
     "collector": "c8-collector cpuN, N > 0",
     "detector": "c8-detector",
+    "exporter": "c8-exporter",
 }
 # Left out (Capsule8's list had them, or a child once kept them), and why.
 REFUSED = {

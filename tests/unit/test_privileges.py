@@ -21,7 +21,7 @@ def test_doc_holds_the_generated_table():
 
 def test_every_role_of_the_tree_is_in_the_table(monkeypatch):
     monkeypatch.setattr("c8.supervisor.config.DEFAULT_PATH", "/nonexistent/c8.yaml")
-    cfg = load(environ={"CAPSULE8_DETECTIONS_ENABLED": "true"})
+    cfg = load(environ={"CAPSULE8_DETECTIONS_ENABLED": "true", "CAPSULE8_EXPORT_ENABLED": "true"})
     roles = {s.role for s in child_specs(cfg, [0, 1], entry_points({}))}
     assert roles == set(P.ROLES) == set(P.ROLE_TITLES)
 
@@ -34,6 +34,7 @@ def test_no_role_keeps_sys_admin_or_more_than_it_needs_here():
         "collector0": {"CAP_PERFMON", "CAP_BPF", "CAP_IPC_LOCK", "CAP_DAC_OVERRIDE"},
         "collector": {"CAP_PERFMON", "CAP_IPC_LOCK", "CAP_DAC_READ_SEARCH"},
         "detector": {"CAP_DAC_READ_SEARCH"},
+        "exporter": {"CAP_DAC_READ_SEARCH"},
     }
     for grants in P.ROLES.values():
         assert all(g.why for g in grants)
