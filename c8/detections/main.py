@@ -39,6 +39,7 @@ log = logging.getLogger("c8.detections")
 
 BROKER_SILENCE_S = 5.0      # the broker ticks every second
 POLL_S = 1.0                # how often the loop looks at the stop flag
+SILENCE_POLL_S = 2.0        # no message at all this long: a second of silence counted
 MAX_BACKOFF_S = 30.0
 MAX_RELOAD_BYTES = 1 << 20
 SWITCH_DRAIN_S = 2.0             # how long the old subscription is read after the new one runs
@@ -289,6 +290,7 @@ class Detector:
                  last)
 
     def _consume(self, holder: list, stop: threading.Event) -> str:
+        quiet = 0.0
         while not stop.is_set():
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
@@ -301,18 +303,23 @@ class Detector:
                         return f"cannot subscribe for the reloaded rules: {exc}"
             sub = holder[0]
             last = time.monotonic()
-            # whole windows: leaving between two of them loses nothing. The iteration
-            # ends after POLL_S without events while ticks come (to look at the flags),
-            # or after BROKER_SILENCE_S without any message at all
+            # Whole windows: leaving between two of them loses nothing. The iteration
+            # ends on a tick after POLL_S without events (to look at the flags), or
+            # after SILENCE_POLL_S without any message: a return that long after the
+            # last window counts as silence (under the client library's own
+            # BROKER_SILENCE, so it never subscribes again on the same socket)
             for window in _windows(sub):
                 last = time.monotonic()
+                quiet = 0.0
                 for category, batch, containers in window:
                     self.handle(category, batch, containers)
                 if stop.is_set() or self.reload_requested.is_set():
                     break
             if getattr(sub, "ended", None):
                 return f"ended by the broker: {sub.ended}"
-            if time.monotonic() - last >= BROKER_SILENCE_S:
+            waited = time.monotonic() - last
+            quiet = quiet + waited if waited >= SILENCE_POLL_S else 0.0
+            if quiet >= BROKER_SILENCE_S:
                 return f"no message from the broker for {BROKER_SILENCE_S:.0f}s"
         return "stopping"
 
@@ -321,8 +328,8 @@ def _windows(sub):
     """Windows of a subscription; a source offering only batches (a replay) gives
     each batch as a window of its own."""
     if hasattr(sub, "windows"):
-        return sub.windows(timeout=BROKER_SILENCE_S, idle=POLL_S)
-    return ([b] for b in sub.batches(timeout=BROKER_SILENCE_S))
+        return sub.windows(timeout=SILENCE_POLL_S, idle=POLL_S)
+    return ([b] for b in sub.batches(timeout=SILENCE_POLL_S))
 
 
 def _entries(config: dict) -> list:
