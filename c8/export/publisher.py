@@ -166,6 +166,7 @@ class Publisher:
         stream_ok = False
         backoff = 0.1
         next_status = 0.0
+        rec = None  # kept across retries: the spool may drop its segment meanwhile
         while not self.stop.is_set() and not nc.is_closed:
             try:
                 if not stream_ok:
@@ -181,7 +182,8 @@ class Publisher:
                                      headers={"Nats-Msg-Id": mid, "C8-Events": "0"})
                     self.spool.lost_sent(pending)
                     continue
-                rec = self.spool.peek()
+                if rec is None:
+                    rec = self.spool.peek()
                 if rec is None:
                     await self._sleep(0.5)
                     continue
@@ -190,6 +192,7 @@ class Publisher:
                 self.spool.ack(rec)
                 self.published += 1
                 self.published_events += rec.events
+                rec = None
                 backoff = 0.1
             except Exception as exc:  # away, electing a leader, timed out: retry the same record
                 self._error(f"publish to stream {self.nats_cfg['stream']} failed: {exc!r}")

@@ -73,6 +73,7 @@ class Spool:
             self.cur_seg = min(self.segments) if self.segments else 0
             self.cur_off = 0
         self._rfd: tuple[int, int] | None = None  # (segment, fd) being read
+        self._inflight: Record | None = None  # the last record peek() gave, until acknowledged
         self.on_append = None  # called (outside the lock) after every append
 
     # -- cursor ------------------------------------------------------------------
@@ -159,6 +160,8 @@ class Spool:
             oldest = min(self.segments)
             lost = self._events_from(oldest, self.cur_off if self.cur_seg == oldest else 0) \
                 if self.cur_seg <= oldest else 0
+            if self._inflight is not None and self._inflight.segment == oldest:
+                lost -= self._inflight.events  # being sent: it arrives or is retried
             self._remove(oldest)
             if self.cur_seg <= oldest:
                 self.cur_seg, self.cur_off = min(self.segments), 0
@@ -213,6 +216,7 @@ class Spool:
                 if off + _HEAD.size <= size:
                     rec = self._read(seg, off, size)
                     if rec is not None:
+                        self._inflight = rec
                         return rec
                     log.error("spool segment %d: damaged record at %d: skipping the segment's "
                               "rest", seg, off)
@@ -240,13 +244,16 @@ class Spool:
         return Record(suffix, msg_id, events, payload, seg, off, off + _HEAD.size + length)
 
     def ack(self, rec: Record) -> None:
-        """``rec`` reached the stream: the cursor moves past it (unless the bound already
-        dropped it)."""
+        """``rec`` reached the stream: the cursor moves past it (unless the bound dropped
+        its segment meanwhile: the record in flight is then not counted lost, and the
+        publisher retries that Record until it is acknowledged)."""
         with self.lock:
+            if self._inflight is rec:
+                self._inflight = None
             if (rec.segment, rec.offset) == (self.cur_seg, self.cur_off):
                 self.cur_off = rec.end
-                self.acked += rec.events
-                self._write_cursor()
+            self.acked += rec.events
+            self._write_cursor()
 
     def lost_sent(self, count: int) -> None:
         """A lost record for ``count`` events reached the stream."""
