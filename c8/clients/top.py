@@ -175,8 +175,7 @@ def render(cur: Sample, prev: Sample | None, run_dir: str = "") -> Group:
     before_subs = {s["subscription"]: s for s in (prev.status.get("subscriptions") or [])} if prev else {}
     for s in st.get("subscriptions") or []:
         b = before_subs.get(s["subscription"])
-        lost = s.get("lost")
-        lost_n = sum(lost.values()) if isinstance(lost, dict) else int(lost or 0)
+        lost_n = sum(n for _, n in _flat(s.get("lost") or 0))
         subs.add_row(s["subscription"], ",".join(sorted((s.get("spec") or {}).get("events") or {})),
                      f"{s.get('sent', 0):,}", _fmt(_rate(s.get("sent", 0), b.get("sent") if b else None, dt)),
                      f"{lost_n:,}", _fmt(s.get("age_seconds"), 0))
@@ -198,6 +197,27 @@ def render(cur: Sample, prev: Sample | None, run_dir: str = "") -> Group:
     return Group(head, events, losses, subs, kids, limiter)
 
 
+def view(cur: Sample, prev: Sample | None):
+    """``render``, or what went wrong drawing this status (a newer sensor's shape):
+    the live view stays up."""
+    try:
+        return render(cur, prev)
+    except Exception as exc:  # shown, never fatal
+        return Text(f"c8ctl top cannot draw this status: {type(exc).__name__}: {exc}", style="bold red")
+
+
+def _flat(value, prefix: str = "") -> list[tuple[str, int]]:
+    """(name, count) of a count or a nested map of counts; names joined by spaces."""
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            out += _flat(v, f"{prefix} {k}".strip())
+        return out
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [(prefix, int(value))]
+    return []
+
+
 def _loss_rows(st: dict, prev: dict | None) -> list[tuple[str, int, int | None]]:
     """(source, total, total at the previous sample) for every loss counter."""
     def collect(s: dict) -> dict[str, int]:
@@ -206,12 +226,11 @@ def _loss_rows(st: dict, prev: dict | None) -> list[tuple[str, int, int | None]]
             out[f"kernel ring cpu{cpu}"] = int(c.get("lost") or 0)
             if c.get("collector_lost"):
                 out[f"collector cpu{cpu}"] = int(c["collector_lost"])
-            for fam, n in (c.get("ebpf_lost") or {}).items():
-                out[f"ebpf {fam} cpu{cpu}"] = int(n or 0)
+            for name, n in _flat(c.get("ebpf_lost") or {}):  # family, then cause
+                out[f"ebpf {name} cpu{cpu}"] = n
         sub_lost = 0
         for sub in s.get("subscriptions") or []:
-            lost = sub.get("lost")
-            sub_lost += sum(lost.values()) if isinstance(lost, dict) else int(lost or 0)
+            sub_lost += sum(n for _, n in _flat(sub.get("lost") or 0))
         out["subscribers (broker)"] = sub_lost
         counts = s.get("counts") or {}
         for key in ("late", "bad_messages"):
@@ -263,10 +282,10 @@ def run(client: Client, interval: float = 1.0, once: bool = False, console: Cons
         return 1
     if once:
         time.sleep(interval)
-        console.print(render(sample(client), prev))
+        console.print(view(sample(client), prev))
         return 0
     try:
-        with _Keys(sys.stdin) as keys, Live(render(prev, None), console=console, screen=True,
+        with _Keys(sys.stdin) as keys, Live(view(prev, None), console=console, screen=True,
                                              auto_refresh=False, transient=True) as live:
             cur = prev
             while True:
@@ -276,9 +295,9 @@ def run(client: Client, interval: float = 1.0, once: bool = False, console: Cons
                         return 0
                 try:
                     prev, cur = cur, sample(client)
-                    live.update(render(cur, prev), refresh=True)
+                    live.update(view(cur, prev), refresh=True)
                 except SensorUnavailable as exc:  # keep the last view; say so, retry next tick
-                    live.update(Group(render(cur, prev), Text(f"sensor not answering: {exc}", style="bold red")),
+                    live.update(Group(view(cur, prev), Text(f"sensor not answering: {exc}", style="bold red")),
                                 refresh=True)
     except KeyboardInterrupt:
         return 0

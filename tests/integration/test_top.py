@@ -117,7 +117,10 @@ def test_top_shows_the_workload_and_quits_on_q(shared_sensor, tmp_path):
 
 def test_top_ends_on_ctrl_c(shared_sensor):
     term = top(shared_sensor.run_dir)
-    wait_for(lambda: "event limiter" in term.screen(), 20, 0.1, "the first view")
+    try:
+        wait_for(lambda: "event limiter" in term.screen(), 30, 0.1, "the first view")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the screen: {bytes(term.out)[-2000:]!r}") from None
     term.press(b"\x03")  # the terminal turns it into SIGINT
     assert term.exit_code() == 0
 
@@ -126,3 +129,18 @@ def test_top_without_a_sensor_says_so(tmp_path):
     p = subprocess.run([sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", str(tmp_path), "top", "--once"],
                        capture_output=True, timeout=30)
     assert p.returncode == 1 and b"not running" in p.stderr
+
+
+def test_losses_of_any_nesting_are_listed_by_source():
+    """The status's loss counters are flat or nested by cause (ebpf_lost: family ->
+    cause -> count); every one is a row, and a shape top cannot draw is shown, not fatal."""
+    from c8.clients import top as topmod
+
+    st = {"collectors": {"0": {"lost": 3, "ebpf_lost": {"open": {"output": 5, "stale": 1}}, "received": {}}},
+          "subscriptions": [{"subscription": "s1", "sent": 9, "lost": {"subscriber": 2}, "spec": {}}],
+          "counts": {"late": 4}}
+    rows = {name: total for name, total, _ in topmod._loss_rows(st, None)}
+    assert rows == {"kernel ring cpu0": 3, "ebpf open output cpu0": 5, "ebpf open stale cpu0": 1,
+                    "subscribers (broker)": 2, "broker late": 4}
+    shown = topmod.view(topmod.Sample(0.0, {"collectors": {"x": {}}}), None)
+    assert "cannot draw" in str(shown)
