@@ -244,10 +244,13 @@ class Supervisor:
         try:
             uid = privileges.ensure_user(self.cfg.sensor_user)[0]
             rundir.make_missing_dirs(new_files, uid, self.gid)
-            files.write_atomic(paths.detector_reload(self.cfg.run_dir),
-                               json.dumps({"generation": generation,
-                                           "config": plan.merged.as_dict()}).encode(),
-                               gid=self.gid)
+            # the detector's alone (0600, sensor_user's): outputs carry webhook secrets,
+            # and the sensor's group (who may run c8ctl status) must not read them
+            path = paths.detector_reload(self.cfg.run_dir)
+            files.write_atomic(path, json.dumps({"generation": generation,
+                                                 "config": plan.merged.as_dict()}).encode(),
+                               mode=0o600)
+            os.chown(path, uid, -1, follow_symlinks=False)
         except (OSError, privileges.PrivilegeError) as e:
             return self._end_reload(generation, "refused", error=f"cannot hand it to the detector: {e}")
         self._reload_pending = (generation, plan, time.monotonic() + RELOAD_TIMEOUT, None)
@@ -298,7 +301,8 @@ class Supervisor:
         self._reload_pending = None
         try:  # the broker reads limits.* from it within a second
             files.write_atomic(paths.accepted_config(self.cfg.run_dir),
-                               json.dumps(plan.merged.as_dict()).encode(), gid=self.gid)
+                               json.dumps({"limits": plan.merged.as_dict()["limits"]}).encode(),
+                               gid=self.gid)
         except OSError as e:
             return self._end_reload(generation, "refused", error=f"cannot write config.json: {e}")
         self.cfg = plan.merged

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -101,6 +102,9 @@ def test_sighup_swaps_a_rule_without_restarting_the_detector(rsensor):
     s.proc.send_signal(signal.SIGHUP)
     verdict = wait_verdict(s, before)
     assert verdict["state"] == "accepted", verdict
+    # what the detector reads may hold webhook secrets: its user's alone
+    st = os.stat(os.path.join(s.run_dir, "reload.json"))
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, pwd.getpwnam("capsule8").pw_uid)
     a_pid = exec_and_pid(s, "c8reload-a")
     b_pid = exec_and_pid(s, "c8reload-b")
     wait_for(lambda: any(a["process"]["pid"] == b_pid for a in alerts(s, "Rule B")), 30, 0.1,
