@@ -26,6 +26,7 @@ log = logging.getLogger("c8.export.publisher")
 
 PUBLISH_TIMEOUT = 5.0
 STATUS_EVERY = 10.0   # a c8.<sensor_id>.status message (c8ctl fleet sensors)
+STATUS_MIN = 1.0      # sooner when the counters moved, but no more often than this
 MAX_BACKOFF = 2.0
 CONNECT_TIMEOUT = 10.0  # then start over (and look at the stop flag)
 
@@ -167,14 +168,18 @@ class Publisher:
         backoff = 0.1
         next_status = 0.0
         rec = None  # kept across retries: the spool may drop its segment meanwhile
+        status_acked = -1
         while not self.stop.is_set() and not nc.is_closed:
             try:
                 if not stream_ok:
                     await ensure_stream(js, self.nats_cfg)
                     stream_ok = True
-                if time.monotonic() >= next_status:
+                now = time.monotonic()
+                if now >= next_status or (self.spool.acked != status_acked and
+                                          now >= next_status - STATUS_EVERY + STATUS_MIN):
+                    status_acked = self.spool.acked
                     await self._status(js)
-                    next_status = time.monotonic() + STATUS_EVERY
+                    next_status = now + STATUS_EVERY
                 if self.spool.lost_pending:
                     pending, total = self.spool.lost_pending, self.spool.lost_total
                     mid, payload = messages.lost_record(self.sensor_id, pending, total)
@@ -198,6 +203,11 @@ class Publisher:
                 self._error(f"publish to stream {self.nats_cfg['stream']} failed: {exc!r}")
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+        if self.stop.is_set() and not nc.is_closed:
+            try:  # the last counters, for c8ctl fleet sensors
+                await asyncio.wait_for(self._status(js), 2)
+            except Exception:
+                pass
 
     async def _status(self, js) -> None:
         st = self.spool.stats()

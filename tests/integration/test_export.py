@@ -270,3 +270,43 @@ def test_cluster_leader_killed_mid_workload_nothing_lost(tmp_path):
         sensor.stop()
         for s in servers:
             s.stop()
+
+
+def test_two_sensor_ids_in_one_stream_read_together_and_apart(tmp_path):
+    nats = NatsServer(tmp_path).start()
+    tag = f"c8export-two-{uuid.uuid4().hex[:8]}"
+    ids = [f"c8test-{k}-{uuid.uuid4().hex[:8]}" for k in "ab"]
+    try:
+        for k, sid in enumerate(ids):          # one sensor, then another with its own id
+            d = tmp_path / f"sensor{k}"
+            d.mkdir()
+            (d / "sensor_id").write_text(sid + "\n")   # the broker reads it (CAP_DAC_READ_SEARCH)
+            sensor = export_sensor(d, [nats.url], {"events": {"process": {
+                "filter": f'kind == "EXEC" and exec_command_line like "/bin/true {tag}-*"'}}},
+                sensor_id_file=str(d / "sensor_id"))
+            try:
+                wait_exporter_connected(sensor)
+                assert sensor.status()["sensor_id"] == sid
+                run_marked(tag, range(k * 10, k * 10 + 10))
+                wait_for(lambda s=sensor: json.load(open(os.path.join(s.run_dir, "export.json")))
+                         ["exported_events"] >= 10, 20, 0.1, "the sensor's events acknowledged")
+            finally:
+                sensor.stop()
+
+        def read(*extra: str) -> list[dict]:
+            r = c8ctl("fleet", "subscribe", "--nats", nats.url, "--all", "--timeout", "1.5",
+                      "--events", "process", *extra)
+            assert r.returncode == 0, r.stderr
+            return [json.loads(x) for x in r.stdout.splitlines()]
+        both = read()
+        assert sorted((e["sensor_id"], e["exec_command_line"]) for e in both) == sorted(
+            [(ids[0], f"/bin/true {tag}-{i}") for i in range(10)]
+            + [(ids[1], f"/bin/true {tag}-{i}") for i in range(10, 20)])
+        only_b = read("--sensor", ids[1])
+        assert {e["sensor_id"] for e in only_b} == {ids[1]} and len(only_b) == 10
+        sensors = c8ctl("fleet", "sensors", "--nats", nats.url)
+        rows = {r["sensor_id"]: r for r in map(json.loads, sensors.stdout.splitlines())}
+        assert set(rows) == set(ids)
+        assert all(rows[s]["exported_events"] == 10 and rows[s]["lost"] == 0 for s in ids)
+    finally:
+        nats.stop()
