@@ -90,6 +90,7 @@ PROBES = {
     ("collector", "CAP_IPC_LOCK"): mmap_big_ring,
     ("collector", "CAP_DAC_READ_SEARCH"): read_tracefs,
     ("detector", "CAP_DAC_READ_SEARCH"): read_private,
+    ("exporter", "CAP_DAC_READ_SEARCH"): read_private,  # NATS creds/TLS files root wrote
 }
 
 
