@@ -11,6 +11,14 @@ kernel itself: ``openat2(RESOLVE_IN_ROOT)`` from an ``O_PATH`` descriptor of
 every ``..`` as if that directory were ``/`` and never leaves it. The sensor
 never follows a monitored process's symlink out of that process's root, and
 never through a magic link (``/proc/<pid>/fd/<n>``: RESOLVE_NO_MAGICLINKS).
+It never waits on a file system either (a stalled NFS server, a FUSE daemon
+that does not answer): RESOLVE_CACHED resolves from the dentry cache only,
+which holds what the process's own call just looked up, and fails with
+EAGAIN where a lookup would have to ask the file system or write (a
+symlink's atime); those are retried beside the caller with a deadline
+(:class:`SlowLookups`), else the name is cleaned as text. Kernels before 5.12
+refuse the flag (EINVAL): resolution is then skipped rather than done in a
+way that can block.
 
 Paths are reported as the process sees them: the directory the kernel
 opened, read back with ``readlink(/proc/self/fd/<n>)`` (the sensor's view),
@@ -24,12 +32,16 @@ lchown act on the symlink itself, and a deleted file cannot be opened.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
+import threading
+import time
 
 SYS_OPENAT2 = 437  # x86_64
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
+RESOLVE_CACHED = 0x20  # Linux 5.12+: only what the dentry cache holds, never a wait
 _DELETED = b" (deleted)"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -90,21 +102,95 @@ def strip_view(view: bytes, root_view: bytes) -> bytes | None:
     return None
 
 
+def _resolve_at(dirfd: int, path: bytes, directory: bool, resolve: int = 0) -> tuple[bytes | None, int]:
+    """(the sensor's view of where ``path`` lands from ``dirfd``, errno): openat2
+    with O_PATH inside ``dirfd`` as root, readlink of the result, close."""
+    flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    how = _OpenHow(flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | resolve)
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:  # ENOENT, ELOOP, ENOTDIR, EACCES, EAGAIN (not cached); EINVAL/ENOSYS: old kernel
+        return None, ctypes.get_errno()
+    try:
+        return os.fsencode(os.readlink(f"/proc/self/fd/{fd}")), 0
+    except OSError as exc:
+        return None, exc.errno or 0
+    finally:
+        os.close(fd)
+
+
+class SlowLookups:
+    """Lookups the dentry cache cannot answer, done beside the caller with a deadline.
+
+    RESOLVE_CACHED also refuses what is cached but needs a write: the first
+    follow of a symlink whose atime is due (relatime, strictatime). Such a
+    lookup is retried without it on one of ``workers`` threads; the caller
+    waits at most ``deadline`` seconds per lookup and ``budget`` seconds per
+    batch (:meth:`new_batch`), then gives up (the name is cleaned as text). A
+    lookup that never returns (a FUSE daemon that does not answer) holds its
+    thread, and while every thread is held no retry is made: the broker never
+    waits longer than the deadline, and never grows threads.
+    """
+
+    def __init__(self, workers: int = 2, deadline: float = 0.01, budget: float = 0.02):
+        self.workers, self.deadline, self.budget = workers, deadline, budget
+        self.busy = 0
+        self.lock = threading.Lock()
+        self.left = budget
+        self.timeouts = 0  # lookups given up at the deadline (they may still be running)
+
+    def new_batch(self) -> None:
+        self.left = self.budget
+
+    def resolve(self, root_fd: int, path: bytes, directory: bool) -> bytes | None:
+        if self.left <= 0:
+            return None
+        with self.lock:
+            if self.busy >= self.workers:
+                return None
+            self.busy += 1
+        try:
+            fd = os.dup(root_fd)  # the caller may close root_fd while the thread still runs
+        except OSError:
+            with self.lock:
+                self.busy -= 1
+            return None
+        box: list = []
+        done = threading.Event()
+
+        def work():
+            try:
+                box.append(_resolve_at(fd, path, directory)[0])
+            finally:
+                os.close(fd)
+                with self.lock:
+                    self.busy -= 1
+                done.set()
+        start = time.monotonic()
+        threading.Thread(target=work, name="c8-path-lookup", daemon=True).start()
+        finished = done.wait(min(self.deadline, self.left))
+        self.left -= time.monotonic() - start
+        if not finished:
+            self.timeouts += 1
+            return None
+        return box[0]
+
+
 class Root:
     """An ``O_PATH`` descriptor of a process's root directory, and where that
     root lies in the sensor's view. Close it (or use it as a context manager)."""
 
-    def __init__(self, fd: int, view: bytes):
+    def __init__(self, fd: int, view: bytes, slow: SlowLookups | None = None):
         self.fd = fd
         self.view = view
+        self.slow = slow  # where a lookup the dentry cache cannot answer may go
 
     @classmethod
-    def of_pid(cls, pid: int, proc: str = "/proc") -> Root | None:
+    def of_pid(cls, pid: int, proc: str = "/proc", slow: SlowLookups | None = None) -> Root | None:
         """The root of a live process, or None (gone, or not ours to read)."""
-        return cls.of_dir(f"{proc}/{pid}/root")
+        return cls.of_dir(f"{proc}/{pid}/root", slow)
 
     @classmethod
-    def of_dir(cls, path: str) -> Root | None:
+    def of_dir(cls, path: str, slow: SlowLookups | None = None) -> Root | None:
         """A directory taken as a root (tests use a scratch tree)."""
         try:
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -115,7 +201,7 @@ class Root:
         except OSError:
             os.close(fd)
             return None
-        return cls(fd, view)
+        return cls(fd, view, slow)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -128,27 +214,12 @@ class Root:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _open(self, path: bytes, directory: bool) -> int:
-        flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
-        how = _OpenHow(flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        fd = _libc.syscall(SYS_OPENAT2, self.fd, path, ctypes.byref(how), ctypes.sizeof(how))
-        if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-        return fd
-
     def _seen(self, path: bytes, directory: bool) -> bytes | None:
         """Where the kernel's resolution of ``path`` lands, as the process sees it."""
-        try:
-            fd = self._open(path, directory)
-        except OSError:  # ENOENT, ELOOP, ENOTDIR, EACCES; ENOSYS before Linux 5.6
-            return None
-        try:
-            return strip_view(os.fsencode(os.readlink(f"/proc/self/fd/{fd}")), self.view)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        view, err = _resolve_at(self.fd, path, directory, RESOLVE_CACHED)
+        if err == errno.EAGAIN and self.slow is not None:
+            view = self.slow.resolve(self.fd, path, directory)
+        return strip_view(view, self.view) if view is not None else None
 
     def resolve(self, path: bytes, follow: bool = False, dirs: dict | None = None) -> bytes:
         """The canonical form of ``path`` (absolute, as the process names it).

@@ -10,7 +10,9 @@ Work is bounded per batch: one resolution per unique (pid, dirfd, name,
 follow) of the batch (``np.unique`` on the raw columns, no per-event
 objects), one root and one base per unique pid and (pid, dirfd), and at most
 ``MAX_RESOLVE`` resolutions through the kernel per call; beyond that names
-are cleaned as text. Nothing is kept between batches: a cached answer would
+are cleaned as text. Resolution reads the dentry cache only; what it cannot
+answer is retried beside the caller within 20 ms per call (``SLOW``), so a
+stalled file system never stalls the broker. Nothing is kept between batches: a cached answer would
 let a process swap a symlink under it.
 
 When the process has exited by then (most short-lived programs have), its
@@ -32,6 +34,9 @@ from c8.host import proc as hostproc
 
 AT_FDCWD = -100
 MAX_RESOLVE = 1024  # kernel resolutions (3 syscalls each) per call; the rest as text
+# Lookups the dentry cache cannot answer (pathcanon.SlowLookups): 2 threads, at most
+# 10 ms each and 20 ms per call, shared by every call of this process.
+SLOW = pathcanon.SlowLookups()
 
 
 class _Batch:
@@ -46,7 +51,7 @@ class _Batch:
 
     def root(self, pid: int) -> pathcanon.Root | None:
         if pid not in self.roots:
-            self.roots[pid] = pathcanon.Root.of_pid(pid, self.proc) if pid > 0 else None
+            self.roots[pid] = pathcanon.Root.of_pid(pid, self.proc, SLOW) if pid > 0 else None
         return self.roots[pid]
 
     def base(self, pid: int, dirfd: int, root: pathcanon.Root) -> bytes:
@@ -96,6 +101,7 @@ def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.
     dirfds = np.asarray(dirfds).astype(np.int64)
     follow = np.zeros(n, bool) if follow is None else np.asarray(follow, bool)
     first, inverse, odd = _unique_rows(pids, dirfds, follow, names)
+    SLOW.new_batch()
     batch = _Batch(proc, max_resolve)
     try:
         rows = zip(pids[first].tolist(), dirfds[first].tolist(), follow[first].tolist(),

@@ -54,6 +54,13 @@ def test_strip_view():
     assert strip_view(b"pipe:[123]", b"/") is None
 
 
+@pytest.fixture(autouse=True)
+def patient_slow_lookups(monkeypatch):
+    """Symlinks made by a test have an atime due, so their first follow takes the
+    slow path; a loaded test host must not make its 10 ms deadline a flake."""
+    monkeypatch.setattr(paths, "SLOW", pathcanon.SlowLookups(deadline=5.0, budget=60.0))
+
+
 @pytest.fixture
 def tree(tmp_path):
     """A root: /etc/shadow, /usr/bin, /bin -> usr/bin, /lnk -> /etc/ssh (absolute, in
@@ -71,7 +78,9 @@ def tree(tmp_path):
     os.symlink("../shadow", r / "etc" / "ssh" / "key")
     (tmp_path / "outside").mkdir()
     os.symlink(str(tmp_path / "outside"), r / "esc")
-    root = Root.of_dir(str(r))
+    # symlinks just made have an atime due: the cached lookup refuses their first
+    # follow, the slow path (a thread, with a deadline) does it
+    root = Root.of_dir(str(r), pathcanon.SlowLookups(deadline=5.0, budget=60.0))
     assert root is not None
     yield root
     root.close()
@@ -163,10 +172,54 @@ def test_symlink_targets_from_the_link_directory(tmp_path):
 
 def test_no_openat2_falls_back_to_text(tree, monkeypatch):
     """A kernel without openat2 (before 5.6): every name is cleaned as text."""
-    def enosys(*a, **k):
-        raise OSError(38, "Function not implemented")
-    monkeypatch.setattr(pathcanon.Root, "_open", enosys)
+    monkeypatch.setattr(pathcanon, "_resolve_at", lambda *a: (None, 38))
     assert tree.resolve(b"/bin/../etc//shadow", True) == b"/etc/shadow"
+
+
+def test_cached_lookup_needs_no_thread(tmp_path):
+    """What the dentry cache holds resolves on the caller's thread (no slow path)."""
+    (tmp_path / "d").mkdir()
+    os.listdir(tmp_path / "d")
+    root = Root.of_dir(str(tmp_path))
+    try:
+        assert root.slow is None and root.resolve(b"/d/../d/x") == b"/d/x"
+    finally:
+        root.close()
+
+
+def test_a_stalled_file_system_never_stalls_the_caller(tmp_path, monkeypatch):
+    """A lookup that never returns (as on a FUSE daemon that does not answer) is given
+    up at the deadline; while every worker is held, no lookup waits at all. The stall
+    is simulated: an unanswering FUSE daemon cannot be mounted in a unit test."""
+    import threading
+    import time
+
+    release = threading.Event()
+    real = pathcanon._resolve_at
+
+    def stalled(dirfd, path, directory, resolve=0):
+        if resolve & pathcanon.RESOLVE_CACHED:
+            return None, 11  # EAGAIN: not in the cache
+        release.wait(30)
+        return real(dirfd, path, directory, resolve)
+    monkeypatch.setattr(pathcanon, "_resolve_at", stalled)
+    slow = pathcanon.SlowLookups(workers=2, deadline=0.05, budget=1.0)
+    root = Root.of_dir(str(tmp_path), slow)
+    try:
+        t0 = time.monotonic()
+        assert root.resolve(b"/a/../b/x") == b"/b/x"          # given up: cleaned as text
+        assert root.resolve(b"/c/y") == b"/c/y"
+        assert slow.busy == 2 and slow.timeouts == 2
+        t1 = time.monotonic()
+        assert root.resolve(b"/e/z") == b"/e/z"                # no worker left: no wait
+        assert time.monotonic() - t1 < 0.04 and t1 - t0 < 1.0
+    finally:
+        release.set()
+        root.close()
+    wait = time.monotonic() + 10
+    while slow.busy and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert slow.busy == 0  # the held threads ended and closed their descriptors
 
 
 def test_hash_collisions_resolve_each_name_on_its_own(monkeypatch):
