@@ -26,6 +26,10 @@ Notes:
   directories with `openat2(RESOLVE_IN_ROOT)` from `/proc/<pid>/root` (never
   out of that root, never through a magic link); the last component is
   followed when the call follows it (open without `O_NOFOLLOW`, chmod, chown).
+  The broker never waits on a file system for it: it reads the dentry cache,
+  and what that cannot answer is retried beside the pipeline within 20 ms per
+  batch; a name not resolved in time, or past 1024 resolutions in a batch, is
+  cleaned as text.
   When the process has exited by then (most short-lived programs), an
   absolute name is cleaned as text (`/etc/../etc//shadow` is `/etc/shadow`;
   a `..` after a symlinked directory may then be wrong) and `path` is empty
