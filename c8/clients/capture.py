@@ -259,7 +259,9 @@ def record(sub, path: str, count: int | None = None, duration: float | None = No
     try:
         done = False
         while not done and sub.ended is None:
-            for window in sub.windows(idle=idle_poll):
+            # with a deadline, come back at idle moments to look at the clock; without,
+            # one iteration throughout (it resubscribes if the broker restarts)
+            for window in sub.windows(idle=idle_poll if deadline is not None else None):
                 if count is not None:
                     window, n = cut_window(window, count - events, categories)
                 else:
@@ -270,8 +272,8 @@ def record(sub, path: str, count: int | None = None, duration: float | None = No
                         deadline is not None and time.monotonic() >= deadline):
                     done = True
                     break
-            if deadline is not None and time.monotonic() >= deadline:
-                done = True
+            if deadline is None or time.monotonic() >= deadline:
+                done = True  # without a deadline the iteration ends only with the subscription
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -155,3 +156,29 @@ def test_bad_arguments_are_clear_errors(shared_sensor, tmp_path):
     assert p.returncode == 2 and "not a Parquet file" in err.decode()
     assert shared_sensor.status()["broker_pid"]  # the sensor keeps running
     assert not os.path.exists(tmp_path / "y.parquet")
+
+
+
+def test_record_until_ctrl_c_leaves_a_complete_file(shared_sensor, workload, tmp_path):
+    """Without --count or --duration, Ctrl-C (SIGINT) ends the recording: exit 0, the
+    footer written, the summary's rows those of the file."""
+    shell, _, run = workload
+    flt = f'kind == "EXEC" and ancestor.exec_filename == "{shell}"'
+    out = tmp_path / "interrupted.parquet"
+    with shared_sensor.client.subscribe({"events": {"process": {"filter": flt}}}) as live:
+        rec = c8ctl(shared_sensor.run_dir, "record", "--events", "process", "--filter", flt, "-o", str(out))
+        started(rec)
+        run()
+        seen = 0
+        for ev in live.events(timeout=10):  # the broker has sent the workload's windows to both
+            seen += ev["type"] == "process"
+            if seen >= CATS:
+                break
+    rec.send_signal(signal.SIGINT)
+    _, stats = finished(rec)
+    table = pq.read_table(out)
+    assert stats["rows"] == table.num_rows and stats["events"] <= CATS
+    rows = [r for r in table.to_pylist() if r["type"] == "process"]
+    assert all(r["kind"] == "EXEC" and r["exec_filename"] == "/bin/cat" for r in rows)
+    meta = pq.ParquetFile(out).metadata.metadata  # the footer's key-value metadata
+    assert json.loads(meta[b"c8.recorded"])["events"] == stats["events"]
