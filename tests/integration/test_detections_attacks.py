@@ -561,3 +561,18 @@ def test_chrooted_process_paths_stay_in_its_root(sensor, rx, workdir):
         for h in holders:
             h.close()
         shutil.rmtree(jail, ignore_errors=True)
+
+
+def test_cd_etc_then_relative_write(sensor, rx, workdir):
+    """`cd /etc && exec 3>>passwd` (opened for append, nothing written) by a shell that
+    is gone before the broker can read its cwd: the name's last component decides."""
+    rule, benign = "Write below system directory", set()
+
+    def act():
+        benign.add(run(["bash", "-c", f"cd {workdir} && exec 3>>notes"]))
+        pid = run(["bash", "-c", "cd /etc && exec 3>>passwd"])
+        return lambda a: pid_of(a) == pid
+    alert = attempt(rx, rule, act, "cd /etc && exec 3>>passwd")
+    assert alert["event"]["filename"] == "passwd" and alert["event"]["path"] in ("/etc/passwd", "")
+    barrier(rx, workdir)
+    no_alert(rx, rule, benign)

@@ -347,6 +347,9 @@ CASES = {
         {"kind": "RENAME", "oldname": "/tmp/x", "newname": "/bin/ls", "filename": "/bin/ls"},
         {"kind": "OPEN", "filename": "cron.d/evil", "path": "/etc/cron.d/evil", "open_flags": O_WRONLY | O_CREAT},
         {"kind": "OPEN", "filename": "etc/cron.d/evil", "path": "", "open_flags": O_WRONLY | O_CREAT},
+        {"kind": "OPEN", "filename": "passwd", "path": "", "open_flags": O_WRONLY | 0x400},
+        {"kind": "RENAME", "oldname": "x", "newname": "./ld.so.preload", "filename": "./ld.so.preload",
+         "path": "", "oldpath": ""},
         # an account tool writing outside the account files, another program on them
         {"kind": "OPEN", "filename": "/etc/ld.so.preload", "open_flags": O_WRONLY | O_CREAT,
          "process_exec_filename": "/usr/sbin/useradd"},
@@ -359,6 +362,7 @@ CASES = {
         {"kind": "CREATE", "filename": "/home/u/notes"},
         {"kind": "RENAME", "oldname": "/tmp/a", "newname": "/tmp/b", "filename": "/tmp/b"},
         {"kind": "OPEN", "filename": "/var/log/x", "open_flags": O_WRONLY},
+        {"kind": "OPEN", "filename": "notes.txt", "path": "", "open_flags": O_WRONLY | O_CREAT},
         {"kind": "OPEN", "filename": "/etc/shadow+", "open_flags": O_WRONLY | O_CREAT,
          "process_exec_filename": "/usr/sbin/useradd"},
         {"kind": "DELETE", "filename": "/etc/passwd.lock", "process_exec_filename": "/usr/sbin/userdel"},
