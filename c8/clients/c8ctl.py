@@ -256,12 +256,16 @@ def cmd_replay(_client, args: argparse.Namespace) -> int:
     start = time.perf_counter()
     events = alerts = 0
     out = sys.stdout
-    for _category, arr, found in capture.replay(args.file, engine):
-        events += len(arr)
-        alerts += len(found)
-        for alert in found:
-            out.write(json.dumps(alert_dict(alert), default=str) + "\n")
-    out.flush()
+    try:
+        for _category, arr, found in capture.replay(args.file, engine):
+            events += len(arr)
+            alerts += len(found)
+            for alert in found:
+                out.write(json.dumps(alert_dict(alert), default=str) + "\n")
+        out.flush()
+    except BrokenPipeError:  # the reader is gone (| head): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     seconds = time.perf_counter() - start
     print(json.dumps({"events": events, "alerts": alerts, "rules": len(engine.rules),
                       "seconds": round(seconds, 3),
