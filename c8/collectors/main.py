@@ -284,7 +284,7 @@ class Collector:
             if programs:
                 self._plug_bpf_output()
             if self.cpu == 0 and self.bpf_mgr is not None:
-                self.state.bpf = self.bpf_mgr.apply(programs)
+                self.state.bpf = self.bpf_mgr.apply(programs, progress=self._read_while_busy)
                 if not programs:  # unloaded: failures meanwhile were while nobody collected
                     self.bpf_mgr.losses()
             if not programs and BPF_OUTPUT in self.sources:
@@ -295,6 +295,15 @@ class Collector:
             self.state.errors.pop("bpf", None)
         except Exception as exc:  # the eBPF layer is optional: tracepoints go on
             self._error("bpf", f"{type(exc).__name__}: {exc}")
+
+    def _read_while_busy(self) -> None:
+        """Between eBPF programs loaded or unloaded (seconds in all, the verifier and
+        detaching are slow): read the ring, so this CPU's events and ticks keep
+        coming and the broker need not release other CPUs' events without them."""
+        try:
+            self.drain()
+        except Exception as exc:  # a decode bug must not stop the plan
+            log(f"ring: {type(exc).__name__}: {exc}")
 
     def _plug_bpf_output(self) -> None:
         """This CPU's BPF-output event, writing into the ring, enabled, in the

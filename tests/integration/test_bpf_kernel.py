@@ -254,6 +254,24 @@ def test_exec_from_a_thread_other_than_the_leader(manager, cap):
     assert not any(struct.unpack("<Q", k)[0] >> 32 == p.pid for k in _keys(pending))
 
 
+def test_exec_by_execveat_of_an_open_file(manager, cap):
+    """execveat(fd, "", AT_EMPTY_PATH), as runc and crun exec themselves: recorded.
+    A successful execveat returns through sys_exit_execve here (the exit reports
+    nr 59), so the exit program must not insist on its own syscall number."""
+    p = run_child("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open("/bin/true", os.O_RDONLY)
+        argv = (ctypes.c_char_p * 3)(b"/bin/true", b"via-execveat", None)
+        envp = (ctypes.c_char_p * 1)(None)
+        libc.syscall(322, fd, b"", argv, envp, 0x1000)  # AT_EMPTY_PATH
+        raise SystemExit(f"execveat failed: {ctypes.get_errno()}")
+    """)
+    recs = cap.wait(lambda: [r for r in cap.of(p.pid, "exec") if r["nr"] == 322])
+    assert len(recs) == 1 and recs[0]["ret"] == 0 and recs[0]["filename"] == b""
+    assert recs[0]["argv"] == b"/bin/true\0via-execveat" and recs[0]["flags"] == 0x1000
+
+
 def _keys(map_fd: int) -> list[bytes]:
     """The keys of a pending map (u64 pid_tgid)."""
     import ctypes
@@ -745,3 +763,22 @@ def test_a_loss_notice_the_queue_refused_is_sent_later(tmp_path):
         col.close()
         if pull is not None:
             pull.close(0)
+
+
+def test_progress_is_told_between_programs(tmp_path):
+    """Loading and unloading take seconds: the caller (collector cpu0) is called back
+    after each program attached and each family unloaded, to read its ring meanwhile."""
+    calls = []
+    with BpfManager(str(tmp_path)) as m:
+        st = m.apply({"open": {}, "exit": {}}, progress=lambda: calls.append(len(m.families)))
+        assert st == {"open": {"loaded": True, "error": None}, "exit": {"loaded": True, "error": None}}
+        n_progs = sum(len(m._families[f].progs) for f in ("open", "exit"))
+        assert len(calls) == n_progs and n_progs >= 5
+        calls.clear()
+        m.apply({"exit": {}}, progress=lambda: calls.append(sorted(m.families)))
+        assert calls == [["exit"]]  # once, after the open family's programs are gone
+
+        def boom():
+            raise RuntimeError("the caller's trouble")
+        st = m.apply({"exit": {}, "open": {}}, progress=boom)  # never fails a family
+        assert st["open"] == {"loaded": True, "error": None}

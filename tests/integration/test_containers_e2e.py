@@ -285,4 +285,5 @@ def test_low_level_runtime_lifecycle_every_time(csensor, request, runtime_name):
             failed.append(f"run {i} ({cid[:12]}): {str(exc)[:400]}")
     lost = [(e["source"], e["cpu"], e["count"], (e["sensor_monotime_nanos"] - started) // 1_000_000)
             for e in events if e["type"] == "lost"]
-    assert not failed, "\n".join(failed) + f"\nlost events: {lost}"
+    causes = {cpu: st.get("ebpf_lost") for cpu, st in csensor.status()["collectors"].items()}
+    assert not failed, "\n".join(failed) + f"\nlost events: {lost}\neBPF losses by cause: {causes}"
