@@ -298,7 +298,17 @@ def cmd_fleet_subscribe(_client, args: argparse.Namespace) -> int:
             pass
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (ValueError, yaml.YAMLError):
+            raise  # a bad filter: main names it
+        except Exception as exc:  # nats-py's errors (timeouts, no stream) carry no text
+            return _fleet_error(exc, args)
     return 0
+
+
+def _fleet_error(exc: Exception, args: argparse.Namespace) -> int:
+    what = f"no stream {args.stream!r}" if type(exc).__name__ == "NotFoundError" else repr(exc)
+    print(f"c8ctl fleet: {what} (servers {args.nats})", file=sys.stderr)
+    return 1
 
 
 def cmd_fleet_sensors(_client, args: argparse.Namespace) -> int:
@@ -306,8 +316,12 @@ def cmd_fleet_sensors(_client, args: argparse.Namespace) -> int:
     from c8.clients.fleet import Fleet
 
     with Fleet(args.nats, args.stream) as fleet:
-        for s in fleet.sensors():
-            print(json.dumps(s))
+        try:
+            rows = fleet.sensors()
+        except Exception as exc:  # nats-py's errors (timeouts, no stream) carry no text
+            return _fleet_error(exc, args)
+    for row in rows:
+        print(json.dumps(row))
     return 0
 
 

@@ -146,7 +146,7 @@ class Fleet:
                 wait = 1.0 if timeout is None else min(1.0, max(timeout - idle, 0.05))
                 try:
                     msgs = self._run(sub.fetch(FETCH_BATCH, timeout=wait))
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # nothing within ``wait``
                     idle += wait
                     continue
                 idle = 0.0

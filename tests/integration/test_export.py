@@ -121,16 +121,19 @@ def marker_counts(urls: list[str], tag: str, want: int, timeout: float,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         counts = {}
-        with Fleet(urls) as fleet:
-            for _sid, _cat, arr, _t in fleet.batches(["process"], f'kind == "EXEC" and '
-                                                     f'exec_command_line like "*{tag}-*"',
-                                                     sensor=sensor, all=True, timeout=1.0):
-                for line in arr["exec_command_line"].tolist():
-                    i = int(line.decode().rsplit("-", 1)[1])
-                    counts[i] = counts.get(i, 0) + 1
-                if time.monotonic() > deadline:  # a stream that never goes idle
-                    break
-        if len(counts) >= want:
+        try:
+            with Fleet(urls) as fleet:
+                for _sid, _cat, arr, _t in fleet.batches(["process"], f'kind == "EXEC" and '
+                                                         f'exec_command_line like "*{tag}-*"',
+                                                         sensor=sensor, all=True, timeout=1.0):
+                    for line in arr["exec_command_line"].tolist():
+                        i = int(line.decode().rsplit("-", 1)[1])
+                        counts[i] = counts.get(i, 0) + 1
+                    if time.monotonic() > deadline:  # a stream that never goes idle
+                        break
+        except Exception as exc:  # nats.errors.TimeoutError while a leader is elected
+            counts = {"error": repr(exc)}
+        if len(counts) >= want and "error" not in counts:
             return counts
         time.sleep(0.5)
     return counts
