@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 from c8.broker.main import Broker  # noqa: E402
 from c8.protocol import batch as wire  # noqa: E402
 from c8.protocol import control, paths  # noqa: E402
+from c8.supervisor.config import child_config  # noqa: E402
 
 BATCH = 4096          # raw events per collector batch
 RAW = np.dtype([("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4"),
@@ -104,7 +105,7 @@ def subscribers(endpoint: str, n: int, ready, totals) -> None:
 def broker_rate(n_subs: int, total: int) -> float:
     """Events/s through build -> merge -> fill -> filter -> publish to n_subs subscribers."""
     with tempfile.TemporaryDirectory() as tmp:
-        broker = Broker({"run_dir": tmp, "sensor_id_file": os.path.join(tmp, "id"), "subscriber_queue": 100000})
+        broker = Broker(child_config(run_dir=tmp, sensor_id_file=os.path.join(tmp, "id"), subscriber_queue=100000))
         broker.control = broker.ctx.socket(zmq.ROUTER)
         broker.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         broker.control.setsockopt(zmq.SNDHWM, 100000)

@@ -134,8 +134,8 @@ class Access:
 
     def __init__(self, config: dict, own_uid: int | None = None):
         self.admin_uids = frozenset({0, os.geteuid() if own_uid is None else own_uid})
-        self.probe_uids, self.probe_gids, self.probe_members = _resolve_grants(config.get("allow_probes"))
-        self.limits = CountLimits.from_config(config.get("limits"))
+        self.probe_uids, self.probe_gids, self.probe_members = _resolve_grants(config["allow_probes"])
+        self.limits = CountLimits.from_config(config["limits"])
         self.owners: dict[str, Peer] = {}  # subscription id -> who made it
 
     # -- who ----------------------------------------------------------------------

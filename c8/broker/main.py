@@ -78,12 +78,12 @@ def sensor_id(path: str | None) -> str:
 class Broker:
     def __init__(self, config: dict):
         self.config = config
-        self.run_dir = paths.run_dir(config.get("run_dir"))
-        self.sensor_id = sensor_id(config.get("sensor_id_file"))
+        self.run_dir = paths.run_dir(config["run_dir"])
+        self.sensor_id = sensor_id(config["sensor_id_file"])
         self.ctx = zmq.Context.instance()
         self.processes = ProcessTable()
         self.containers = ContainerTable()
-        self.merger = Merger(int(float(config.get("merge_holdback") or 0) * 1e9))
+        self.merger = Merger(int(config["merge_holdback"] * 1e9))
         self.identity = Identity(self.processes, self.containers)
         self.sequence = Sequence()
         self.marks_moved = False  # a collector's tick arrived since the last release
@@ -91,7 +91,7 @@ class Broker:
         self.publisher = Publisher(self)
         self.subscriptions: dict[str, Subscription] = {}
         self.access = Access(config)  # roles and the count limits (docs/security.md)
-        self.filter_limits = FilterLimits.from_config(config.get("limits"))
+        self.filter_limits = FilterLimits.from_config(config["limits"])
         self.collectors: dict[int, dict] = {}  # cpu -> latest stats
         self.watermarks: dict[int, tuple[int, float]] = {}  # cpu -> (read up to ns, when told)
         self.counts = {"received": 0, "published": 0, "lost_kernel": 0, "bad_messages": 0}
@@ -105,18 +105,18 @@ class Broker:
 
     # -- set-up -------------------------------------------------------------------
     def _make_limiter(self):
-        lim = self.config.get("limiter") or {}
-        if not lim.get("enabled"):
+        lim = self.config["limiter"]
+        if not lim["enabled"]:
             return None
         from c8.broker.limiter import EventLimiter
-        return EventLimiter(float(lim.get("events_per_second", 3500)), float(lim.get("duration", 30)),
-                            int(lim.get("max_retries", 3)), float(lim.get("group_request_duration", 1)))
+        return EventLimiter(float(lim["events_per_second"]), float(lim["duration"]),
+                            int(lim["max_retries"]), float(lim["group_request_duration"]))
 
     def bind(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.control.setsockopt(zmq.SNDHWM, int(self.config.get("subscriber_queue", 64)))
+        self.control.setsockopt(zmq.SNDHWM, int(self.config["subscriber_queue"]))
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
         self._bind_ipc(self.control, paths.control(self.run_dir), 0o660)
@@ -130,7 +130,7 @@ class Broker:
         self.plan_pub.setsockopt(zmq.LINGER, 0)
         self._bind_ipc(self.plan_pub, paths.plan(self.run_dir), 0o600)
         self.remote = None
-        if self.config.get("listen_tcp"):
+        if self.config["listen_tcp"]:
             from c8.broker.remote import bind_tcp
             self.remote = bind_tcp(self, self.config)
             self.remote.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
@@ -602,7 +602,7 @@ def run(config: dict) -> None:
         setproctitle("c8-broker")
     except ImportError:
         pass
-    logging.basicConfig(level=config.get("log_level", "INFO").upper() if isinstance(config.get("log_level"), str) else "INFO",
+    logging.basicConfig(level=config["log_level"].upper(),
                         format="%(asctime)s c8-broker %(levelname)s %(message)s", stream=sys.stderr)
     broker = Broker(config)
     signal.signal(signal.SIGTERM, broker.stop)

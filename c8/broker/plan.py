@@ -33,7 +33,7 @@ class Planner:
     """
 
     def __init__(self, config: dict, send: Callable[[bytes], None]):
-        self.pushdown = bool(config.get("pushdown", True))  # false: the broker filters alone
+        self.pushdown = bool(config["pushdown"])  # false: the broker filters alone
         self.send = send
         self.generation = 0
         self.plan: dict = {"generation": 0, "enabled": False, "tracepoints": {}, "probes": {}, "bpf": {},

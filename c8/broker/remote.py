@@ -202,10 +202,10 @@ def bind_tcp(broker, config: dict) -> TcpListener:
     must not start silently without its listener.
     """
     secret = read_key(config["curve_server_secret_key_file"], "secret")
-    for directory in (config["curve_authorized_keys_dir"], config.get("curve_admin_keys_dir")):
+    for directory in (config["curve_authorized_keys_dir"], config["curve_admin_keys_dir"]):
         if directory:
             check_private(directory)  # refused at start: the sensor must not listen unguarded
-    keys = AuthorizedKeys(config["curve_authorized_keys_dir"], config.get("curve_admin_keys_dir"))
+    keys = AuthorizedKeys(config["curve_authorized_keys_dir"], config["curve_admin_keys_dir"])
     auth = ThreadAuthenticator(broker.ctx, log=logging.getLogger("c8.broker.zap"))
     auth.start()
     auth.configure_curve_callback(ZAP_DOMAIN, keys)

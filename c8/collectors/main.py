@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from c8.collectors import perf, ring, tracefs
-from c8.collectors.decode import DEFAULT_STRING_WIDTH, Decoder
+from c8.collectors.decode import Decoder
 from c8.protocol import batch, heartbeat, paths
 
 POLL_MS = 4  # ring reads at least this often: the latency floor at low rates
@@ -77,9 +77,9 @@ class Collector:
 
     def __init__(self, config: dict, cpu: int, ctx: zmq.Context | None = None):
         self.cpu = cpu
-        self.run_dir = paths.run_dir(config.get("run_dir"))
-        self.pages = perf.ring_pages(config.get("ring_pages", perf.DEFAULT_RING_PAGES))
-        self.decoder = Decoder(int(config.get("string_width") or DEFAULT_STRING_WIDTH))
+        self.run_dir = paths.run_dir(config["run_dir"])
+        self.pages = perf.ring_pages(config["ring_pages"])
+        self.decoder = Decoder(int(config["string_width"]))
         self.tracefs = tracefs.find_tracefs()
         self.sources: dict[str, Source] = {}
         self.state = State()

@@ -29,6 +29,7 @@ if os.geteuid() != 0:
 
 from c8.collectors.bpf import maps, records  # noqa: E402
 from c8.collectors.bpf.manager import BpfManager, fetch_map_fd  # noqa: E402
+from c8.supervisor.config import child_config  # noqa: E402
 
 CPU = 1 if os.cpu_count() and os.cpu_count() > 1 else 0
 FAMILIES = ["open", "file1", "file2", "exec", "sock", "exit"]
@@ -729,7 +730,7 @@ def test_a_loss_notice_the_queue_refused_is_sent_later(tmp_path):
     from c8.collectors.main import Collector
     from c8.protocol import batch, paths
 
-    col = Collector({"run_dir": str(tmp_path), "ring_pages": 1}, CPU)  # nobody reads yet
+    col = Collector(child_config(run_dir=str(tmp_path), ring_pages=1), CPU)  # nobody reads yet
     pull = None
     try:
         col.apply_plan({"generation": 1, "enabled": True, "bpf": {},

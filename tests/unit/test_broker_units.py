@@ -13,6 +13,7 @@ from c8.broker.processes import ProcessTable, make_process_id, read_stat
 from c8.broker.sequence import Sequence
 from c8.broker.subscriptions import parse_spec
 from c8.protocol import errors
+from c8.supervisor.config import child_config
 
 
 def batch(category, times, **cols):
@@ -141,7 +142,7 @@ def test_a_batch_that_fails_to_build_is_reported_lost(tmp_path):
     from c8.broker.main import Broker
     from c8.protocol import batch as wire
 
-    b = Broker({"run_dir": str(tmp_path), "sensor_id_file": str(tmp_path / "id")})
+    b = Broker(child_config(run_dir=str(tmp_path), sensor_id_file=str(tmp_path / "id")))
     # a bpf:sock batch without its record fields: the builder raises
     raw = np.zeros(7, [("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4"), ("nr", "<i4")])
     raw["pid"] = 999_999

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from c8.broker.main import Broker
 from c8.protocol import control, errors
+from c8.supervisor.config import child_config
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
@@ -34,7 +35,7 @@ class RecordingSocket:
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Broker({"run_dir": str(tmp_path / "run"), "sensor_id_file": str(tmp_path / "sensor_id")})
+    b = Broker(child_config(run_dir=str(tmp_path / "run"), sensor_id_file=str(tmp_path / "sensor_id")))
     b.control = RecordingSocket()
     b.plan_pub = RecordingSocket()
     b.listeners = {b"u": b.control}

@@ -13,6 +13,7 @@ from c8.broker import access
 from c8.broker.subscriptions import FilterLimits, parse_spec
 from c8.probes.definition import ProbeDefinition
 from c8.protocol import errors
+from c8.supervisor.config import child_config
 
 
 def test_unix_credentials_are_the_connecting_process(tmp_path):
@@ -25,9 +26,9 @@ def test_unix_credentials_are_the_connecting_process(tmp_path):
         assert router.poll(5000)
         frames = router.recv_multipart(copy=False)
         assert access.unix_credentials(frames[-1]) == (os.getpid(), os.geteuid(), os.getegid())
-        peer = access.Access({}, own_uid=os.geteuid()).unix_peer(frames[-1], frames[0].bytes)
+        peer = access.Access(child_config(), own_uid=os.geteuid()).unix_peer(frames[-1], frames[0].bytes)
         assert (peer.role, peer.principal, peer.may_probe) == (access.ADMIN, f"uid {os.geteuid()}", True)
-        stranger = access.Access({}, own_uid=-5)
+        stranger = access.Access(child_config(), own_uid=-5)
         if os.geteuid() != 0:
             assert stranger.unix_peer(frames[-1], frames[0].bytes).role == access.SUBSCRIBER
     finally:
@@ -36,7 +37,7 @@ def test_unix_credentials_are_the_connecting_process(tmp_path):
 
 
 def peer(uid: int, gid: int = 5000) -> access.Peer:
-    a = access.Access({"allow_probes": ["4242"]}, own_uid=999)
+    a = access.Access(child_config(allow_probes=["4242"]), own_uid=999)
 
     class Frame:  # what libzmq's Peer-Address property says of an ipc peer
         def get(self, name):
@@ -61,7 +62,7 @@ def sub_of(spec: dict, sid: str | None = None):
 
 
 def test_subscribers_may_not_ask_for_probes_and_the_refusal_names_them():
-    a = access.Access({}, own_uid=999)
+    a = access.Access(child_config(), own_uid=999)
     spec = {"events": {"user_call": [{"executable": "/lib/libcrypt.so.1", "symbol": "crypt_r",
                                       "fetchargs": "pw=+0(%di):string"}],
                        "kernel_call": [{"symbol": "tcp_connect", "fetchargs": "a=%di"}]}}
@@ -76,7 +77,7 @@ def test_subscribers_may_not_ask_for_probes_and_the_refusal_names_them():
 
 
 def test_counts_per_peer_and_in_total():
-    a = access.Access({"limits": {"subscriptions_per_peer": 2, "subscriptions": 3}}, own_uid=999)
+    a = access.Access(child_config(limits={"subscriptions_per_peer": 2, "subscriptions": 3}), own_uid=999)
     live = {}
     for i, who in enumerate((peer(1001), peer(1001), peer(1002))):
         a.check_subscribe(who, {"events": {"process": {}}}, live)
@@ -96,7 +97,7 @@ def test_counts_per_peer_and_in_total():
 
 
 def test_ownership_and_visibility():
-    a = access.Access({}, own_uid=999)
+    a = access.Access(child_config(), own_uid=999)
     subs = {"s1": sub_of({"events": {"process": {}}}, "s1"), "s2": sub_of({"events": {"file": {}}}, "s2")}
     a.record("s1", peer(1001))
     a.record("s2", peer(1002))
@@ -110,7 +111,7 @@ def test_ownership_and_visibility():
 
 
 def test_distinct_probes_in_total_are_bounded():
-    a = access.Access({"limits": {"probes": 2}}, own_uid=999)
+    a = access.Access(child_config(limits={"probes": 2}), own_uid=999)
 
     def probe_sub(*names: str):
         s = sub_of({"events": {"process": {}}})
@@ -143,7 +144,7 @@ def test_default_limits_refuse_the_measured_16000_term_filter_at_once():
 
 
 def test_probe_and_container_lists_are_bounded_before_any_lookup():
-    a = access.Access({"limits": {"probes": 3}}, own_uid=999)
+    a = access.Access(child_config(limits={"probes": 3}), own_uid=999)
     spec = {"events": {"user_call": [{"executable": "/bin/true", "symbol": f"f{i}"} for i in range(4)]}}
     with pytest.raises(errors.ProtocolError) as err:
         a.check_subscribe(peer(0), spec, {})
