@@ -114,6 +114,22 @@ def _export_spec(value: Any) -> dict[str, Any]:
     events = value.get("events") or {}
     if not isinstance(events, dict):
         raise cv.ConvertError(value, "events must be a map of event type to options")
+    from c8 import expr, schema  # shared packages: filters checked here, not at first use
+
+    for category, opts in events.items():
+        if category not in schema.KINDS:
+            raise cv.ConvertError(value, f"unknown event type {category!r} (known: "
+                                         f"{', '.join(schema.CATEGORIES)})")
+        if category in ("kernel_call", "user_call"):
+            continue  # probe specs: the broker validates them (and who may place them)
+        if opts is not None and not isinstance(opts, dict):
+            raise cv.ConvertError(value, f"events.{category} must be a map (filter: ...)")
+        text = (opts or {}).get("filter")
+        try:
+            if text:
+                expr.check(expr.parse(text), category)
+        except expr.ExprError as exc:
+            raise cv.ConvertError(value, f"events.{category}: {exc}") from None
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in value.items()}
 
 
@@ -396,6 +412,18 @@ def _convert(key: Key, raw: Any, source: str) -> Any:
         return key.convert(raw)
     except cv.ConvertError as e:
         raise ConfigError(f"{key.name}: {e.value!r} from {source}: {e.reason}") from None
+
+
+def child_config(**overrides: Any) -> dict[str, Any]:
+    """The map a child receives (``Config.as_dict``) for the defaults, with top-level
+    keys replaced (nested maps merged): for building a child in a test or a bench.
+    Children read every key from this map, never a default of their own."""
+    out = load(None, {}).as_dict()
+    for key, value in overrides.items():
+        if key not in out:
+            raise ConfigError(f"{key}: unknown key")
+        out[key] = {**out[key], **value} if isinstance(out[key], dict) and isinstance(value, dict) else value
+    return out
 
 
 def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -341,7 +341,7 @@ def test_every_key_loads_from_its_env_name():
                "heartbeat_timeout": "3s", "metrics.listen": "127.0.0.1:9464",
                "export.nats.url": "nats://h:4222", "export.nats.max_age": "1h",
                "export.nats.max_bytes": "1M", "export.nats.duplicate_window": "1m",
-               "export.spool_bytes": "2M", "export.events": "process",
+               "export.spool_bytes": "2M", "export.events": "process", "export.nats.replicas": "3",
                **{n: "7" for n in config.KEYS if n.startswith("limits.")}}
     env = {}
     for name, key in config.KEYS.items():
