@@ -84,7 +84,7 @@ class NatsServer:
 def export_sensor(tmp_path, urls: list[str], events: dict, detections: bool = False,
                   **extra) -> Sensor:
     cfg = {"export": {"enabled": True, "events": events,
-                      "spool_dir": str(tmp_path / "spool"),
+                      "spool_dir": extra.pop("export_spool", None) or str(tmp_path / "spool"),
                       "nats": {"url": urls, **extra.pop("nats", {})}},
            **extra}
     if detections:
@@ -312,4 +312,33 @@ def test_two_sensor_ids_in_one_stream_read_together_and_apart(tmp_path):
         assert set(rows) == set(ids)
         assert all(rows[s]["exported_events"] == 10 and rows[s]["lost"] == 0 for s in ids)
     finally:
+        nats.stop()
+
+
+def test_sensor_restarted_while_nats_is_away_sends_the_spool_when_it_returns(tmp_path):
+    nats = NatsServer(tmp_path).start()
+    tag = f"c8export-rs-{uuid.uuid4().hex[:8]}"
+    events = {"events": {"process": {
+        "filter": f'kind == "EXEC" and exec_command_line like "/bin/true {tag}-*"'}}}
+    spool = str(tmp_path / "spool")
+    (tmp_path / "first").mkdir()
+    sensor = export_sensor(tmp_path / "first", [nats.url], events, export_spool=spool)
+    try:
+        wait_exporter_connected(sensor)
+        nats.stop()
+        run_marked(tag, range(40))                 # only in the spool
+        wait_for(lambda: json.load(open(os.path.join(sensor.run_dir, "export.json")))
+                 ["spool_bytes"] > 0, 10, 0.1, "batches waiting in the spool")
+    finally:
+        sensor.stop()                              # the whole sensor goes, the spool stays
+    nats.start()
+    (tmp_path / "second").mkdir()
+    again = export_sensor(tmp_path / "second", [nats.url], events, export_spool=spool)
+    try:
+        wait_exporter_connected(again)
+        run_marked(tag, range(40, 50))
+        counts = marker_counts([nats.url], tag, 50, 40)
+        assert sorted(counts) == list(range(50)) and set(counts.values()) == {1}
+    finally:
+        again.stop()
         nats.stop()
