@@ -75,6 +75,7 @@ class Spool:
         self._rfd: tuple[int, int] | None = None  # (segment, fd) being read
         self._inflight: Record | None = None  # the last record peek() gave, until acknowledged
         self.on_append = None  # called (outside the lock) after every append
+        self.appended = 0  # events appended by this process
 
     # -- cursor ------------------------------------------------------------------
     def _cursor_path(self) -> str:
@@ -151,6 +152,7 @@ class Spool:
             fd = self._writer(len(rec))
             os.write(fd, rec)
             self.segments[max(self.segments)] += len(rec)
+            self.appended += events
             self._enforce_bound()
         if self.on_append is not None:
             self.on_append()
@@ -269,7 +271,7 @@ class Spool:
                 waiting -= self.cur_off
             return {"spool_bytes": waiting, "spool_segments": len(self.segments),
                     "lost": self.lost_total, "lost_pending": self.lost_pending,
-                    "exported_events": self.acked}
+                    "exported_events": self.acked, "spooled_events": self.appended}
 
     def close(self) -> None:
         with self.lock:

@@ -328,7 +328,7 @@ def test_sensor_restarted_while_nats_is_away_sends_the_spool_when_it_returns(tmp
         nats.stop()
         run_marked(tag, range(40))                 # only in the spool
         wait_for(lambda: json.load(open(os.path.join(sensor.run_dir, "export.json")))
-                 ["spool_bytes"] > 0, 10, 0.1, "batches waiting in the spool")
+                 ["spooled_events"] >= 40, 10, 0.1, "the 40 events waiting in the spool")
     finally:
         sensor.stop()                              # the whole sensor goes, the spool stays
     nats.start()
