@@ -45,7 +45,7 @@ LOOP_INTERVAL = 0.2
 RELOAD_TIMEOUT = 15.0  # the detector answers a reload within this (rules load in seconds)
 # Files of one run (besides the sockets): removed at start, so a stale accepted config
 # or reload verdict never applies to a new tree, and at the end.
-RUN_FILES = ("supervisor.json", "config.json", "reload.json", "detector.json")
+RUN_FILES = ("supervisor.json", "config.json", "reload.json", "detector.json", "export.json")
 
 
 class StartupError(Exception):
