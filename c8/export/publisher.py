@@ -201,6 +201,7 @@ class Publisher:
                 backoff = 0.1
             except Exception as exc:  # away, electing a leader, timed out: retry the same record
                 self._error(f"publish to stream {self.nats_cfg['stream']} failed: {exc!r}")
+                stream_ok = False  # look again (and make it if it was deleted meanwhile)
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
         if self.stop.is_set() and not nc.is_closed:

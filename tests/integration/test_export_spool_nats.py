@@ -116,3 +116,31 @@ def test_a_restarted_exporter_sends_what_waited_in_the_spool(tmp_path):
     finally:
         run.close()
         nats.stop()
+
+
+def test_a_deleted_stream_is_made_again(tmp_path):
+    import asyncio
+
+    import nats as natspy
+
+    nats = NatsServer(tmp_path).start()
+    spool = Spool(str(tmp_path / "spool"), 64 << 20)
+    run = Running(spool, nats.url, "sensorD")
+    try:
+        append_batches(spool, "sensorD", 1, 2)
+        wait_for(lambda: spool.peek() is None, 20, 0.05, "the first batches in the stream")
+
+        async def delete():
+            nc = await natspy.connect(nats.url)
+            try:
+                await nc.jetstream().delete_stream("C8")
+            finally:
+                await nc.close()
+        asyncio.run(delete())
+        append_batches(spool, "sensorD", 201, 2)
+        wait_for(lambda: spool.peek() is None, 30, 0.1, "the batches after the deletion sent")
+        seqs, lost = stream_contents(nats.url, "sensorD")
+        assert seqs == list(range(201, 401)) and lost == 0
+    finally:
+        run.close()
+        nats.stop()
