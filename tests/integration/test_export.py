@@ -83,7 +83,7 @@ class NatsServer:
 
 def export_sensor(tmp_path, urls: list[str], events: dict, detections: bool = False,
                   **extra) -> Sensor:
-    cfg = {"export": {"enabled": True, "events": events,
+    cfg = {"export": {"enabled": True, "events": events, **extra.pop("export", {}),
                       "spool_dir": extra.pop("export_spool", None) or str(tmp_path / "spool"),
                       "nats": {"url": urls, **extra.pop("nats", {})}},
            **extra}
@@ -341,4 +341,37 @@ def test_sensor_restarted_while_nats_is_away_sends_the_spool_when_it_returns(tmp
         assert sorted(counts) == list(range(50)) and set(counts.values()) == {1}
     finally:
         again.stop()
+        nats.stop()
+
+
+def test_spool_full_while_nats_is_away_counts_lost_in_status_and_stream(tmp_path):
+    nats = NatsServer(tmp_path)                      # not started yet: away from the beginning
+    tag = f"c8export-full-{uuid.uuid4().hex[:8]}"
+    sensor = export_sensor(tmp_path, [nats.url], {"events": {"process": {
+        "filter": f'kind == "EXEC" and exec_command_line like "/bin/true {tag}-*"'}}},
+        export={"spool_bytes": "1M"})
+    n = 1500
+    try:
+        status_path = os.path.join(sensor.run_dir, "export.json")
+        wait_for(lambda: json.load(open(status_path)).get("subscribed"), 20, 0.1,
+                 "c8-exporter subscribed")
+        run_marked(tag, range(n))
+        st = wait_for(lambda: (s := json.load(open(status_path)))["lost"] > 0 and
+                      s["spooled_events"] >= n and s, 20, 0.1, "the spool overflowing")
+        assert not st["connected"] and st["spool_bytes"] <= 1 << 20
+        out = c8ctl("--run-dir", sensor.run_dir, "status").stdout.decode()
+        assert f"lost {st['lost']} (source export)" in out and "not connected" in out, out
+        nats.start()
+        wait_for(lambda: json.load(open(status_path))["lost_pending"] == 0, 30, 0.2,
+                 "the lost record sent")
+        counts = marker_counts([nats.url], tag, n - st["lost"], 40)
+        assert set(counts.values()) == {1}
+        missing = sorted(set(range(n)) - set(counts))
+        assert len(missing) == st["lost"] and missing == list(range(len(missing)))  # the oldest
+        r = c8ctl("fleet", "subscribe", "--nats", nats.url, "--all", "--timeout", "1.5",
+                  "--events", "lost")
+        lost = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [(e["source"], e["count"]) for e in lost] == [("export", st["lost"])]
+    finally:
+        sensor.stop()
         nats.stop()
