@@ -38,6 +38,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_STARTED: list = []  # servers and sensors of the running test, stopped at its teardown
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started():
+    yield
+    while _STARTED:
+        try:
+            _STARTED.pop().stop()
+        except Exception:  # already stopped, or failed to: the next one still goes
+            pass
+
+
 class NatsServer:
     """One nats-server with JetStream on loopback; stop() kills it, start() brings it back
     on the same port and store."""
@@ -65,6 +78,7 @@ class NatsServer:
                     "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in routes)]
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        _STARTED.append(self)
         wait_for(self._listening, 10, 0.05, f"nats-server {self.name} on {self.port}")
         return self
 
@@ -96,7 +110,9 @@ def export_sensor(tmp_path, urls: list[str], events: dict, detections: bool = Fa
             '  condition: exec_command_line like "/bin/true c8export-alert-*"\n'
             '  output: "marker run {exec_command_line}"\n')
         cfg["detections"] = {"enabled": True, "rules": [str(rules)]}
-    return Sensor(tmp_path, **cfg).start()
+    sensor = Sensor(tmp_path, **cfg)
+    _STARTED.append(sensor)  # stopped at teardown even when it fails to become ready
+    return sensor.start()
 
 
 def wait_exporter_connected(sensor: Sensor, timeout: float = 20.0) -> dict:

@@ -17,7 +17,7 @@ from c8.export.publisher import Publisher
 from c8.export.spool import Spool
 from c8.protocol import batch as wire
 from tests.integration.sensor import wait_for
-from tests.integration.test_export import NatsServer
+from tests.integration.test_export import NatsServer, _stop_what_the_test_started  # noqa: F401
 
 
 def nats_cfg(url: str) -> dict:
