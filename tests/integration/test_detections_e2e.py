@@ -257,6 +257,7 @@ def test_read_sensitive_file(det_sensor, rx):
     alert, syslog, pid = trigger(rx, rule, act, "cat /etc/shadow")
     check_common(alert, syslog, rule, "warning", pid, "/bin/cat")
     assert alert["event"]["filename"] == "/etc/shadow" and alert["event"]["kind"] == "OPEN"
+    assert alert["event"]["path"] == "/etc/shadow"  # the rules match path (test_detections_attacks.py)
     assert alert["event"]["ret"] >= 0 and alert["event"]["open_flags"] & 3 == 0
     assert "/etc/shadow" in alert["output"]
     host_container(alert)
