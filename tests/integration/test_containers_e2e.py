@@ -84,7 +84,7 @@ def only_containers(events: list[dict], image_glob: str | None = None, names=(),
 
 
 def check_demo(events: list[dict], cid: str, name: str, runtime: str, image_id: str, image_name: str,
-               ls_path: bool = True) -> None:
+               ls_path: bool = True, names: bool = True) -> None:
     """CREATED, RUNNING, ls, OPEN /foo -> ENOENT, EXITED 1, DESTROYED, in order, every
     event of the container with its identity and nothing else's.
 
@@ -97,22 +97,28 @@ def check_demo(events: list[dict], cid: str, name: str, runtime: str, image_id: 
     mine = sorted((e for e in events if e["container_id"] == cid), key=lambda e: e["sensor_sequence_number"])
     assert mine, f"no event of container {cid}"
     for e in mine:  # every event of the container carries its identity
-        assert (e["container_name"], e["image_id"], e["image_name"]) == (name, image_id, image_name), e
+        if names:
+            assert (e["container_name"], e["image_id"], e["image_name"]) == (name, image_id, image_name), e
     life = [e for e in mine if e["type"] == "container"]
-    assert [e["kind"] for e in life] == LIFECYCLE, [(e["kind"], e["process_pid"]) for e in life]
+    assert [e["kind"] for e in life] == LIFECYCLE, [(e["kind"], e["process_pid"], e["cpu"], e["sensor_monotime_nanos"])
+                                                    for e in life]
     created, running, exited, gone = life
     for e in life:
-        assert e["runtime"] == runtime and e["name"] == name, e
+        assert not names or (e["runtime"], e["name"]) == (runtime, name), e  # both from metadata
 
     execs = [e for e in mine if e["type"] == "process" and e["kind"] == "EXEC"]
     assert execs and execs[0]["exec_filename"] == "/bin/sh", execs
     init = execs[0]["process_pid"]
     assert running["host_pid"] == init  # the container's init, not the runtime's helper
     if ls_path:
-        ls = next(e for e in execs if e["exec_filename"] == "/bin/ls")
+        ls = next((e for e in execs if e["exec_filename"] == "/bin/ls"), None)
+        assert ls, ("no EXEC of /bin/ls", [(e["process_pid"], e["exec_filename"], e["exec_command_line"])
+                                           for e in execs])
     else:
-        ls = next(e for e in mine if e["type"] == "process" and e["kind"] == "FORK" and e["process_pid"] == init
-                  and not e["fork_is_thread"] and e["sensor_sequence_number"] > execs[0]["sensor_sequence_number"])
+        ls = next((e for e in mine if e["type"] == "process" and e["kind"] == "FORK" and e["process_pid"] == init
+                   and not e["fork_is_thread"] and e["sensor_sequence_number"] > execs[0]["sensor_sequence_number"]),
+                  None)
+        assert ls, "no FORK of sh for ls"
         child_exit = [e for e in mine if e["type"] == "process" and e["kind"] == "EXIT"
                       and e["process_pid"] == ls["fork_child_pid"]]
         assert len(child_exit) == 1 and child_exit[0]["exit_code"] == 0
@@ -280,7 +286,9 @@ def test_low_level_runtime_lifecycle_every_time(csensor, request, runtime_name):
     failed = []
     for i, (cid, name) in enumerate(runs):
         try:
-            check_demo(events, cid, name, runtime_name, "", "busybox")
+            # names come from the runtime's metadata, looked up beside the pipeline with a
+            # deadline (a busy host may leave one unknown, counted): arrival is the point here
+            check_demo(events, cid, name, runtime_name, "", "busybox", names=False)
         except AssertionError as exc:
             failed.append(f"run {i} ({cid[:12]}): {str(exc)[:400]}")
     lost = [(e["source"], e["cpu"], e["count"], (e["sensor_monotime_nanos"] - started) // 1_000_000)
