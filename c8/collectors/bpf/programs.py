@@ -465,10 +465,11 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     _lookup(p, maps.pending, PID_TGID, "out")
     p.mov(R8, R0)
     # An entry left by another syscall of the family (missed exit): drop it, counted.
-    # Not for exec: a successful execveat returns through sys_exit_execve (measured on
-    # 6.18: the exit reports nr 59), and the record is the execveat's all the same.
-    if family != EXEC_FAMILY:
-        p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4).jmp("jne", R1, R2, None, "stale")
+    # A successful execveat returns through sys_exit_execve (measured on 6.18: the exit
+    # reports nr 59), so its record ends here, counted stale: kept so for now, because
+    # the broker takes the first exec in a container for its init, and runc's own
+    # "runc init" execveat of its cloned binary, once recorded, would be taken for it.
+    p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4).jmp("jne", R1, R2, None, "stale")
     p.ldx(DW, R1, R6, RET_OFF).stx(DW, R8, rec.offset(dt, "ret"), R1)
     addr = sc.fields.get("addr")
     if isinstance(addr, SockAddr) and addr.how in ("exit_len", "msg_exit"):
@@ -487,10 +488,9 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     p.label("emit")
     _output(p, maps.perf, dt.itemsize)
     _count_failure(p, maps, family, losses.OUTPUT, "delete")
-    if family != EXEC_FAMILY:
-        p.ja("delete")
-        p.label("stale")
-        _count(p, maps, family, losses.STALE, "delete")
+    p.ja("delete")
+    p.label("stale")
+    _count(p, maps, family, losses.STALE, "delete")
     p.label("delete")
     p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).call(MAP_DELETE_ELEM)
     p.label("out")
