@@ -5,8 +5,9 @@ The programs of every family share one PERCPU_ARRAY of u64 counters
 counts, on each CPU, the records of that family that never reached a ring:
 
 - ``output``: bpf_perf_event_output failed: the CPU's PERF_EVENT_ARRAY slot is
-  empty (-ENOENT) or its BPF-output event is not enabled there (a full ring is
-  not this: the kernel writes PERF_RECORD_LOST into the ring for that);
+  empty (-ENOENT) or its BPF-output event is not enabled there. A full ring
+  (-ENOSPC) is not counted: the kernel writes PERF_RECORD_LOST into the ring for
+  that record, reported with source ``kernel``;
 - ``update``: saving a syscall's record in the pending HASH failed (map full);
 - ``stale``: a sys_exit found a saved record of another syscall of the family,
   whose own exit was never seen: that record is dropped.

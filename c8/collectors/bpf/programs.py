@@ -248,9 +248,19 @@ def _count(p: Program, maps: MapFds, family: str, counter: int, done: str) -> No
     p.movi(R1, 1).atomic_add(DW, R0, 0, R1)
 
 
+ENOSPC = 28
+
+
 def _count_failure(p: Program, maps: MapFds, family: str, counter: int, ok: str) -> None:
-    """Unless r0 == 0 (the helper just called succeeded): :func:`_count`; go on at ``ok``."""
+    """Unless r0 == 0 (the helper just called succeeded): :func:`_count`; go on at ``ok``.
+
+    For an output, -ENOSPC is a full ring: the kernel counts that record itself and
+    reports it in the ring as PERF_RECORD_LOST (source kernel), so it is not counted
+    again here.
+    """
     p.jmp("jeq", R0, None, 0, ok)
+    if counter == losses.OUTPUT:
+        p.jmp("jeq", R0, None, -ENOSPC, ok)
     _count(p, maps, family, counter, ok)
 
 
