@@ -14,6 +14,7 @@ import zmq
 
 from c8.collectors import decode, perf, ring, tracefs
 from c8.protocol import batch, paths
+from c8.supervisor.config import child_config
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for perf and tracefs")]
@@ -110,7 +111,7 @@ def test_refused_filter_raises_naming_the_event():
 
 def _collector(run_dir: str, cpu: int) -> None:
     from c8.collectors import main
-    main.run({"run_dir": run_dir, "ring_pages": 64}, cpu)
+    main.run(child_config(run_dir=run_dir, ring_pages=64), cpu)
 
 
 def test_main_run_follows_the_plan(tmp_path):
