@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_c8ctl  # noqa: E402
 import bench_cost  # noqa: E402
+import bench_export  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_pushdown  # noqa: E402
@@ -29,7 +30,8 @@ import bench_storm  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl", "replay")
+ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl", "replay",
+         "export")
 
 
 def decode(quick: bool) -> dict:
@@ -63,6 +65,8 @@ def run_all(names: list[str], quick: bool) -> dict[str, dict]:
             res = bench_c8ctl.run(quick)
         elif name == "replay":
             res = bench_replay.run(quick)
+        elif name == "export":
+            res = bench_export.run(quick)
         else:
             res = decode(quick)
         res["seconds"] = time.monotonic() - t0
