@@ -277,7 +277,10 @@ class ContainerTable:
 
     def lookup_pids(self, pids: np.ndarray) -> np.ndarray:
         """Vector form of :meth:`lookup_pid`: one lookup per unique pid."""
-        unique, inverse = np.unique(np.asarray(pids), return_inverse=True)
+        pids = np.asarray(pids)
+        if len(pids) and (pids == pids[0]).all():  # one process (a storm): no sort
+            return np.full(len(pids), self.lookup_pid(int(pids[0])), np.uint32)
+        unique, inverse = np.unique(pids, return_inverse=True)
         indices = np.fromiter((self.lookup_pid(int(p)) for p in unique), dtype=np.uint32,
                               count=len(unique))
         return indices[inverse]

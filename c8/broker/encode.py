@@ -19,8 +19,9 @@ def encode(sub_id: str, sensor_id: str, batches: list[tuple[str, np.ndarray]], c
            lineage: dict | None = None) -> bytes:
     """The ``batches`` message of a subscription (docs/INTERNALS.md, "Broker -> client").
 
-    ``lineage`` is the window's process table (c8.protocol.batch.Tables.processes):
-    each batch carries the rows its events' lineage reaches, as ``processes``.
+    ``lineage`` maps a category to its window batch's process table
+    (c8.protocol.batch.Tables.processes), sent with that category's batch as
+    ``processes``: the rows its events' lineage reaches.
     """
     out = []
     for category, arr in batches:
@@ -30,9 +31,10 @@ def encode(sub_id: str, sensor_id: str, batches: list[tuple[str, np.ndarray]], c
                                   if n.startswith(schema.ARGUMENT_PREFIX)]
         idx = np.unique(arr["container"]) if "container" in arr.dtype.names else []
         table = containers.table(idx) if len(idx) else {}
-        if lineage and "process_id" in arr.dtype.names and len(arr):
-            ids = [i.decode() for i in np.unique(arr["process_id"]).tolist()]
-            extra["processes"] = wire.lineage_closure(lineage, ids)
+        if lineage and category in lineage and len(arr):
+            # the window batch's table whole: a subscriber's part is most often the batch,
+            # and sorting 16-byte ids per part cost more than the rows it would save
+            extra["processes"] = lineage[category]
         out.append(wire.columns(category, arr, containers={int(k): list(v) for k, v in table.items()}, **extra))
     return msgpack.packb({"type": "batches", "subscription": sub_id, "sensor_id": sensor_id,
                           "batches": out}, use_bin_type=True)

@@ -80,7 +80,9 @@ class Identity:
         def same_tree(pid: int, ancestor: int) -> bool:
             return ct.lookup_pid(ancestor) == ct.lookup_pid(pid)
 
-        return self.processes.lineage_rows(np.unique(batch["process_pid"]).tolist(), same_tree)
+        pids = batch["process_pid"]
+        unique = pids[:1] if (pids == pids[0]).all() else np.unique(pids)  # a storm: no sort
+        return self.processes.lineage_rows(unique.tolist(), same_tree)
 
     def end_window(self) -> None:
         self.processes.end_window()

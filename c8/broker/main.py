@@ -40,6 +40,8 @@ log = logging.getLogger("c8.broker")
 
 TICK_SECONDS = 0.01  # the longest between releases while events wait
 MIN_RELEASE_GAP = 0.002  # a tick from every CPU releases at once, but windows are at least this far apart
+INGEST_SLICE_SECONDS = 0.005  # longest the loop ingests before it may release
+BIG_WINDOW = 20_000  # after a window this large (a storm), wait TICK_SECONDS: per-window costs amortise
 PLAN_REPUBLISH_SECONDS = 1.0
 MAX_CONTROL_MESSAGE = 4 * control.MAX_REQUEST_BYTES  # bigger ones drop the peer: bounds memory
 EXIT_LIMITER = 78
@@ -87,6 +89,7 @@ class Broker:
         self.identity = Identity(self.processes, self.containers)
         self.sequence = Sequence()
         self.marks_moved = False  # a collector's tick arrived since the last release
+        self.last_window = 0  # events in the last window released
         self.planner = Planner(config, lambda packed: self.plan_pub.send(packed))
         self.publisher = Publisher(self)
         self.subscriptions: dict[str, Subscription] = {}
@@ -166,7 +169,8 @@ class Broker:
                 else:
                     self._drain_control(sock)
             now = time.monotonic()
-            if self.marks_moved and self.merger.pending and now >= next_tick - TICK_SECONDS + MIN_RELEASE_GAP:
+            gap = MIN_RELEASE_GAP if self.last_window < BIG_WINDOW else TICK_SECONDS
+            if self.marks_moved and self.merger.pending and now >= next_tick - TICK_SECONDS + gap:
                 next_tick = now  # every CPU may have passed more events: release them now
             heartbeat.beat()  # the supervisor restarts a loop that stops turning
             if now >= next_tick:
@@ -193,7 +197,12 @@ class Broker:
 
     # -- ingest -----------------------------------------------------------------------
     def _drain_ingest(self) -> None:
+        # A bounded slice, then back to the loop: under a backlog the pipeline releases
+        # between slices, so windows (and the memory they hold) stay small.
+        deadline = time.monotonic() + INGEST_SLICE_SECONDS
         for _ in range(1000):
+            if time.monotonic() > deadline:
+                return
             try:
                 frames = self.ingest.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -325,7 +334,8 @@ class Broker:
         if self.limiter is not None:
             # the batches, not just their size: a trip names the pids, uids, containers
             self.limiter.count_batches(events)
-        self.counts["published"] += sum(len(b) for b in events)
+        self.last_window = sum(len(b) for b in events)
+        self.counts["published"] += self.last_window
         self.publisher.publish(window)                        # select, encode, send
         self.identity.end_window()
 

@@ -214,8 +214,8 @@ class ProcessTable:
                 which = np.maximum(np.searchsorted(when, times[at], side="right") - 1, 0)
                 h_ids, h_exes, h_creds = _columns([snap for _, snap in history])
                 ids[at], exes[at], creds[:, at] = h_ids[which], h_exes[which], h_creds[:, which]
-        elif len(pids) == 1:  # one process (a storm): broadcast, no per-event copies
-            ids, exes, creds = ids[0], exes[0], np.broadcast_to(creds, (len(CREDENTIALS), len(col)))
+        elif len(pids) == 1:  # one process (a storm): scalars, filled without per-event copies
+            ids, exes, creds = ids[0], exes[0], [int(c) for c in creds[:, 0]]
         else:
             ids, exes, creds = ids[inverse], exes[inverse], creds[:, inverse]
         batch["process_id"] = ids
@@ -227,7 +227,7 @@ class ProcessTable:
             if unknown.all():
                 cred[:] = creds[j]
             elif unknown.any():
-                cred[unknown] = creds[j][unknown]
+                cred[unknown] = creds[j] if np.ndim(creds[j]) == 0 else creds[j][unknown]
 
 
 _UNKNOWN = (b"", b"", (-1,) * len(CREDENTIALS))

@@ -30,7 +30,7 @@ log = logging.getLogger("c8.broker.publish")
 class Publisher:
     def __init__(self, broker):
         self.broker = broker
-        self._lineage: dict = {}  # the window's lineage table (process_id -> row)
+        self._lineage_by_category: dict = {}  # category -> its batch's lineage table
 
     def send(self, envelope: list[bytes], payload: bytes) -> bool:
         """Non-blocking send to one peer; False when it could not take it.
@@ -64,10 +64,10 @@ class Publisher:
     def publish(self, window: dict[str, np.ndarray]) -> None:
         now = time.monotonic()
         # one container and lineage table per batch, shared by every subscription's filters
-        tables = {key: Tables(self.broker.containers.table(np.unique(batch["container"])),
+        tables = {key: Tables(self.broker.containers.table(_distinct(batch["container"])),
                               self.broker.identity.lineage(batch))
                   for key, batch in window.items() if "container" in batch.dtype.names}
-        self._lineage = {k: v for t in tables.values() for k, v in t.processes.items()}
+        self._lineage_by_category = {key.partition(":")[0]: t.processes for key, t in tables.items()}
         for sub in list(self.broker.subscriptions.values()):
             batches = []
             selected = 0  # events, not lost/limiter notices: caps and loss counts are in events
@@ -100,7 +100,8 @@ class Publisher:
             for source, count in sub.lost_pending.items():
                 msgs.append(("lost", catalog.lost_event(source, count)))
         msgs.extend(batches)
-        payload = encode(sub.sub_id, self.broker.sensor_id, msgs, self.broker.containers, self._lineage)
+        payload = encode(sub.sub_id, self.broker.sensor_id, msgs, self.broker.containers,
+                         self._lineage_by_category)
         n = sum(len(b) for c, b in batches if c != "lost")
         if self.send([sub.peer], payload):
             sub.lost_pending.clear()
@@ -139,3 +140,8 @@ def _truncate(batches, admitted: int):
         out.append((category, b[:left]))
         left -= min(left, len(b))
     return out
+
+
+def _distinct(col: np.ndarray) -> np.ndarray:
+    """The distinct values of a column; no sort when there is one (a storm)."""
+    return col[:1] if len(col) and (col == col[0]).all() else np.unique(col)

@@ -105,7 +105,10 @@ def _containers(arr: np.ndarray, table: dict) -> list[_Lookup]:
 def _lineage(ids: np.ndarray, table: dict) -> _Lookup:
     """process_lineage per event: its process's ancestors (parent first), looked up
     once per distinct process_id in the batch's lineage table."""
-    keys, inverse = np.unique(ids, return_inverse=True)
+    if len(ids) and (ids == ids[0]).all():  # one process (a storm): no sort
+        keys, inverse = ids[:1], np.zeros(len(ids), np.intp)
+    else:
+        keys, inverse = np.unique(ids, return_inverse=True)
     tables = table if isinstance(table, Tables) else Tables(table)
     return _Lookup(inverse, tuple(tables.lineage(k.decode(errors="replace")) for k in keys.tolist()))
 

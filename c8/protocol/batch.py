@@ -46,20 +46,6 @@ class Tables(dict):
         return out
 
 
-def lineage_closure(processes: dict, ids) -> dict:
-    """The rows of ``processes`` that the lineage of ``ids`` reaches (for one batch)."""
-    out: dict = {}
-    for pid_id in ids:
-        depth = 0
-        while pid_id and pid_id not in out and depth <= LINEAGE_DEPTH:
-            row = processes.get(pid_id)
-            if row is None:
-                break
-            out[pid_id] = row
-            pid_id, depth = row[3], depth + 1
-    return out
-
-
 def dtype_to_wire(dt: np.dtype) -> dict:
     """A dtype as a msgpack-able map (names, formats, offsets, itemsize)."""
     return {
