@@ -27,10 +27,11 @@ import bench_overhead  # noqa: E402
 import bench_pushdown  # noqa: E402
 import bench_replay  # noqa: E402
 import bench_storm  # noqa: E402
+import bench_sustained  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl", "replay",
+ORDER = ("sustained", "storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl", "replay",
          "export")
 
 
@@ -51,7 +52,9 @@ def run_all(names: list[str], quick: bool) -> dict[str, dict]:
     for name in names:
         t0 = time.monotonic()
         print(f"-- {name} ...", flush=True)
-        if name == "storm":
+        if name == "sustained":
+            res = bench_sustained.run(quick)
+        elif name == "storm":
             res = bench_storm.run(quick)
         elif name == "cost":
             res = bench_cost.run(quick, storm=out.get("storm", {}).get("raw"))
