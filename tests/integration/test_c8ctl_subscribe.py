@@ -181,7 +181,7 @@ LOOP = textwrap.dedent("""
         time.sleep(0.001)
     print("done", flush=True)
 """)
-CALLS = 300_000
+CALLS = 1_000_000  # far more windows than the client and broker queues hold together
 
 
 def test_c8ctl_reader_too_slow_sees_lost_lines(shared_sensor):
