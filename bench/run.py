@@ -47,31 +47,22 @@ def decode(quick: bool) -> dict:
             "notes": [ln for ln in r.stdout.splitlines() if ln.startswith("ring content")]}
 
 
+MODULES = {"sustained": bench_sustained, "storm": bench_storm, "overhead": bench_overhead,
+           "latency": bench_latency, "pushdown": bench_pushdown, "c8ctl": bench_c8ctl,
+           "replay": bench_replay, "export": bench_export}
+
+
 def run_all(names: list[str], quick: bool) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in names:
         t0 = time.monotonic()
         print(f"-- {name} ...", flush=True)
-        if name == "sustained":
-            res = bench_sustained.run(quick)
-        elif name == "storm":
-            res = bench_storm.run(quick)
-        elif name == "cost":
+        if name == "cost":  # reuses the storm's figures when it ran first
             res = bench_cost.run(quick, storm=out.get("storm", {}).get("raw"))
-        elif name == "overhead":
-            res = bench_overhead.run(quick)
-        elif name == "latency":
-            res = bench_latency.run(quick)
-        elif name == "pushdown":
-            res = bench_pushdown.run(quick)
-        elif name == "c8ctl":
-            res = bench_c8ctl.run(quick)
-        elif name == "replay":
-            res = bench_replay.run(quick)
-        elif name == "export":
-            res = bench_export.run(quick)
-        else:
+        elif name == "decode":
             res = decode(quick)
+        else:
+            res = MODULES[name].run(quick)
         res["seconds"] = time.monotonic() - t0
         out[name] = res
         print(table(res), flush=True)
