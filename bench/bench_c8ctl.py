@@ -38,45 +38,12 @@ from c8 import schema
 from c8.clients import jsonlines
 from c8.clients.client import Client
 from c8.protocol import batch as wire
+from tests.unit.test_c8ctl_format import ref_to_dicts as old_to_dicts  # the formatter as it was
 
 SENSOR_ID = hashlib.sha256(b"bench").hexdigest()
 
 
 # -- the old formatter: c8ctl subscribe as of d764fd4, the anchor -------------------
-def old_event_id(sensor_id: str, seq: int, monotime: int) -> str:
-    return hashlib.sha256(f"{sensor_id}{seq}{monotime}".encode()).hexdigest()
-
-
-def old_to_dicts(category: str, arr: np.ndarray, table: dict, sensor_id: str = "") -> list[dict]:
-    names = arr.dtype.names
-    cols = {n: arr[n].tolist() for n in names}
-    out = []
-    kinds = schema.KINDS.get(category, ())
-    arg_names = [n for n in names if n.startswith(schema.ARGUMENT_PREFIX)]
-    for i in range(len(arr)):
-        ev: dict = {"type": category}
-        for n in names:
-            if n in arg_names:
-                continue
-            v = cols[n][i]
-            ev[n] = v.decode(errors="replace") if isinstance(v, bytes) else v
-        ev["kind"] = kinds[ev["kind"] - 1] if 0 < ev.get("kind", 0) <= len(kinds) else str(ev.get("kind"))
-        row = table.get(ev.get("container", 0)) or ("", "", "", "", "")
-        ev["container_id"], ev["container_name"], ev["image_id"], ev["image_name"] = row[:4]
-        if category == "container":
-            ev["name"], ev["image_id"], ev["image_name"] = row[1], row[2], row[3]
-        ev["sensor_id"] = sensor_id
-        eid = old_event_id(sensor_id, ev.get("sensor_sequence_number", 0), ev.get("sensor_monotime_nanos", 0))
-        ev["event_id"] = eid
-        if "id" not in ev:
-            ev["id"] = eid
-        if arg_names:
-            ev["arguments"] = {n[len(schema.ARGUMENT_PREFIX):]: (cols[n][i].decode(errors="replace")
-                               if isinstance(cols[n][i], bytes) else cols[n][i]) for n in arg_names}
-        out.append(ev)
-    return out
-
-
 def old_write_batch(out, category: str, arr: np.ndarray, table: dict, sensor_id: str) -> int:
     """What the old c8ctl did per batch: sort, json.dumps, write and flush per line."""
     pending = old_to_dicts(category, arr, table, sensor_id)

@@ -43,22 +43,15 @@ class Planner:
         self.probe_sources: dict[str, catalog.Source] = {}
         self.probe_errors: dict[str, str] = {}
         self.subscriptions: list = []             # as of the last update (probe builders read them)
-        self._inputs: tuple = ((), frozenset(), None, False)
 
     # -- computing the plan -----------------------------------------------------------------
-    def update(self, subscriptions=None, own_pids=None, bpf_owner=None, dormant=None) -> bool:
-        """Recompute the plan from these inputs (None: as last given); publish it when it
-        changed. True when it did."""
-        last = self._inputs
-        self._inputs = (list(subscriptions) if subscriptions is not None else last[0],
-                        frozenset(own_pids) if own_pids is not None else last[1],
-                        bpf_owner if bpf_owner is not None else last[2],
-                        bool(dormant) if dormant is not None else last[3])
-        subs, own, owner, asleep = self._inputs
-        self.subscriptions = subs
+    def update(self, subscriptions, own_pids, bpf_owner: int | None, dormant: bool) -> bool:
+        """Recompute the plan (compute_plan of these inputs and the failures noted);
+        publish it when it changed. True when it did."""
+        subs = self.subscriptions = list(subscriptions)
         plan = compute_plan(subs, failed_bpf=self.failed_bpf, filter_errors=self.filter_errors,
-                            own_pids=own, own_tids=own_threads(own), bpf_owner=owner,
-                            pushdown=self.pushdown, dormant=asleep)
+                            own_pids=own_pids, own_tids=own_threads(own_pids), bpf_owner=bpf_owner,
+                            pushdown=self.pushdown, dormant=dormant)
         if {k: v for k, v in self.plan.items() if k != "generation"} == plan:
             return False
         self.generation += 1
