@@ -48,6 +48,20 @@ def wall_time_iso(monotime_nanos: int) -> str:
     return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def event_name(event: dict) -> str:
+    """What an alert's event acted on, in one string: a file event's path (else the
+    name as passed), an exec's program, a network event's address:port; else the
+    process's program."""
+    category = event.get("type")
+    if category == "file":
+        return str(event.get("path") or event.get("filename") or event.get("oldpath") or "")
+    if category == "process":
+        return str(event.get("exec_filename") or event.get("process_exec_filename") or "")
+    if category == "network" and event.get("address"):
+        return f"{event['address']}:{event.get('port', '')}"
+    return str(event.get("process_exec_filename") or "")
+
+
 @dataclass
 class Alert:
     """One rule match.
@@ -55,7 +69,10 @@ class Alert:
     time_nanos is the event's sensor_monotime_nanos; time the wall-clock ISO
     time derived from it. process: pid, tid, process_id, exec_filename and
     command_line (when known); container: container_id, container_name,
-    image_id, image_name (empty on the host).
+    image_id, image_name (empty on the host). count is how many matching events
+    of this rule and process the alert stands for (fold.py), first_name and
+    last_name the first and last of them by name (``event_name``), last_time_nanos
+    and last_time the last one's time.
     """
 
     rule: str
@@ -67,6 +84,11 @@ class Alert:
     process: dict
     container: dict
     tags: list[str] = field(default_factory=list)
+    count: int = 1
+    first_name: str = ""
+    last_name: str = ""
+    last_time_nanos: int = 0
+    last_time: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from c8 import schema
-from c8.detections.alerts import Alert, render, wall_time_iso
+from c8.detections.alerts import Alert, event_name, render, wall_time_iso
 from c8.detections.rules import Rule
 
 EXEC_CODE = schema.kind_code("process", "EXEC")
@@ -114,9 +114,11 @@ class Engine:
             mono = int(ev.get("sensor_monotime_nanos", 0))
             time_iso = wall_time_iso(mono)
             values["time"] = time_iso
+            name = event_name(ev)
             out.append(Alert(rule=rule.name, priority=rule.priority, output=render(rule.output, values),
                              time_nanos=mono, time=time_iso, event=ev, process=process,
-                             container=container, tags=list(rule.tags)))
+                             container=container, tags=list(rule.tags), first_name=name,
+                             last_name=name, last_time_nanos=mono, last_time=time_iso))
         return out
 
     def _process(self, ev: dict, raw_id: bytes) -> dict:

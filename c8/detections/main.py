@@ -31,6 +31,7 @@ import numpy as np
 
 from c8 import schema
 from c8.detections.engine import Engine
+from c8.detections.fold import Folder
 from c8.detections.outputs import build_output, build_outputs
 from c8.detections.rules import default_rules_path, load_rules
 from c8.protocol import files, paths
@@ -47,6 +48,13 @@ SWITCH_DRAIN_S = 2.0             # how long the old subscription is read after t
 
 class ReloadRefused(Exception):
     """A new configuration or rule set the detector will not run; the old one stays."""
+
+
+def fold_period(config: dict) -> float:
+    """detections.fold_period in seconds (0: no folding; absent from a partial config: 0)."""
+    from c8.detections.limiter import parse_duration
+
+    return float(parse_duration((config.get("detections") or {}).get("fold_period") or 0))
 
 
 def rule_paths(config: dict) -> list[str]:
@@ -71,6 +79,7 @@ class Detector:
         for err in errors:
             log.error("rule not loaded: %s", err)
         self.engine = Engine(rules)
+        self.folder = Folder(fold_period(config))
         log.info("%d rules enabled of %d loaded (%d errors) from %s",
                  len(self.engine.rules), len(rules), len(errors), ", ".join(existing))
         self.outputs = build_outputs(config)
@@ -93,7 +102,7 @@ class Detector:
         """Evaluate one batch (or act on limiter events); returns alerts sent."""
         if category == "limiter":
             self._on_limiter(batch)
-            return 0
+            return self.send(self.folder.drain())
         if self.dormant or category == "lost" or not len(batch):
             return 0
         if self.skip_through >= 0 and "sensor_sequence_number" in batch.dtype.names:
@@ -105,6 +114,16 @@ class Detector:
         except Exception:  # a batch the rules cannot read must not stop the detector
             log.exception("evaluating a %s batch of %d events failed", category, len(batch))
             return 0
+        if "sensor_monotime_nanos" in batch.dtype.names:
+            self.folder.observe(int(batch["sensor_monotime_nanos"].max()))
+        return self.send(self.folder.add(alerts))
+
+    def send_due(self) -> int:
+        """Send the folded alerts whose period is over (called between windows)."""
+        return self.send(self.folder.due())
+
+    def send(self, alerts: list) -> int:
+        """Send alerts (folded or not) through every output; returns how many."""
         for alert in alerts:
             self.alerts_by_rule[alert.rule] = self.alerts_by_rule.get(alert.rule, 0) + 1
             for out in self.outputs:
@@ -233,6 +252,7 @@ class Detector:
         self.write_stats()
 
     def close(self) -> None:
+        self.send(self.folder.drain())  # folds still open go out before the outputs close
         for out in self.outputs:
             try:
                 out.close()
@@ -313,8 +333,10 @@ class Detector:
                 quiet = 0.0
                 for category, batch, containers in window:
                     self.handle(category, batch, containers)
+                self.send_due()
                 if stop.is_set() or self.reload_requested.is_set():
                     break
+            self.send_due()
             if getattr(sub, "ended", None):
                 return f"ended by the broker: {sub.ended}"
             waited = time.monotonic() - last

@@ -173,6 +173,7 @@ KEYS: dict[str, Key] = {
         Key("pushdown", True, cv.boolean),
         Key("detections.enabled", False, cv.boolean),
         Key("detections.rules", ["/etc/capsule8/rules", PACKAGE_RULES_DIR], cv.string_list),
+        Key("detections.fold_period", "1s", cv.duration),  # one alert per rule and process per period
         Key("listen_tcp", None, cv.host_port),
         Key("curve_server_secret_key_file", None, cv.optional_path),
         Key("curve_authorized_keys_dir", None, cv.optional_path),
@@ -238,6 +239,7 @@ class DetectionsConfig:
 
     enabled: bool
     rules: tuple[str, ...]
+    fold_period: float = 1.0
 
 
 @dataclass(frozen=True)

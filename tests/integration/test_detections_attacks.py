@@ -53,8 +53,10 @@ def workdir():
 
 @pytest.fixture(scope="module")
 def sensor(tmp_path_factory, rx, workdir):
+    # fold_period 0: one alert per event, so each event's resolved path is checked
+    # (folding has its own test, test_alerts_fold.py)
     s = Sensor(tmp_path_factory.mktemp("att"),
-               detections={"enabled": True, "rules": [default_rules_path()]},
+               detections={"enabled": True, "rules": [default_rules_path()], "fold_period": 0},
                alert_output={"outputs": [{"type": "webhook", "url": rx.url, "insecure": True}]}).start()
     try:
         detector_ready(s, rx, workdir)

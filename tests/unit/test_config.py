@@ -335,6 +335,7 @@ def test_every_key_loads_from_its_env_name():
                "limiter.group_request_duration": "2s", "alert_output.outputs": "[{type: stdout}]",
                "run_dir": "/tmp/r", "ring_pages": "64", "string_width": "128",
                "merge_holdback": "10ms", "subscriber_queue": "8", "detections.rules": "/r",
+               "detections.fold_period": "2s",
                "listen_tcp": "", "curve_server_secret_key_file": "/k",
                "curve_authorized_keys_dir": "/d", "sensor_id_file": "/s", "log_level": "debug",
                "curve_admin_keys_dir": "/a", "allow_probes": "0,group:root",

@@ -217,6 +217,8 @@ class SyslogOutput(QueuedOutput):
         sd = {"rule": obj.get("rule"), "priority": obj.get("priority"),
               "process_id": proc.get("process_id"), "pid": proc.get("pid"),
               "exe": proc.get("exec_filename"), "container_id": cont.get("container_id")}
+        if (obj.get("count") or 1) > 1:  # a folded alert (fold.py): how many events, first and last
+            sd.update(count=obj["count"], first=obj.get("first_name"), last=obj.get("last_name"))
         severity = SEVERITIES.get(str(obj.get("priority", "")).lower(), SEVERITIES["warning"])
         msg = obj.get("output") or obj.get("rule") or ""
         return self._transmit(format_message(self.facility, severity, msg, app_name=self.app_name,
