@@ -1,13 +1,17 @@
 """The container table: which container each pid runs in, and what it is.
 
 cgroup path -> (runtime, id) -> small index -> (id, name, image id, image name,
-runtime). Events carry the index (0 = host); batch headers carry ``table()``.
+runtime, k8s namespace, pod name, pod uid, container name in the pod, pod
+labels). Events carry the index (0 = host); batch headers carry ``table()``.
 Identity comes from the kernel's cgroup events (mkdir/rmdir of a
 container's cgroup, a task attached to it) applied in time order with the
 process events (a forked child inherits its parent's container), and from
 /proc/<pid>/cgroup for processes the events did not place (those that ran
 before the sensor). Names and images come from the runtimes' own metadata
-(``c8.broker.runtimes``), retried while a runtime has not written it yet.
+(``c8.broker.runtimes``), retried while a runtime has not written it yet;
+the Kubernetes identity from a CRI runtime's annotations (and the pod's
+sandbox's, for its labels), the pod uid also from a kubepods cgroup path
+(``c8.broker.runtimes.k8s``).
 
 The table sits on the broker's release path, which never waits on the
 outside world: every metadata lookup (runtime state files, docker's API, a
@@ -23,6 +27,7 @@ Only components holding a 64-hex id count as containers, so /user.slice or
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import re
@@ -34,7 +39,7 @@ import numpy as np
 
 from c8.host import proc as hostproc
 
-from .runtimes import ROOT_KINDS, Metadata, Roots
+from .runtimes import ROOT_KINDS, Metadata, Roots, k8s
 from .runtimes.discovery import discover, roots_from_cmdline
 from .runtimes.docker import read_docker, read_docker_api
 from .runtimes.oci import from_runtime_argv, read_containerd, read_crun, read_runc
@@ -50,7 +55,10 @@ _PREFIX_RUNTIME = {"docker": "docker", "libpod": "podman", "cri-containerd": "co
 # monitors that sit beside a container in a cgroup named for it, not inside it
 _NOT_CONTAINER = {"libpod-conmon", "crio-conmon"}
 
-HOST_ROW = ("", "", "", "", "")
+Row = tuple[str, str, str, str, str, str, str, str, str, dict]
+# (container_id, container_name, image_id, image_name, runtime,
+#  k8s_namespace, k8s_pod_name, k8s_pod_uid, k8s_container_name, k8s_labels)
+HOST_ROW: Row = ("", "", "", "", "", "", "", "", "", {})
 
 
 def _safe(argv_of: Callable[[int], list[str]] | None, pid: int) -> list[str]:
@@ -69,8 +77,14 @@ def _path_of(line: str) -> str:
     return line
 
 
-def _parse(path: str, leaf: bool) -> tuple[str, str] | None:
+def _parse(path: str, leaf: bool) -> tuple[str, str, str] | None:
+    """(runtime, id, pod uid of a kubepods path or "") of the container the path names."""
     parts = [p for p in _path_of(path.strip()).split("/") if p]
+    found = _runtime_and_id(parts, leaf)
+    return (*found, k8s.pod_uid_of_cgroup(parts)) if found else None
+
+
+def _runtime_and_id(parts: list[str], leaf: bool) -> tuple[str, str] | None:
     positions = [len(parts) - 1] if leaf else range(len(parts) - 1, -1, -1)
     for i in positions:
         if i < 0:
@@ -105,7 +119,14 @@ def parse_cgroup_path(path: str) -> tuple[str, str] | None:
     "kubernetes"; /<id> -> "runc"; /<ns>/<id> -> "containerd"). Conmon cgroups
     and paths without such an id give None.
     """
-    return _parse(path, leaf=False)
+    found = _parse(path, leaf=False)
+    return found[:2] if found else None
+
+
+def pod_uid_of_cgroup(path: str) -> str:
+    """The Kubernetes pod uid a kubepods cgroup path (or /proc/<pid>/cgroup line)
+    names (kubepods/<qos>/pod<uid>/<id>, kubepods-<qos>-pod<uid_>.slice), else ""."""
+    return k8s.pod_uid_of_cgroup([p for p in _path_of(path.strip()).split("/") if p])
 
 
 def container_of_pid(pid: int, proc: str = "/proc") -> tuple[str, str] | None:
@@ -114,7 +135,7 @@ def container_of_pid(pid: int, proc: str = "/proc") -> tuple[str, str] | None:
     for line in hostproc.cgroup_lines(pid, proc) or ():
         found = _parse(line, leaf=False)
         if found:
-            return found
+            return found[:2]
     return None
 
 
@@ -134,9 +155,17 @@ class _Entry:
     born_seen: bool = False  # its cgroup's mkdir (or its first attach) was seen: RUNNING may follow
     last_try: float = float("-inf")  # last metadata attempt
     job: Job | None = None  # the metadata lookup under way
+    pod_uid: str = ""  # from a kubepods cgroup path, known at first sight
+    k8s: k8s.K8s | None = None  # from the runtime's annotations, once enriched
 
-    def row(self) -> tuple[str, str, str, str, str]:
-        return (self.container_id, self.name, self.image_id, self.image_name, self.runtime)
+    def row(self) -> Row:
+        pod = self.k8s or _NO_POD
+        return (self.container_id, self.name, self.image_id, self.image_name, self.runtime,
+                pod.namespace, pod.pod_name, pod.pod_uid or self.pod_uid, pod.container_name,
+                dict(pod.labels))
+
+
+_NO_POD = k8s.K8s()
 
 
 Reader = Callable[[Roots, str], Metadata | None]
@@ -224,11 +253,15 @@ class ContainerTable:
 
     # -- identity --------------------------------------------------------
 
-    def index_of(self, runtime: str, container_id: str) -> int:
+    def index_of(self, runtime: str, container_id: str, pod_uid: str = "") -> int:
         """Index of a container, created (and enriched) on first sight;
-        0 if the table is full of live containers."""
+        0 if the table is full of live containers. ``pod_uid``: the Kubernetes
+        pod its cgroup path names, if any."""
         index = self._by_id.get(container_id)
         if index is not None:
+            entry = self._entries.get(index)
+            if entry is not None and pod_uid and not entry.pod_uid:
+                entry.pod_uid = pod_uid  # first seen through a path that did not say
             return index
         if len(self._entries) >= self.max_entries:
             self._expire(force=True)
@@ -236,7 +269,7 @@ class ContainerTable:
                 self.overflow += 1
                 return 0
         index = self._free.pop() if self._free else self._allocate()
-        entry = _Entry(container_id, runtime, self.clock())
+        entry = _Entry(container_id, runtime, self.clock(), pod_uid=pod_uid)
         self._entries[index] = entry
         self._by_id[container_id] = index
         self._enrich(entry)
@@ -333,12 +366,14 @@ class ContainerTable:
                 self._moved(child, time_ns, before)
         return index
 
-    def row(self, index: int) -> tuple[str, str, str, str, str]:
-        """(container_id, container_name, image_id, image_name, runtime); empty for 0."""
+    def row(self, index: int) -> Row:
+        """(container_id, container_name, image_id, image_name, runtime, k8s_namespace,
+        k8s_pod_name, k8s_pod_uid, k8s_container_name, k8s_labels {key: value});
+        empty for 0."""
         entry = self._entries.get(index)
         return entry.row() if entry else HOST_ROW
 
-    def table(self, indices: Iterable[int]) -> dict[int, tuple[str, str, str, str, str]]:
+    def table(self, indices: Iterable[int]) -> dict[int, Row]:
         """Rows of the given indices (for a batch header). Metadata still missing
         is retried here (at most every 0.1 s per container), so the first
         events of a container whose runtime writes it late still get it."""
@@ -564,6 +599,7 @@ class ContainerTable:
             meta = job.result if not job.failed else None
             if isinstance(meta, Metadata) and not entry.enriched:
                 entry.name, entry.image_id, entry.image_name = meta.name, meta.image_id, meta.image_name
+                entry.k8s = meta.k8s
                 if entry.runtime not in _ORDER:  # the path only guessed the runtime
                     entry.runtime = meta.runtime
                 entry.enriched = True
@@ -579,11 +615,23 @@ class ContainerTable:
     # the lookups themselves: run on the worker thread, touch no entry
 
     def _meta(self, cid: str, runtime: str) -> Metadata | None:
+        return self._with_pod(cid, runtime, self._read(cid, runtime))
+
+    def _read(self, cid: str, runtime: str) -> Metadata | None:
         for source in _ORDER.get(runtime, _ALL):
             meta = _READERS[source](self.roots, cid)
             if meta is not None:
                 return meta
         return None
+
+    def _with_pod(self, cid: str, runtime: str, meta: Metadata | None) -> Metadata | None:
+        """``meta`` with its pod's labels from the pod's sandbox when its own
+        annotations have none (cri-o keeps them on the sandbox only)."""
+        pod = meta.k8s if meta is not None else None
+        if pod is None or pod.labels or not pod.sandbox_id or pod.sandbox_id == cid:
+            return meta
+        sandbox = self._read(pod.sandbox_id, runtime)
+        return dataclasses.replace(meta, k8s=k8s.merge(pod, "", sandbox.k8s if sandbox else None))
 
     def _meta_from_argv(self, cid: str, runtime: str, pid: int, argv: list[str] | None,
                         fallback: list[str]) -> Metadata | None:
@@ -607,7 +655,7 @@ class ContainerTable:
             return meta
         owner = None if who.trusted else (who.uid or 0)
         cwd = hostproc.cwd(pid, self.proc) if from_proc else ""
-        return from_runtime_argv(argv, cid, cwd, owner)
+        return self._with_pod(cid, runtime, from_runtime_argv(argv, cid, cwd, owner))
 
     def _expire(self, force: bool) -> None:
         now = self.clock()

@@ -5,7 +5,9 @@
 One file schema for every capture (``file_schema``): one column per event field
 of every category, named as in ``c8ctl fields`` (strings as UTF-8 text, kinds
 by name), a ``type`` column for the category, ``sensor_id``, the container
-identity (container_id, container_name, image_id, image_name) and
+identity (container_id, container_name, image_id, image_name, and the
+Kubernetes k8s_namespace, k8s_pod_name, k8s_pod_uid, k8s_container_name,
+k8s_labels as a map; files from before them read as outside a pod) and
 ``process_lineage`` (a list of {pid, process_id, exec_filename, command_line},
 parent first). A column a category lacks is null on its rows. The batch-local
 ``container`` index and the filter-only ``parent.*`` / ``ancestor.*`` fields
@@ -44,6 +46,8 @@ ROW_GROUP_ROWS = 65536  # rows buffered before a row group is written
 FORMAT_VERSION = 1  # of the file layout; in the file's metadata as c8.capture
 NOT_STORED = frozenset({"container"})  # batch-local index: rebuilt from container_id on read
 CONTAINER_COLUMNS = ("container_id", "container_name", "image_id", "image_name")
+K8S_COLUMNS = jsonlines.K8S_KEYS[:4]  # strings; then k8s_labels, a map
+LABELS_TYPE = pa.map_(pa.string(), pa.string())
 
 LINEAGE_TYPE = pa.list_(pa.struct([("pid", pa.int32()), ("process_id", pa.string()),
                                    ("exec_filename", pa.string()), ("command_line", pa.string())]))
@@ -82,7 +86,8 @@ def file_schema(metadata: dict | None = None) -> pa.Schema:
         fields.append(pa.field(name, pa.string() if name == "kind" else _arrow_type(t)))
         if name == "sensor_monotime_nanos":  # the identity columns near the front
             fields.append(pa.field("sensor_id", pa.string()))
-    fields += [pa.field(c, pa.string()) for c in CONTAINER_COLUMNS]
+    fields += [pa.field(c, pa.string()) for c in CONTAINER_COLUMNS + K8S_COLUMNS]
+    fields.append(pa.field("k8s_labels", LABELS_TYPE))
     fields.append(pa.field("process_lineage", LINEAGE_TYPE))
     meta = {"c8.capture": str(FORMAT_VERSION), "c8.wire": str(schema.WIRE_VERSION)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
@@ -150,9 +155,12 @@ def batch_to_arrow(category: str, arr: np.ndarray, table: dict, sensor_id: str,
             cols[name] = pa.array(np.ascontiguousarray(col))
     idx = arr["container"] if "container" in names else np.zeros(n, np.uint32)
     keys, inverse = np.unique(idx, return_inverse=True)
-    rows = [tuple(tables.get(k) or jsonlines.NO_CONTAINER)[:4] for k in keys.tolist()]
-    for j, name in enumerate(CONTAINER_COLUMNS):
+    rows = [tuple(tables.get(k) or jsonlines.NO_CONTAINER) for k in keys.tolist()]
+    rows = [r[:4] + (r[5:10] if len(r) >= 10 else jsonlines.NO_POD) for r in rows]
+    for j, name in enumerate(CONTAINER_COLUMNS + K8S_COLUMNS):
         cols[name] = _lookup(inverse.reshape(-1), [r[j] or "" for r in rows], pa.string())
+    labels = pa.array([list((r[8] or {}).items()) for r in rows], LABELS_TYPE)
+    cols["k8s_labels"] = labels.take(pa.array(inverse.reshape(-1)))
     if "process_id" in names and n:
         keys, inverse = np.unique(arr["process_id"], return_inverse=True)
         chains = [tables.lineage(k.decode(errors="replace")) for k in keys.tolist()]
@@ -355,12 +363,19 @@ def _containers(rows: pa.Table) -> tuple[np.ndarray, dict]:
     _, first = np.unique(indices, return_index=True)
     slot = np.zeros(len(ids), np.uint32)
     table: dict[int, tuple] = {}
-    others = [rows.column(c).combine_chunks() for c in CONTAINER_COLUMNS[1:]]
+    def column(name: str) -> pa.Array | None:  # None: a file from before the column
+        return rows.column(name).combine_chunks() if name in rows.column_names else None
+
+    others = [column(c) for c in CONTAINER_COLUMNS[1:]]
+    pods = [column(c) for c in K8S_COLUMNS]
+    labels = column("k8s_labels")
     for d, row in zip(np.unique(indices).tolist(), first.tolist(), strict=True):
         if not ids[d]:
             continue  # the host
         slot[d] = len(table) + 1
-        table[int(slot[d])] = (ids[d], *((o[row].as_py() or "") for o in others), "")
+        pod = tuple((o[row].as_py() or "") if o is not None else "" for o in pods)
+        table[int(slot[d])] = (ids[d], *((o[row].as_py() or "") for o in others), "", *pod,
+                               dict((labels[row].as_py() or []) if labels is not None else []))
     return slot[indices], table
 
 

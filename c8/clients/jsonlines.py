@@ -41,6 +41,9 @@ from c8.protocol.batch import Tables
 Batch = tuple[str, np.ndarray, dict]  # (category, array, container table)
 
 NO_CONTAINER = ("", "", "", "")
+# the container-table row's Kubernetes slots (after the runtime, slot 4) and their keys
+K8S_KEYS = ("k8s_namespace", "k8s_pod_name", "k8s_pod_uid", "k8s_container_name", "k8s_labels")
+NO_POD = ("", "", "", "", {})
 _decode = methodcaller("decode", "utf-8", "replace")
 _hexdigest = methodcaller("hexdigest")
 
@@ -94,12 +97,15 @@ def _kind(category: str, codes: np.ndarray) -> _Lookup:
 
 
 def _containers(arr: np.ndarray, table: dict) -> list[_Lookup]:
-    """container_id, container_name, image_id, image_name, from the batch's table."""
+    """container_id, container_name, image_id, image_name, then the K8S_KEYS, from
+    the batch's table (one value per distinct container; rows of a sensor that
+    sends no Kubernetes slots read as outside a pod)."""
     n = len(arr)
     idx = arr["container"] if "container" in arr.dtype.names else np.zeros(n, np.uint32)
     keys, inverse = np.unique(idx, return_inverse=True)
-    rows = [tuple(table.get(k) or NO_CONTAINER)[:4] for k in keys.tolist()]
-    return [_Lookup(inverse, tuple(r[j] for r in rows)) for j in range(4)]
+    rows = [tuple(table.get(k) or NO_CONTAINER) for k in keys.tolist()]
+    rows = [r[:4] + (r[5:10] if len(r) >= 10 else NO_POD) for r in rows]
+    return [_Lookup(inverse, tuple(r[j] for r in rows)) for j in range(9)]
 
 
 def _lineage(ids: np.ndarray, table: dict) -> _Lookup:
@@ -124,8 +130,9 @@ def _fields(category: str, arr: np.ndarray, table: dict, sensor_id: str) -> dict
             out[name] = _kind(category, arr[name]) if name == "kind" else _Column(arr[name])
     if "kind" not in out:  # every schema batch has one; kept for the shape's sake
         out["kind"] = _Const("None")
-    cid, cname, iid, iname = _containers(arr, table)
+    cid, cname, iid, iname, *pod = _containers(arr, table)
     out["container_id"], out["container_name"], out["image_id"], out["image_name"] = cid, cname, iid, iname
+    out.update(zip(K8S_KEYS, pod, strict=True))
     if category == "container":
         out["name"], out["image_id"], out["image_name"] = cname, iid, iname
     if "process_id" in names:

@@ -14,7 +14,7 @@ from typing import Any
 from c8 import schema
 from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
-from c8.expr.fieldinfo import CONTAINER_FIELDS, lineage_field
+from c8.expr.fieldinfo import CONTAINER_FIELDS, LABEL_FIELDS, lineage_field
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or, Value
 
 OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
@@ -43,6 +43,8 @@ def evaluate(node: Node, event: Mapping[str, Any]) -> bool:
         if rel == "parent":
             return leaf_matches(node, values[0] if values else (0 if name == "pid" else b""))
         return any(leaf_matches(node, v) for v in values)
+    if node.field in LABEL_FIELDS:
+        return labels_match(node, event.get(node.field) or {})
     if node.field in event:
         value = event[node.field]
     elif node.field in CONTAINER_FIELDS:
@@ -50,6 +52,28 @@ def evaluate(node: Node, event: Mapping[str, Any]) -> bool:
     else:
         raise ExprFieldError(f"event has no field '{node.field}'", node.pos, node.field)
     return leaf_matches(node, as_bytes(value) if isinstance(value, str | bytes) else int(value))
+
+
+def labels_match(leaf: Node, labels: Mapping[str, str]) -> bool:
+    """A leaf on a map of labels, each tested as the text ``key=value``: true when
+    any label matches (``k8s_labels == "app=web"``, ``like "app=*"``, ``in (...)``);
+    the negated forms (``!=``, ``not like``, ``not in``) when none does; ``is null``
+    when there is none."""
+    if isinstance(leaf, IsNull):
+        return (not labels) != leaf.negated
+    negated = (isinstance(leaf, Compare) and leaf.op == "!=") or (isinstance(leaf, In | Like) and leaf.negated)
+    if isinstance(leaf, Compare):
+        if not isinstance(leaf.value, str) or leaf.mask is not None:
+            raise ExprTypeError(f"field '{leaf.field}' holds key=value strings: {leaf} does not suit it",
+                                leaf.pos, leaf.field)
+        positive: Node = Compare(leaf.field, "==" if negated else leaf.op, leaf.value, leaf.pos)
+    elif isinstance(leaf, In):
+        positive = In(leaf.field, leaf.values, False, leaf.pos)
+    else:
+        positive = Like(leaf.field, leaf.pattern, False, leaf.pos)
+    hit = any(leaf_matches(positive, f"{k}={v}".encode("utf-8", "surrogateescape"))
+              for k, v in labels.items())
+    return hit != negated
 
 
 def as_bytes(value: str | bytes) -> bytes:

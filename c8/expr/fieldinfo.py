@@ -13,10 +13,16 @@ import numpy as np
 from c8 import schema
 
 # Position of each container field in a container-table row
-# (container_id, container_name, image_id, image_name, runtime).
+# (container_id, container_name, image_id, image_name, runtime, k8s_namespace,
+#  k8s_pod_name, k8s_pod_uid, k8s_container_name, k8s_labels).
 CONTAINER_FIELDS: dict[str, int] = {
     "container_id": 0, "container_name": 1, "image_id": 2, "image_name": 3,
+    "k8s_namespace": 5, "k8s_pod_name": 6, "k8s_pod_uid": 7, "k8s_container_name": 8,
+    "k8s_labels": 9,
 }
+# A map field: filters test each of its entries as the text ``key=value`` (see
+# c8.expr.evaluate.labels_match).
+LABEL_FIELDS = frozenset({"k8s_labels"})
 
 # Lineage fields: ``parent.<f>`` tests the parent, ``ancestor.<f>`` is true when any
 # ancestor (up to 16, parent first) matches; looked up in the batch's lineage table

@@ -5,8 +5,8 @@ per event. String columns are fixed-width bytes: literals are encoded to
 UTF-8 and compared as bytes. ``like`` uses startswith/endswith/find fast
 paths for the common shapes (``p*``, ``*s``, ``*m*``) and otherwise matches
 each *distinct* value once (np.unique + fnmatch + the inverse index).
-Container fields are evaluated on the batch's small container table, then
-mapped onto the ``container`` column with np.isin.
+Container fields (with the Kubernetes ones) are evaluated on the batch's small
+container table, then mapped onto the ``container`` column with np.isin.
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ import numpy as np
 from c8 import schema
 from c8.expr import glob
 from c8.expr.errors import ExprFieldError, ExprTypeError
-from c8.expr.evaluate import leaf_matches, literal
-from c8.expr.fieldinfo import CONTAINER_FIELDS, constant_compare, int_range, lineage_field
+from c8.expr.evaluate import labels_match, leaf_matches, literal
+from c8.expr.fieldinfo import (
+    CONTAINER_FIELDS,
+    LABEL_FIELDS,
+    constant_compare,
+    int_range,
+    lineage_field,
+)
 from c8.expr.nodes import And, Compare, In, IsNull, Like, Node, Not, Or
 
 Containers = Mapping[int, Sequence[str]]
@@ -37,7 +43,8 @@ def compile_mask(node: Node, category: str) -> MaskFn:
 
     ``batch`` has dtype ``c8.schema.dtype(category)`` (plus any ``arg_`` columns);
     ``containers`` maps the ``container`` column's values to rows
-    (container_id, container_name, image_id, image_name, runtime); index 0 and
+    (container_id, container_name, image_id, image_name, runtime, k8s_namespace,
+    k8s_pod_name, k8s_pod_uid, k8s_container_name, k8s_labels); index 0 and
     indices missing from it are the host (all fields empty). Call ``check``
     first: a field the batch lacks raises ExprFieldError when the mask runs.
     """
@@ -304,12 +311,20 @@ def _lineage_leaf(leaf: Node) -> _Leaf:
 
 def _container_leaf(leaf: Node) -> _Leaf:
     slot = CONTAINER_FIELDS[leaf.field]
+    if leaf.field in LABEL_FIELDS:
+        def matches(row: Sequence | None) -> bool:
+            value = row[slot] if row is not None and len(row) > slot else None
+            return labels_match(leaf, value if isinstance(value, Mapping) else {})
+    else:
+        def matches(row: Sequence | None) -> bool:
+            # rows of an older sensor lack the k8s fields: empty
+            return leaf_matches(leaf, _text(row[slot] if row is not None and len(row) > slot else None))
 
     def run(batch: np.ndarray, containers: Containers | None) -> np.ndarray:
         col = _column(batch, Compare("container", "==", 0, leaf.pos))
         table = {int(k): v for k, v in (containers or {}).items() if int(k) != 0}
-        host_hit = leaf_matches(leaf, b"")  # the host, and indices the table lacks
-        hits = [k for k, row in table.items() if leaf_matches(leaf, _text(row[slot]))]
+        host_hit = matches(None)  # the host, and indices the table lacks
+        hits = [k for k, row in table.items() if matches(row)]
         known = np.fromiter(table, np.int64, len(table))
         mask = np.isin(col, np.array(hits, np.int64))
         if host_hit:

@@ -23,7 +23,8 @@ LINEAGE_DEPTH = 16  # ancestors named per event, parent first
 class Tables(dict):
     """What a batch's events refer to, beside its columns: the container table
     (this dict: index -> [container_id, container_name, image_id, image_name,
-    runtime]) and ``processes``, the process table of its lineage: process_id ->
+    runtime, k8s_namespace, k8s_pod_name, k8s_pod_uid, k8s_container_name,
+    k8s_labels {key: value}]) and ``processes``, the process table of its lineage: process_id ->
     [pid, exec_filename, command_line, parent process_id ("" at the top)]."""
 
     def __init__(self, containers=(), processes: dict | None = None):

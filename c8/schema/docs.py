@@ -47,6 +47,21 @@ Notes:
   except on syscall events, where `id` is the syscall number: Capsule8's name).
 - kernel_call and user_call events carry the fetch arguments the subscription
   asked for as `arguments` ({name: value}); filters name them `arg_<name>`.
+- Kubernetes: `k8s_namespace`, `k8s_pod_name`, `k8s_pod_uid`,
+  `k8s_container_name` and `k8s_labels` come, like `container_name`, from the
+  batch's container table, on every event of a container in a pod (empty, `{}`
+  for labels, elsewhere). The broker reads what the CRI runtime wrote in the
+  container's OCI annotations (containerd's `io.kubernetes.cri.sandbox-*` and
+  `container-name`; cri-o's `io.kubernetes.pod.*`, `io.kubernetes.container.name`
+  and the JSON `io.kubernetes.cri-o.Labels`, the pod's labels being those of
+  its sandbox), and takes the pod uid from the kubepods cgroup path
+  (`kubepods/<qos>/pod<uid>/<id>`, `kubepods-<qos>-pod<uid>.slice`) when no
+  annotation gives it. Values longer than Kubernetes allows or not printable
+  ASCII are dropped, labels kept only with valid key and value syntax (at most
+  64, the kubelet's own `io.kubernetes.*` left out). containerd keeps pod
+  labels only in its database, so its pods show none. Filters:
+  `k8s_namespace == "prod"`, `k8s_labels == "app=web"` (any label),
+  `k8s_labels like "team=*"`, `not k8s_labels == "app=web"`.
 """
 
 

@@ -10,8 +10,10 @@ width; the client decodes them as UTF-8 with replacement.
 
 Container identity is dictionary-encoded: events carry ``container`` (a small
 integer, 0 on the host) and each published batch carries the table that maps
-it to container_id, container_name, image_id and image_name. Clients expand it,
-so filters and users still see the four named fields.
+it to container_id, container_name, image_id and image_name, and the
+Kubernetes identity k8s_namespace, k8s_pod_name, k8s_pod_uid,
+k8s_container_name and k8s_labels. Clients expand it, so filters and users
+still see the named fields.
 """
 
 from __future__ import annotations
@@ -96,6 +98,21 @@ VIRTUAL: tuple[Field, ...] = (
     Field("container_name", "S128", "container name; empty on the host", "container table"),
     Field("image_id", "S80", "image id; empty on the host", "container table"),
     Field("image_name", "S128", "image name; empty on the host", "container table"),
+    Field("k8s_namespace", "S64", "Kubernetes namespace of the container's pod; empty outside a pod",
+          "container table: CRI annotations (io.kubernetes.cri.sandbox-namespace, io.kubernetes.pod.namespace)"),
+    Field("k8s_pod_name", "S256", "name of the container's Kubernetes pod; empty outside a pod",
+          "container table: CRI annotations (io.kubernetes.cri.sandbox-name, io.kubernetes.pod.name)"),
+    Field("k8s_pod_uid", "S40", "uid of the container's Kubernetes pod; empty outside a pod",
+          "container table: CRI annotations (io.kubernetes.cri.sandbox-uid, io.kubernetes.pod.uid), "
+          "else the kubepods cgroup path"),
+    Field("k8s_container_name", "S64", "the container's name in its pod's spec; empty outside a pod",
+          "container table: CRI annotations (io.kubernetes.cri.container-name, io.kubernetes.container.name)"),
+    Field("k8s_labels", "S384", "labels of the container's pod: a map {key: value} in events ({} "
+          "outside a pod or when unknown, at most 64); filters test each label as the text key=value, "
+          "true when any matches (k8s_labels == \"app=web\", like \"app=*\"; !=, not like, not in: when "
+          "none does; is null: no labels)",
+          "container table: cri-o's io.kubernetes.cri-o.Labels annotation, the pod sandbox's when the "
+          "container's has none (containerd keeps pod labels in its database: none)"),
     Field("process_lineage", "O", "ancestors of the acting process, parent first, up to the host's or "
           "the container's init (at most 16): each {pid, process_id, exec_filename, command_line}",
           "process table"),

@@ -44,6 +44,10 @@ def ref_to_dicts(category, arr, table, sensor_id=""):
         ev["kind"] = kinds[ev["kind"] - 1] if 0 < ev.get("kind", 0) <= len(kinds) else str(ev.get("kind"))
         row = table.get(ev.get("container", 0)) or ("", "", "", "", "")
         ev["container_id"], ev["container_name"], ev["image_id"], ev["image_name"] = row[:4]
+        # Kubernetes identity (rows without these slots, as older sensors send: outside a pod)
+        pod = row[5:10] if len(row) >= 10 else ("", "", "", "", {})
+        (ev["k8s_namespace"], ev["k8s_pod_name"], ev["k8s_pod_uid"], ev["k8s_container_name"],
+         ev["k8s_labels"]) = pod
         if category == "container":
             ev["name"], ev["image_id"], ev["image_name"] = row[1], row[2], row[3]
         if "process_id" in names:  # ancestors from the batch's lineage table (none here: [])
@@ -67,8 +71,9 @@ def ref_line(ev) -> str:
 # -- batches ----------------------------------------------------------------------
 TEXTS = [b"", b"/usr/bin/true", "/tmp/caf\u00e9-\u6f22\u5b57".encode(), b"bad \xff\xfe utf8",
          b"mid\x00nul", b"x" * 255, b"quote\" back\\slash\ttab\nnl", b"\x01\x7f ctl"]
-TABLE = {1: ("c1" * 32, "web", "sha256:" + "a" * 64, "busybox:latest", "docker"),
-         2: ("c2" * 32, "caf\u00e9", "", "", "runc")}
+TABLE = {1: ("c1" * 32, "web", "sha256:" + "a" * 64, "busybox:latest", "docker"),  # an older sensor's row
+         2: ("c2" * 32, "caf\u00e9", "", "", "runc", "prod", "web-7d4b9", "0d2c6f6a-1b2c-4d5e-8f90-123456789abc",
+             "nginx", {"app": "web", "tier": "front\"end"})}
 
 
 PLAIN_TEXTS = [b"", b"/usr/bin/true", b"x" * 255, b"a b=c,d:{e}[f]"]  # nothing to escape
@@ -145,6 +150,23 @@ def test_values_that_matter_by_hand():
     assert a["sensor_monotime_nanos"] == 2**64 - 1 and a["uid"] == -1
     assert a["id"] == a["event_id"] == ref_event_id(SENSOR, 7, 2**64 - 1)
     assert (a["container_id"], a["image_name"], b["container_id"]) == ("c1" * 32, "busybox:latest", "")
+    assert (a["k8s_namespace"], a["k8s_labels"], b["k8s_pod_name"], b["k8s_labels"]) == ("", {}, "", {})
+
+
+def test_kubernetes_identity_by_hand():
+    arr = schema.empty("file", 3)
+    arr["sensor_sequence_number"] = [1, 2, 3]
+    arr["container"] = [2, 0, 2]
+    _, arr, table = over_the_wire("file", arr)
+    for events in (to_dicts("file", arr, table, SENSOR),
+                   [json.loads(ln) for ln in jsonlines.lines("file", arr, table, SENSOR)]):
+        a, host, c = events
+        assert all(a[k] == c[k] for k in jsonlines.K8S_KEYS)
+        assert (a["k8s_namespace"], a["k8s_pod_name"], a["k8s_pod_uid"], a["k8s_container_name"]) == (
+            "prod", "web-7d4b9", "0d2c6f6a-1b2c-4d5e-8f90-123456789abc", "nginx")
+        assert a["k8s_labels"] == {"app": "web", "tier": "front\"end"}
+        assert list(a).index("k8s_namespace") == list(a).index("image_name") + 1
+        assert (host["k8s_namespace"], host["k8s_pod_uid"], host["k8s_labels"]) == ("", "", {})
 
 
 def test_empty_batches():

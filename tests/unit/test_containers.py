@@ -154,13 +154,16 @@ def test_enrichment_per_runtime(host):
     t = table_for(host)
     docker, podman, runc, k8s = (t.lookup_pid(p) for p in (100, 200, 300, 400))
     assert len({docker, podman, runc, k8s}) == 4 and 0 not in (docker, podman, runc, k8s)
-    assert t.row(docker) == (A, "web", "sha256:" + "1" * 64, "busybox", "docker")
-    assert t.row(podman) == (B, "pod1", "2" * 64, "localhost/busybox:latest", "podman")
-    assert t.row(runc) == (C, "plain", "", "busybox", "runc")
+    assert t.row(docker)[:5] == (A, "web", "sha256:" + "1" * 64, "busybox", "docker")
+    assert t.row(podman)[:5] == (B, "pod1", "2" * 64, "localhost/busybox:latest", "podman")
+    assert t.row(runc)[:5] == (C, "plain", "", "busybox", "runc")
     # the kubepods path names no runtime: the metadata found says containerd
-    assert t.row(k8s) == (D, "app", "", "docker.io/library/nginx:1.25", "containerd")
+    assert t.row(k8s)[:5] == (D, "app", "", "docker.io/library/nginx:1.25", "containerd")
+    # Kubernetes: the container name from its CRI annotation, the pod uid from the kubepods path
+    assert t.row(k8s)[5:] == ("", "", POD[3:], "app", {})
+    assert all(t.row(i)[5:] == ("", "", "", "", {}) for i in (docker, podman, runc))
     assert t.lookup_pid(101) == docker and t.lookup_pid(1) == 0
-    assert t.row(0) == ("", "", "", "", "")
+    assert t.row(0) == ("", "", "", "", "", "", "", "", "", {})
 
 
 def test_lookup_pids_vectorised(host):
@@ -188,7 +191,7 @@ def test_unknown_runtime_keeps_what_is_known(host):
     t = table_for(host)
     e = "e" * 64
     index = t.index_of("kubernetes", e)
-    assert t.row(index) == (e, "", "", "", "kubernetes")
+    assert t.row(index)[:5] == (e, "", "", "", "kubernetes")
 
 
 def test_refresh_retries_missing_metadata(host, tmp_path):
@@ -248,7 +251,7 @@ def test_lifecycle_hints_once_per_container(host):
     assert t.row(index)[0] == A
     clock.now += 2
     t.refresh()
-    assert t.row(index) == ("", "", "", "", "")
+    assert t.row(index) == ("", "", "", "", "", "", "", "", "", {})
     assert t.lookup_pid(77) == 0  # purged from the cache with its container (no /proc/77 here)
 
 
@@ -330,7 +333,7 @@ def test_malformed_metadata_is_ignored(tmp_path):
     write(f"{docker_root}/containers/{A}/config.v2.json", "{not json")
     fake_pid(proc, 5, f"/docker/{A}")
     t = ContainerTable(proc, Roots(docker=[docker_root], docker_sockets=[]), discover_roots=False, **inline())
-    assert t.row(t.lookup_pid(5)) == (A, "", "", "", "docker")
+    assert t.row(t.lookup_pid(5))[:5] == (A, "", "", "", "docker")
 
 
 def test_hostile_runc_state_gives_unknown_never_an_exception(tmp_path, monkeypatch):
@@ -349,7 +352,7 @@ def test_hostile_runc_state_gives_unknown_never_an_exception(tmp_path, monkeypat
         fake_pid(proc, pid, f"/{cid}")
     t = ContainerTable(proc, Roots(docker=[], docker_sockets=[], storage=[], runc=[str(runc)], crun=[],
                                    containerd=[]), discover_roots=False, **inline())
-    assert t.row(t.lookup_pid(10)) == (ids["types"], ids["types"], "", "", "runc")
+    assert t.row(t.lookup_pid(10))[:5] == (ids["types"], ids["types"], "", "", "runc")
     assert t.row(t.lookup_pid(11))[1] == "" and t.row(t.lookup_pid(12))[1] == ""
 
     import c8.broker.containers as containers
@@ -358,7 +361,7 @@ def test_hostile_runc_state_gives_unknown_never_an_exception(tmp_path, monkeypat
         raise TypeError("a reader's bug")
     monkeypatch.setitem(containers._READERS, "runc", boom)
     index = t.lookup_pid(13)
-    assert t.row(index) == (ids["raises"], "", "", "", "runc")
+    assert t.row(index)[:5] == (ids["raises"], "", "", "", "runc")
     assert t.table([index]) == {index: t.row(index)}
     t.refresh()
     assert t.stats()["lookup_failed"] >= 1 and t.stats()["unnamed"] == 3

@@ -12,22 +12,27 @@ running as root from a root-owned executable advertises on its command line
 (``discovery``); at most ``MAX_ROOTS`` of each kind.
 
     roots (defaults + running daemons' command lines) -> readers -> Metadata
+                                                 (+ Kubernetes identity: ``k8s``)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .k8s import K8s
+
 
 @dataclass(frozen=True)
 class Metadata:
     """What a runtime knows about one container. ``runtime`` may refine the
-    cgroup's guess (a kubepods path names no runtime; /<id> may be runc or crun)."""
+    cgroup's guess (a kubepods path names no runtime; /<id> may be runc or crun).
+    ``k8s``: the pod it runs in, when a CRI runtime's annotations say (``runtimes.k8s``)."""
 
     runtime: str
     name: str = ""
     image_id: str = ""
     image_name: str = ""
+    k8s: K8s | None = None
 
 
 MAX_ROOTS = 16  # per kind: a flood of advertised roots cannot grow every lookup

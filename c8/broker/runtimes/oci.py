@@ -20,7 +20,7 @@ import os
 from c8.host import typed
 from c8.host.files import read_json_beneath
 
-from . import Metadata
+from . import Metadata, k8s
 
 NAME_KEYS = (
     "io.kubernetes.cri.container-name",
@@ -43,7 +43,8 @@ MAX_NAMESPACES = 256   # containerd namespaces looked into per lookup
 
 
 def from_annotations(runtime: str, annotations: object, default_name: str = "") -> Metadata:
-    """Metadata from OCI annotations (first key present wins; non-strings ignored)."""
+    """Metadata from OCI annotations (first key present wins; non-strings ignored),
+    with the Kubernetes identity CRI runtimes write there (``runtimes.k8s``)."""
     notes = typed.string_map(annotations)
 
     def first(keys: tuple[str, ...]) -> str:
@@ -52,7 +53,7 @@ def from_annotations(runtime: str, annotations: object, default_name: str = "") 
     if runtime == "containerd" and "io.kubernetes.cri-o.Name" in notes:
         runtime = "cri-o"
     return Metadata(runtime, first(NAME_KEYS) or default_name, first(IMAGE_ID_KEYS),
-                    first(IMAGE_NAME_KEYS))
+                    first(IMAGE_NAME_KEYS), k8s.from_annotations(notes))
 
 
 def bundle_annotations(bundle: str, owner: int | None = None) -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 from c8.host import typed
 from c8.host.files import parse_json, read_json_beneath
 
-from . import Metadata
+from . import Metadata, k8s
 from .oci import from_annotations
 
 LISTING_LIMIT = 64 << 20  # containers.json of a store with thousands of containers
@@ -46,5 +46,5 @@ def _metadata(root: str, store: str, container_id: str, record: dict) -> Metadat
     if "io.kubernetes.cri-o.Name" in annotations:  # a CRI-O pod container, not podman
         cri = from_annotations("cri-o", annotations, name)
         return Metadata("cri-o", cri.name, cri.image_id or image_id,
-                        cri.image_name or image_name)
-    return Metadata("podman", name, image_id, image_name)
+                        cri.image_name or image_name, cri.k8s)
+    return Metadata("podman", name, image_id, image_name, k8s.from_annotations(annotations))
