@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import yaml
@@ -71,6 +72,26 @@ def build_spec(args: argparse.Namespace) -> dict:
     return spec
 
 
+def write_whole(out, data: bytes) -> None:
+    """Write and flush ``data`` with Ctrl-C held until it is out: a reader (jq) never
+    gets half a line. A second Ctrl-C while the write blocks (a reader that stopped
+    reading) interrupts it at once."""
+    pending: list[int] = []
+
+    def hold(signum, _frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        out.write(data)
+        out.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
     """JSON lines on stdout, each window's events in sensor sequence order, one
     write per window; a loss (this reader too slow, the kernel's ring full) is a
@@ -84,8 +105,7 @@ def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps({"subscription": sub.id}), file=sys.stderr)
         try:
             for window in sub.windows(timeout=args.timeout):
-                out.write(jsonlines.window_lines(window, sub.sensor_id))
-                out.flush()
+                write_whole(out, jsonlines.window_lines(window, sub.sensor_id))
         except KeyboardInterrupt:
             pass
         except BrokenPipeError:  # the reader is gone (| head): end quietly, as cat does

@@ -54,6 +54,7 @@ class Source:
     filter: str | None = None
     filter_error: str | None = None
     enabled: bool = False
+    lost: int = 0  # the kernel's count of this event's lost samples, as last told
 
 
 @dataclass
@@ -219,6 +220,11 @@ class Collector:
             perf.disable(src.fd, name)
         except OSError as exc:
             log(f"{name}: {exc}")
+        n = self._kernel_lost([src])  # its last count, told with the next stats
+        if n:
+            self.state.lost += n
+            key = ("kernel", self.cpu)
+            self.state.unsent_lost[key] = self.state.unsent_lost.get(key, 0) + n
         os.close(src.fd)
         # Records already in the ring still decode; the id is dropped after the next read.
         self._closed_ids.append(src.sample_id)
@@ -358,12 +364,14 @@ class Collector:
             return 0
         recs = ring.walk(buf)
         total = 0
-        if recs.lost:
-            self.state.lost += recs.lost
-            if not self._send_header({"kind": "lost", "cpu": self.cpu, "count": recs.lost,
-                                      "source": "kernel", "time": self.state.watermark}):
+        if recs.lost:  # told where it happened; the count is the kernel's counters' where known
+            n = self._kernel_lost()
+            n = recs.lost if n is None else n
+            self.state.lost += n
+            if n and not self._send_header({"kind": "lost", "cpu": self.cpu, "count": n,
+                                            "source": "kernel", "time": self.state.watermark}):
                 key = ("kernel", self.cpu)  # the broker hears of it with the next stats period
-                self.state.unsent_lost[key] = self.state.unsent_lost.get(key, 0) + recs.lost
+                self.state.unsent_lost[key] = self.state.unsent_lost.get(key, 0) + n
         for source, arr in self.decoder.decode(buf, recs.samples):
             if source == "bpf:exec":
                 arr = exec_text(arr)
@@ -406,12 +414,34 @@ class Collector:
                 "unknown_samples": self.decoder.unknown, "unknown_bpf": self.decoder.unknown_bpf,
                 "ebpf_lost": self.bpf_mgr.loss_totals if self.bpf_mgr is not None else {}}
 
+    def _kernel_lost(self, sources: list[Source] | None = None) -> int | None:
+        """Samples the kernel could not write to this ring since last asked, from each
+        event's own counter (perf.read_lost); None when the kernel keeps none."""
+        total = 0
+        for src in self.sources.values() if sources is None else sources:
+            try:
+                count = perf.read_lost(src.fd)
+            except OSError as exc:
+                self._error(src.name, f"reading its lost count: {exc}")
+                continue
+            if count is None:
+                return None
+            total += count - src.lost
+            src.lost = count
+        return total
+
     def _report_losses(self) -> None:
         """Once per stats period, as ``lost`` headers: what only counters know of.
-        The eBPF programs' failures counted in the kernel (cpu0 owns the map; source
-        ``ebpf:<family>``) and samples the decoder could not attribute. A count that
-        could not be sent waits for the next period."""
+        Samples the kernel could not write that no PERF_RECORD_LOST told yet (one is
+        written only before the next record that fits: after a burst that filled the
+        ring, maybe never); the eBPF programs' failures counted in the kernel (cpu0
+        owns the map; source ``ebpf:<family>``) and samples the decoder could not
+        attribute. A count that could not be sent waits for the next period."""
         late = self.state.unsent_lost
+        kernel = self._kernel_lost() if self.ring is not None else None
+        if kernel:
+            self.state.lost += kernel
+            late[("kernel", self.cpu)] = late.get(("kernel", self.cpu), 0) + kernel
         if self.bpf_mgr is not None:
             try:
                 found = self.bpf_mgr.losses()  # read even when dropped: the next read starts here

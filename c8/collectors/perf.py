@@ -40,6 +40,13 @@ SAMPLE_RAW_OFF = 44
 RECORD_LOST = 2
 RECORD_SAMPLE = 9
 
+# read() of an event gives {value, lost}: the samples the kernel could not write
+# for this event (Linux 6.0). Unlike a PERF_RECORD_LOST, which the kernel writes
+# only before the next record that fits, it is counted at once: a ring that
+# overflows at the end of a burst and then hears nothing more still tells.
+FORMAT_LOST = 1 << 4
+_format_lost = True  # cleared when the kernel refuses it (before 6.0)
+
 FLAG_DISABLED = 1 << 0
 FLAG_WATERMARK = 1 << 14
 FLAG_USE_CLOCKID = 1 << 25
@@ -114,6 +121,7 @@ def make_attr(type_: int, config: int, wakeup_events: int = 0,
     attr.config = config
     attr.sample_period = 1
     attr.sample_type = SAMPLE_TYPE
+    attr.read_format = FORMAT_LOST if _format_lost else 0
     attr.flags = FLAG_DISABLED | FLAG_USE_CLOCKID
     if wakeup_watermark:
         attr.flags |= FLAG_WATERMARK
@@ -127,13 +135,34 @@ def make_attr(type_: int, config: int, wakeup_events: int = 0,
 def perf_event_open(attr: PerfEventAttr, pid: int, cpu: int, name: str,
                     group_fd: int = -1, flags: int = 0) -> int:
     """Open an event; close-on-exec always. Raises PerfError naming ``name``."""
+    global _format_lost
     PERF_FLAG_FD_CLOEXEC = 1 << 3
-    fd = _libc.syscall(NR_PERF_EVENT_OPEN, ctypes.byref(attr), ctypes.c_int(pid),
-                       ctypes.c_int(cpu), ctypes.c_int(group_fd),
-                       ctypes.c_ulong(flags | PERF_FLAG_FD_CLOEXEC))
+
+    def attempt() -> int:
+        return _libc.syscall(NR_PERF_EVENT_OPEN, ctypes.byref(attr), ctypes.c_int(pid),
+                             ctypes.c_int(cpu), ctypes.c_int(group_fd),
+                             ctypes.c_ulong(flags | PERF_FLAG_FD_CLOEXEC))
+    fd = attempt()
+    err = ctypes.get_errno() if fd < 0 else 0
+    if fd < 0 and err == errno.EINVAL and attr.read_format & FORMAT_LOST:
+        attr.read_format &= ~FORMAT_LOST
+        fd = attempt()
+        if fd >= 0:  # an older kernel: LOST records only, from now on
+            _format_lost = False
+        else:
+            attr.read_format |= FORMAT_LOST
     if fd < 0:
-        raise PerfError(ctypes.get_errno(), f"perf_event_open(cpu={cpu})", name)
+        raise PerfError(err, f"perf_event_open(cpu={cpu})", name)
     return int(fd)
+
+
+def read_lost(fd: int) -> int | None:
+    """Samples of this event the kernel could not write to its ring so far (never
+    reset); None when the kernel does not count them (see FORMAT_LOST)."""
+    if not _format_lost:
+        return None
+    data = os.read(fd, 16)
+    return int.from_bytes(data[8:16], "little") if len(data) == 16 else None
 
 
 def open_tracepoint(tp_id: int, cpu: int, name: str, wakeup_events: int = 1,
