@@ -37,11 +37,15 @@ from c8.expr.fieldinfo import CONTAINER_FIELDS
 
 CATEGORIES = ("file", "process", "network", "syscall", "container")
 STRINGS = ["", "a", "ab", "/a", "/tmp/x", "/tmp/xy", "/a/foo", "foo", "x.so", "A", "é", 'q"t', "b\\s",
-           "it's", "1x", "!a", "a?"]
+           "it's", "1x", "!a", "a?", "a=b"]
 PATTERN_PIECES = ["a", "b", "/", "foo", "*", "*", "*", "?", "a", "/tmp", "x", ".", "[ab]", "[!a]", "é", "1", "!"]
 KIND_PIECES = ["*", "?", "E", "X", "C", "_", "ATTEMPT", "EXIT"]
 EXTRA_INTS = [2**40, -(2**63) - 1, 2**64, 300, -129, 70000, -70000]
-CONTAINERS = {1: ("c1", "web", "i1", "busybox", "docker"), 2: ("c2", "", "i2", "/a/foo", "podman")}
+# rows as the broker sends them: the Kubernetes slots after the runtime (labels: a map,
+# each label tested as "key=value")
+CONTAINERS = {1: ("c1", "web", "i1", "busybox", "docker", "web", "a", "", "foo", {"app": "web", "a": "b"}),
+              2: ("c2", "", "i2", "/a/foo", "podman", "", "", "", "", {})}
+HOST = ("", "", "", "", "", "", "", "", "", {})
 OPS = ("==", "!=", "<", "<=", ">", ">=")
 
 
@@ -126,7 +130,7 @@ def events(category: str, batch: np.ndarray) -> list[dict]:
         for name in batch.dtype.names:
             v = row[name]
             event[name] = v.decode() if isinstance(v, bytes) else int(v)
-        table = CONTAINERS.get(event["container"], ("", "", "", "", ""))
+        table = CONTAINERS.get(event["container"], HOST)
         event.update({f: table[i] for f, i in CONTAINER_FIELDS.items()})
         out.append(event)
     return out
