@@ -96,9 +96,10 @@ class Subscription:
         if not cf:
             return None
         ok = []
-        for idx, (cid, cname, _iid, iname, _rt) in table.items():
+        for idx, row in table.items():
             if idx == 0:
                 continue  # a container filter never admits the host
+            cid, cname, iname = row[0], row[1], row[3]  # rows also carry runtime and Kubernetes slots
             if cf.get("image") and not glob.fnmatchcase(iname, cf["image"]):
                 continue
             if cf.get("ids") and not any(cid.startswith(i) for i in cf["ids"]):

@@ -315,3 +315,15 @@ def test_rows_without_k8s_slots_read_as_outside_a_pod():
     assert compile_mask(parse('k8s_namespace is null'), "process")(batch, old).tolist() == [True, True]
     assert compile_mask(parse('k8s_labels is null'), "process")(batch, old).tolist() == [True, True]
     assert not np.any(compile_mask(parse('k8s_labels == "a=b"'), "process")(batch, old))
+
+
+def test_subscription_container_filter_reads_full_rows():
+    """The spec's containers filter (image, ids, names) on rows with Kubernetes slots."""
+    from c8.broker.subscriptions import parse_spec
+
+    batch = schema.empty("process", 4)
+    batch["container"] = [0, 1, 2, 3]
+    for spec, want in (({"image": "nginx*"}, [0, 1, 0, 0]), ({"names": ["api"]}, [0, 0, 0, 1]),
+                       ({"ids": [OTHER[:12]]}, [0, 0, 1, 0])):
+        sub = parse_spec({"events": {"process": {}}, "containers": spec}, b"p")
+        assert sub.container_mask(batch, {0: ("",) * 9 + ({},), **ROWS}).astype(int).tolist() == want
