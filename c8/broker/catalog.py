@@ -160,6 +160,8 @@ def build_open(raw: np.ndarray) -> Built:
     out = base("file", raw, "OPEN")
     out["filename"] = raw["filename"]
     out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], open_follows(raw["flags"]))
+    out["dirfd"] = raw["dirfd"]
+    out["path_status"] = paths.status(raw["dirfd"], raw["filename"], out["path"])
     out["open_flags"] = raw["flags"]
     out["open_mode"] = raw["mode"]
     out["syscall"] = raw["nr"]
@@ -228,6 +230,8 @@ def build_file1(raw: np.ndarray) -> Built:
     out = base("file", raw, kinds)
     out["filename"] = raw["filename"]
     out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], file1_follows(raw["nr"], raw["flags"]))
+    out["dirfd"] = raw["dirfd"]
+    out["path_status"] = paths.status(raw["dirfd"], raw["filename"], out["path"])
     out["open_mode"] = raw["mode"]
     out["owner_uid"] = raw["owner_uid"]
     out["owner_gid"] = raw["owner_gid"]
@@ -244,6 +248,9 @@ def build_file2(raw: np.ndarray) -> Built:
     out["newname"] = raw["newname"]
     out["filename"] = raw["newname"]  # the path the operation made, for globs
     out["path"] = paths.resolve(raw["pid"], raw["newdirfd"], raw["newname"])
+    out["dirfd"] = raw["newdirfd"]
+    out["olddirfd"] = raw["olddirfd"]
+    out["path_status"] = paths.status(raw["newdirfd"], raw["newname"], out["path"])
     out["oldpath"] = file2_oldpath(raw, kinds, out["path"])
     out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]

@@ -25,8 +25,10 @@ from c8 import schema
 from c8.broker import catalog
 from c8.broker.access import Access, Peer
 from c8.broker.containers import ContainerTable
+from c8.broker.fdtable import FdTable
 from c8.broker.identity import Identity
 from c8.broker.merge import Merger
+from c8.broker.paths import FromStream
 from c8.broker.plan import Planner
 from c8.broker.processes import ProcessTable
 from c8.broker.publish import Publisher
@@ -87,6 +89,8 @@ class Broker:
         self.containers = ContainerTable()
         self.merger = Merger(int(config["merge_holdback"] * 1e9))
         self.identity = Identity(self.processes, self.containers)
+        fdt = config["fd_table"]
+        self.fd_paths = FromStream(FdTable(fdt["max_per_process"], fdt["max_entries"]))
         self.sequence = Sequence()
         self.marks_moved = False  # a collector's tick arrived since the last release
         self.last_window = 0  # events in the last window released
@@ -329,6 +333,7 @@ class Broker:
             return
         follow = "cgroup:cgroup_attach_task" in self.planner.plan["tracepoints"]
         self.identity.stamp(window, follow_attaches=follow)  # who, as of each event's time
+        self.fd_paths.apply(window)                           # relative and fd-only names, from the stream
         self.sequence.number(window)                          # gap-free, across categories
         events = [b for c, b in window.items() if c not in ("lost", "limiter")]
         if self.limiter is not None:
@@ -465,6 +470,7 @@ class Broker:
             "counts": dict(self.counts, late=self.merger.late),
             "processes": len(self.processes.by_pid),
             "containers": self.containers.stats(),  # lookups that left names unknown, by cause
+            "fd_table": dict(self.fd_paths.table.stats(), resolved=self.fd_paths.resolved),
             "dormant": self.dormant,
             "limiter": {"enabled": self.limiter is not None,
                         "trips": getattr(self.limiter, "trips", 0)},

@@ -29,6 +29,7 @@ import os
 
 import numpy as np
 
+from c8 import schema
 from c8.broker import pathcanon
 from c8.host import proc as hostproc
 
@@ -139,6 +140,27 @@ def _unique_rows(pids: np.ndarray, dirfds: np.ndarray, follow: np.ndarray, names
     return first, inverse, odd
 
 
+# path_status values (docs/events.md)
+ABSOLUTE, STREAM, PROC, UNREADABLE, UNKNOWN = b"absolute", b"stream", b"proc", b"unreadable", b"unknown"
+
+
+def first_bytes(names: np.ndarray) -> np.ndarray:
+    """The first byte of each name of an ``S<n>`` column (0: empty): one byte copied per row."""
+    return np.asarray(names).astype("S1").view(np.uint8)
+
+
+def status(dirfds: np.ndarray, names: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """``path_status`` of paths :func:`resolve` found when the batch arrived:
+    absolute, proc (a relative or fd-only name, its base read from /proc),
+    unreadable (no name, no fd) or unknown (empty: base not known)."""
+    first = first_bytes(names)
+    known = first_bytes(found) != 0
+    out = np.where(first == ord("/"), ABSOLUTE, PROC).astype("S16")
+    out[~known] = UNKNOWN
+    out[(first == 0) & (np.asarray(dirfds) < 0)] = UNREADABLE
+    return out
+
+
 def symlink_targets(pids: np.ndarray, links: np.ndarray, targets: np.ndarray,
                     proc: str = "/proc", max_resolve: int = MAX_RESOLVE) -> np.ndarray:
     """What symlinks point at, canonical: a relative target is resolved from the
@@ -157,3 +179,259 @@ def symlink_targets(pids: np.ndarray, links: np.ndarray, targets: np.ndarray,
     full = full.astype(f"S{width}")
     out = resolve(pids, np.full(n, AT_FDCWD), full, np.ones(n, bool), proc, max_resolve)
     return out.astype(targets.dtype)
+
+
+# -- paths from the event stream (release stage, after identity) ------------------
+O_CLOEXEC = 0o2000000
+_NR_FD_ONLY = np.array([91, 93])          # fchmod, fchown: no name, the fd itself
+_NR_FOLLOWING = np.array([90, 92, 268])   # chmod, chown, fchmodat: follow the last symlink
+_MAX_CHAIN = 64                           # openat(fd of an openat(fd of ...)) depth resolved per window
+
+
+def _keys(pids: np.ndarray, fds: np.ndarray) -> np.ndarray:
+    return (pids.astype(np.int64) << 32) | (fds.astype(np.int64) & 0xFFFFFFFF)
+
+
+class FromStream:
+    """Relative and fd-only names resolved against descriptors learnt from the stream.
+
+    Runs on each window after identity, before numbering. For each file event
+    whose name is relative to a dirfd or the cwd, or that names only an fd
+    (fchmod, fchown), the base is the path of the latest successful OPEN of
+    that descriptor number by that process earlier in the window, else by its
+    parent before a fork in the window, else the :class:`FdTable` as it stood
+    at the window's start. A base that is itself a relative OPEN is resolved
+    first (chains, up to ``_MAX_CHAIN`` deep per window). When no base is
+    known the event keeps what /proc said when it arrived (``path_status``
+    proc or unknown). Then the window's OPEN results, forks, execs and exits
+    are applied to the table in time order.
+
+    Work per window: numpy over the file events; Python per unique (pid, fd)
+    looked up in the table, per event only for children born in the window
+    using an inherited fd before opening their own, per process event, and per
+    (pid, fd) opened in the window (deduplicated, so a storm reopening fd 3
+    costs one).
+    """
+
+    def __init__(self, table, proc: str = "/proc"):
+        self.table = table
+        self.proc = proc
+        self.resolved = 0  # events whose path came from the stream
+
+    def apply(self, window: dict[str, np.ndarray]) -> None:
+        events = _process_events(window.get("process"))
+        fb = window.get("file")
+        if fb is None or not len(fb):
+            for ev in events:
+                self._apply_event(ev)
+            return
+        births = {child: (t, parent) for t, kind, parent, child in events if kind == b"fork"}
+        index = _DefIndex(fb)
+        self._resolve(fb, index, births)
+        self._learn(fb, index, events)
+
+    # -- lookups ----------------------------------------------------------------------
+    def _bases(self, fb, index, rows, fds, births):
+        """(row of the OPEN naming each base, or -1; base text from the table, or b"")."""
+        pids = fb["process_pid"][rows].astype(np.int64)
+        base_row = index.latest(pids, fds, rows)
+        base_text = np.zeros(len(rows), "S256")
+        miss = np.flatnonzero(base_row < 0)
+        if not len(miss):
+            return base_row, base_text
+        times = fb["sensor_monotime_nanos"]
+        born = np.isin(pids[miss], np.fromiter(births, np.int64, len(births))) if births else np.zeros(len(miss), bool)
+        for j in miss[born].tolist():  # children born in this window: their parent's fd as of the fork
+            row, text = self._inherited(fb, index, births, int(pids[j]), int(fds[j]), int(times[rows[j]]))
+            base_row[j] = row
+            base_text[j] = text
+        rest = miss[~born]
+        if len(rest):
+            keys = _keys(pids[rest], fds[rest])
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            found = [self.table.get(k >> 32, ((k & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000) or b""
+                     for k in uniq.tolist()]
+            base_text[rest] = np.array(found, "S256")[inverse.ravel()]
+        return base_row, base_text
+
+    def _inherited(self, fb, index, births, pid: int, fd: int, t: int) -> tuple[int, bytes]:
+        for _ in range(64):  # a chain of forks within one window
+            born = births.get(pid)
+            if born is None or born[0] > t:
+                break
+            t, pid = born
+            row = index.latest_before_time(pid, fd, t)
+            if row >= 0:
+                return row, b""
+        return -1, self.table.get(pid, fd) or b""
+
+    # -- resolution ---------------------------------------------------------------------
+    def _resolve(self, fb, index, births) -> None:
+        names, dirfds = fb["filename"], fb["dirfd"].astype(np.int64)
+        first = first_bytes(names)
+        fd_only = (first == 0) & (dirfds >= 0) & np.isin(fb["syscall"], _NR_FD_ONLY)
+        rel = (first != 0) & (first != ord("/"))
+        uses = np.flatnonzero(rel | fd_only)
+        if len(uses):
+            self._resolve_path(fb, index, births, uses, fd_only[uses])
+        self._resolve_oldpath(fb, index, births)
+
+    def _resolve_path(self, fb, index, births, uses, fd_only) -> None:
+        base_row, base_text = self._bases(fb, index, uses, fb["dirfd"][uses].astype(np.int64), births)
+        # a base that is itself one of these uses waits for it (chains of openat)
+        pos = np.searchsorted(uses, base_row).clip(max=len(uses) - 1)
+        base_use = np.where((base_row >= 0) & (uses[pos] == base_row), pos, -1)
+        text = np.zeros(len(uses), "S512")
+        done = np.zeros(len(uses), bool)
+        known = np.zeros(len(uses), bool)
+        names = fb["filename"][uses]
+        paths_now = fb["path"]
+        for _ in range(_MAX_CHAIN):
+            ready = ~done & ((base_use < 0) | done[np.maximum(base_use, 0)])
+            if not ready.any():
+                break
+            r = np.flatnonzero(ready)
+            base = np.where(base_use[r] >= 0, text[np.maximum(base_use[r], 0)],
+                            np.where(base_row[r] >= 0, paths_now[np.maximum(base_row[r], 0)], base_text[r]))
+            ok = (first_bytes(base) == ord("/")) & ((base_use[r] < 0) | known[np.maximum(base_use[r], 0)])
+            joined = np.char.add(np.char.add(base, b"/"), names[r])
+            text[r] = np.where(fd_only[r], base, joined)
+            known[r] = ok
+            done[r] = True
+        hit = np.flatnonzero(known)
+        if not len(hit):
+            return
+        rows = uses[hit]
+        out = text[hit].copy()
+        relative = ~fd_only[hit]
+        if relative.any():
+            follow = _follows(fb[rows[relative]])
+            out[relative] = resolve(fb["process_pid"][rows[relative]], np.full(int(relative.sum()), AT_FDCWD),
+                                    out[relative], follow, self.proc)
+        fb["path"][rows] = out.astype(fb.dtype["path"])
+        fb["path_status"][rows] = STREAM
+        self.resolved += len(rows)
+        sym = rows[fb["kind"][rows] == schema.kind_code("file", "SYMLINK")]
+        if len(sym):  # a relative target is resolved from the link's directory, now known
+            fb["oldpath"][sym] = symlink_targets(fb["process_pid"][sym], fb["path"][sym], fb["oldname"][sym],
+                                                 self.proc)
+
+    def _resolve_oldpath(self, fb, index, births) -> None:
+        kinds = fb["kind"]
+        two = (kinds == schema.kind_code("file", "RENAME")) | (kinds == schema.kind_code("file", "LINK"))
+        if not two.any():
+            return
+        first = first_bytes(fb["oldname"])
+        rows = np.flatnonzero(two & (first != 0) & (first != ord("/")))
+        if not len(rows):
+            return
+        base_row, base_text = self._bases(fb, index, rows, fb["olddirfd"][rows].astype(np.int64), births)
+        base = np.where(base_row >= 0, fb["path"][np.maximum(base_row, 0)], base_text)
+        ok = first_bytes(base) == ord("/")
+        if not ok.any():
+            return
+        rows, base = rows[ok], base[ok]
+        full = np.char.add(np.char.add(base, b"/"), fb["oldname"][rows]).astype("S512")
+        follow = np.zeros(len(rows), bool)  # linkat's AT_SYMLINK_FOLLOW is not kept: the link itself
+        fb["oldpath"][rows] = resolve(fb["process_pid"][rows], np.full(len(rows), AT_FDCWD), full, follow,
+                                      self.proc).astype(fb.dtype["oldpath"])
+
+    # -- learning -------------------------------------------------------------------------
+    def _learn(self, fb, index, events) -> None:
+        """The window's OPEN results and process events, in time order, into the table."""
+        rows = index.rows_by_time
+        if not events:
+            self._learn_rows(fb, rows)
+            return
+        cuts = np.searchsorted(fb["sensor_monotime_nanos"][rows], [t for t, *_ in events]).tolist()
+        start = 0
+        for cut, ev in zip(cuts, events, strict=True):
+            if cut > start:
+                self._learn_rows(fb, rows[start:cut])
+                start = cut
+            self._apply_event(ev)
+        self._learn_rows(fb, rows[start:])
+
+    def _learn_rows(self, fb, rows) -> None:
+        if not len(rows):
+            return
+        pids = fb["process_pid"][rows].astype(np.int64)
+        fds = fb["ret"][rows].astype(np.int64)
+        if len(rows) > 8:  # the last OPEN of each (pid, fd) is the one that counts
+            keys = _keys(pids, fds)
+            _, last = np.unique(keys[::-1], return_index=True)
+            keep = np.sort(len(rows) - 1 - last)
+            rows, pids, fds = rows[keep], pids[keep], fds[keep]
+        paths = fb["path"][rows].tolist()
+        cloexec = ((fb["open_flags"][rows].astype(np.int64) & O_CLOEXEC) != 0).tolist()
+        by_pid: dict[int, list] = {}
+        for pid, fd, path, ce in zip(pids.tolist(), fds.tolist(), paths, cloexec, strict=True):
+            by_pid.setdefault(pid, []).append((fd, path, ce))
+        for pid, items in by_pid.items():
+            self.table.learn(pid, items)
+
+    def _apply_event(self, ev) -> None:
+        _t, kind, pid, child = ev
+        if kind == b"fork":
+            self.table.fork(pid, child)
+        elif kind == b"exec":
+            self.table.exec(pid)
+        else:
+            self.table.exit(pid)
+
+
+class _DefIndex:
+    """The successful OPENs of a window, searchable by (pid, fd) and time."""
+
+    def __init__(self, fb: np.ndarray):
+        self.n = n = len(fb)
+        ok = (fb["kind"] == schema.kind_code("file", "OPEN")) & (fb["ret"] >= 0)
+        self.rows_by_time = np.flatnonzero(ok)
+        self.times = fb["sensor_monotime_nanos"]
+        keys = _keys(fb["process_pid"][self.rows_by_time], fb["ret"][self.rows_by_time])
+        self.uniq, rank = np.unique(keys, return_inverse=True)
+        combined = rank.ravel().astype(np.int64) * (n + 1) + self.rows_by_time
+        order = np.argsort(combined, kind="stable")
+        self.combined = combined[order]
+        self.rows = self.rows_by_time[order]
+
+    def latest(self, pids: np.ndarray, fds: np.ndarray, before: np.ndarray) -> np.ndarray:
+        """For each (pid, fd), the row of its latest OPEN before row ``before`` (-1: none)."""
+        out = np.full(len(pids), -1, np.int64)
+        if not len(self.uniq):
+            return out
+        keys = _keys(pids, fds)
+        rank = np.searchsorted(self.uniq, keys).clip(max=len(self.uniq) - 1)
+        present = self.uniq[rank] == keys
+        pos = np.searchsorted(self.combined, rank * (self.n + 1) + before) - 1
+        hit = present & (pos >= 0)
+        hit[hit] &= self.combined[pos[hit]] // (self.n + 1) == rank[hit]
+        out[hit] = self.rows[pos[hit]]
+        return out
+
+    def latest_before_time(self, pid: int, fd: int, t: int) -> int:
+        before = int(np.searchsorted(self.times, t))
+        return int(self.latest(np.array([pid]), np.array([fd]), np.array([before]))[0])
+
+
+def _process_events(pb: np.ndarray | None) -> list[tuple[int, bytes, int, int]]:
+    """(time, fork|exec|exit, pid, child) of a window's process events, in time order;
+    thread creation is left out (threads share their process's descriptors)."""
+    if pb is None or not len(pb):
+        return []
+    kinds = pb["kind"]
+    fork, exe = schema.kind_code("process", "FORK"), schema.kind_code("process", "EXEC")
+    names = {fork: b"fork", exe: b"exec", schema.kind_code("process", "EXIT"): b"exit"}
+    keep = np.flatnonzero(~((kinds == fork) & (pb["fork_is_thread"] != 0)))
+    return [(t, names[k], pid, child) for t, k, pid, child in zip(
+        pb["sensor_monotime_nanos"][keep].tolist(), kinds[keep].tolist(), pb["process_pid"][keep].tolist(),
+        pb["fork_child_pid"][keep].tolist(), strict=True) if k in names]
+
+
+def _follows(fb: np.ndarray) -> np.ndarray:
+    """Which of these file events follow a symlink in the last component: open without
+    O_NOFOLLOW or O_CREAT|O_EXCL; chmod, chown, fchmodat. (fchownat's and fchmodat2's
+    flags are not kept: the link itself.)"""
+    flags = fb["open_flags"].astype(np.int64)
+    opens = (fb["kind"] == schema.kind_code("file", "OPEN")) & ((flags & 0o400000) == 0) & ((flags & 0o300) != 0o300)
+    return opens | np.isin(fb["syscall"], _NR_FOLLOWING)

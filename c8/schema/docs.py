@@ -21,11 +21,23 @@ Notes:
 - `filename` is the name as the process passed it; `path` is that name as
   the kernel resolved it: absolute, canonical (no `.`, `..`, repeated slash
   or symlinked directory) and inside the process's root (chroot, container),
-  as the process sees it. The broker resolves it when the record arrives:
-  relative names against `/proc/<pid>/cwd` or `/proc/<pid>/fd/<dirfd>`,
-  directories with `openat2(RESOLVE_IN_ROOT)` from `/proc/<pid>/root` (never
-  out of that root, never through a magic link); the last component is
-  followed when the call follows it (open without `O_NOFOLLOW`, chmod, chown).
+  as the process sees it. A relative name is resolved against the directory
+  it is relative to (`dirfd`, -100 for the cwd) and an fd-only call (fchmod,
+  fchown: empty `filename`, the fd in `dirfd`) names what that fd names, as
+  of the event: the broker keeps each process's descriptors learnt from the
+  event stream (every successful OPEN's `ret` with its `path`; copied to the
+  child at fork, O_CLOEXEC ones dropped at exec, all at exit; bounded by
+  `fd_table.*`, evictions and resolutions counted in `c8ctl status`), so a
+  descriptor closed or reused right after the call does not matter. Only a
+  descriptor the stream did not show (opened before the sensor started, or
+  by a call not collected: dup2, fcntl, socket, a filtered-out open; cwd
+  changes, not collected yet) is read from `/proc/<pid>/cwd` or
+  `/proc/<pid>/fd/<n>` when the record arrives. `path_status` says which
+  (absolute, stream, proc) and why `path` is empty (unreadable, unknown).
+  Directories are resolved with `openat2(RESOLVE_IN_ROOT)` from
+  `/proc/<pid>/root` (never out of that root, never through a magic link);
+  the last component is followed when the call follows it (open without
+  `O_NOFOLLOW`, chmod, chown).
   The broker never waits on a file system for it: it reads the dentry cache,
   and what that cannot answer is retried beside the pipeline within 20 ms per
   batch; a name not resolved in time, or past 1024 resolutions in a batch, is
@@ -33,11 +45,14 @@ Notes:
   When the process has exited by then (most short-lived programs), an
   absolute name is cleaned as text (`/etc/../etc//shadow` is `/etc/shadow`;
   a `..` after a symlinked directory may then be wrong) and `path` is empty
-  for a relative name: its cwd or dirfd can no longer be read. An empty name
-  with an fd (fchmod, fchown) resolves to what the fd names while it is open.
-  `oldpath` resolves `oldname` the same way (a SYMLINK's target from the
-  link's directory). Filters and the in-kernel prefix pushdown match
-  `filename`; the default rules match `path` and `oldpath`.
+  for a relative name whose directory the stream did not show either
+  (`unknown`). The last component of a relative fchownat/fchmodat2/linkat
+  name is kept as named (their flags are not kept). `oldpath` resolves
+  `oldname` the same way (`olddirfd`; a SYMLINK's target from the link's
+  directory). Filters and the in-kernel prefix pushdown match `filename`; the
+  default rules match `path` and `oldpath`. A subscription whose filter the
+  kernel narrows by `filename` collects only the opens it matches, so the
+  descriptors of the others come from /proc.
 - A name the kernel program could not read (its page not yet in memory, as
   for a program's first opens right after exec) arrives empty.
 - Network `port` is in host order, `port_raw` as stored in the sockaddr

@@ -160,8 +160,8 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("filename", "S256", "path as the process passed it (RENAME/LINK/SYMLINK: the new name)", "eBPF"),
         Field("path", "S256", "filename as the kernel resolved it: absolute and canonical (no . .. // "
               "or symlinked directory, inside the process's root); empty when it cannot be known "
-              "(relative name of an exited process, unreadable name)",
-              "broker: /proc/<pid>/root, cwd, fd/<n>"),
+              "(path_status says why)",
+              "broker: event stream, /proc/<pid>/root, cwd, fd/<n>"),
         Field("oldname", "S256", "RENAME/LINK/SYMLINK: source path", "eBPF"),
         Field("oldpath", "S256", "RENAME/LINK: oldname resolved like path; SYMLINK: the target, "
               "resolved from the link's directory", "broker: /proc/<pid>/root, cwd, fd/<n>"),
@@ -172,6 +172,13 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
         Field("owner_gid", "i4", "ATTRIBUTE_CHANGE: new group (-1 unchanged)", "eBPF"),
         Field("syscall", "i4", "syscall number that made the event", "eBPF"),
         Field("ret", "i8", "result: fd or 0 on success, -errno on failure", "sys_exit"),
+        Field("dirfd", "i4", "the directory fd filename is relative to (-100: the cwd); fchmod/fchown: "
+              "the fd acted on", "eBPF"),
+        Field("olddirfd", "i4", "RENAME/LINK: the directory fd oldname is relative to (-100: the cwd)", "eBPF"),
+        Field("path_status", "S16", "where path came from: absolute (the name was), stream (a directory, "
+              "cwd or fd learnt from this process's earlier events), proc (/proc/<pid>/cwd or fd/<n> when "
+              "the event arrived); why it is empty: unreadable (the name could not be read), unknown "
+              "(relative or fd-only, and neither knew the directory or fd)", "broker"),
         PROCESS_EXEC,
     ),
     "network": (

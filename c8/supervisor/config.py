@@ -171,6 +171,8 @@ KEYS: dict[str, Key] = {
         Key("merge_holdback", "0ms", cv.duration),  # extra wait past the collectors' watermarks
         Key("subscriber_queue", 64, cv.positive_int),
         Key("pushdown", True, cv.boolean),
+        Key("fd_table.max_per_process", 512, cv.positive_int),  # descriptors learnt per process
+        Key("fd_table.max_entries", 65536, cv.positive_int),    # ... and in all
         Key("detections.enabled", False, cv.boolean),
         Key("detections.rules", ["/etc/capsule8/rules", PACKAGE_RULES_DIR], cv.string_list),
         Key("detections.fold_period", "1s", cv.duration),  # one alert per rule and process per period
@@ -295,6 +297,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class FdTableConfig:
+    """fd_table.*: the broker's table of descriptors and cwds learnt from the event
+    stream, which resolves relative and fd-only file names (docs/events.md)."""
+
+    max_per_process: int = 512
+    max_entries: int = 65536
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated configuration. Durations are seconds, sizes bytes."""
 
@@ -327,6 +338,7 @@ class Config:
     config_path: str | None = field(default=None, compare=False)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    fd_table: FdTableConfig = field(default_factory=FdTableConfig)
 
     def as_dict(self) -> dict[str, Any]:
         """A plain nested dict (lists, not tuples) safe to hand to a child."""
@@ -469,6 +481,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         limits=section(LimitsConfig, "limits"),
         config_path=used_path,
         metrics=section(MetricsConfig, "metrics"),
+        fd_table=section(FdTableConfig, "fd_table"),
         export=ExportConfig(enabled=values["export.enabled"], nats=section(NatsConfig, "export.nats"),
                             events=values["export.events"], spool_dir=values["export.spool_dir"],
                             spool_bytes=values["export.spool_bytes"]),

@@ -343,7 +343,7 @@ def test_every_key_loads_from_its_env_name():
                "export.nats.url": "nats://h:4222", "export.nats.max_age": "1h",
                "export.nats.max_bytes": "1M", "export.nats.duplicate_window": "1m",
                "export.spool_bytes": "2M", "export.events": "process", "export.nats.replicas": "3",
-               **{n: "7" for n in config.KEYS if n.startswith("limits.")}}
+               **{n: "7" for n in config.KEYS if n.startswith(("limits.", "fd_table."))}}
     env = {}
     for name, key in config.KEYS.items():
         env[key.env] = samples.get(name, "true")

@@ -1,0 +1,134 @@
+"""Paths from the event stream: relative and fd-only names resolve against the
+descriptors the broker saw opened (c8.broker.fdtable), not against /proc when
+the event is published, by which time the descriptor is closed and its number
+taken by another file.
+
+Each workload closes the descriptor right after use and opens another
+directory under the same number, and stays alive: /proc/<pid>/fd/<n> then
+names the wrong directory, so a path read there is wrong, not just empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+WORKLOAD = textwrap.dedent(r"""
+    import json, os, sys
+    D = sys.argv[1]
+    O_DIR = os.O_RDONLY | os.O_DIRECTORY
+    done = {}
+    # cp's pattern: openat(dirfd, "sh"); the dirfd closed, its number reused
+    dfd = os.open(D + "/bin", O_DIR)
+    fd = os.open("sh", os.O_RDONLY, dir_fd=dfd)
+    os.close(fd)
+    os.close(dfd)
+    assert os.open(D + "/other", O_DIR) == dfd
+    done["dirfd"] = dfd
+    # sed -i's pattern: temp file, fchmod, fchown on its fd, close, rename over the target
+    fd = os.open(D + "/sedAbc", os.O_CREAT | os.O_RDWR, 0o600)
+    os.fchmod(fd, 0o644)
+    os.fchown(fd, 0, 0)
+    os.close(fd)
+    os.rename(D + "/sedAbc", D + "/conf")
+    assert os.open(D + "/other", O_DIR) == fd
+    done["fd"] = fd
+    # a child after fork uses the dirfd it inherited
+    dfd = os.open(D + "/bin", O_DIR)
+    child = os.fork()
+    if child == 0:
+        fd = os.open("child-file", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=dfd)
+        os.fchmod(fd, 0o640)
+        os.close(fd)
+        os.close(dfd)
+        os.open(D + "/other", O_DIR)
+        while os.read(0, 1):  # alive until the test is done
+            pass
+        os._exit(0)
+    os.close(dfd)
+    os.open(D + "/other", O_DIR)
+    done["child"] = child
+    print(json.dumps(done), flush=True)
+    sys.stdin.read()
+    os.waitpid(child, 0)
+""")
+
+
+def collect(sub, until, timeout=30.0):
+    """Events until ``until(events)``, or ``timeout`` seconds."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(events):
+        for ev in sub.events(timeout=1.0, idle=1.0):
+            if ev["type"] != "lost":
+                events.append(ev)
+            if until(events) or time.monotonic() > deadline:
+                break
+    return events
+
+
+def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
+    where = os.path.realpath(tempfile.mkdtemp(prefix="c8fs-"))
+    for d in ("bin", "other"):
+        os.mkdir(os.path.join(where, d))
+    open(os.path.join(where, "bin", "sh"), "w").close()
+    # path is not pushed down to the kernel: every open is collected, the dirfds' too
+    spec = {"events": {"file": {"filter": f'path like "{where}/*"'}}}
+    with shared_sensor.client.subscribe(spec) as sub:
+        p = subprocess.Popen([sys.executable, "-c", WORKLOAD, where], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            done = json.loads(p.stdout.readline())
+            pids = {p.pid, done["child"]}
+            want = {("OPEN", "sh"), ("ATTRIBUTE_CHANGE", 91), ("ATTRIBUTE_CHANGE", 93),
+                    ("OPEN", "child-file"), ("CHILD_FCHMOD",)}
+
+            def seen(evs):
+                got = set()
+                for e in evs:
+                    if e["process_pid"] not in pids or e["type"] != "file":
+                        continue
+                    if e["kind"] == "OPEN":
+                        got.add(("OPEN", e["filename"]))
+                    elif e["kind"] == "ATTRIBUTE_CHANGE":
+                        got.add(("CHILD_FCHMOD",) if e["process_pid"] == done["child"] else
+                                ("ATTRIBUTE_CHANGE", e["syscall"]))
+                return want <= got
+            events = collect(sub, seen)
+        finally:
+            p.stdin.close()
+            p.wait(timeout=10)
+    mine = [e for e in events if e["process_pid"] in pids and e["type"] == "file"]
+    assert seen(events), mine
+
+    def one(pid, kind, **match):
+        hits = [e for e in mine if e["process_pid"] == pid and e["kind"] == kind
+                and all(e[k] == v for k, v in match.items())]
+        assert len(hits) == 1, (kind, match, mine)
+        return hits[0]
+
+    sh = one(p.pid, "OPEN", filename="sh")
+    assert (sh["path"], sh["path_status"], sh["dirfd"]) == (f"{where}/bin/sh", "stream", done["dirfd"])
+    for nr in (91, 93):  # fchmod, fchown: the temp file, though its fd now names other/
+        ch = one(p.pid, "ATTRIBUTE_CHANGE", syscall=nr)
+        assert (ch["filename"], ch["path"], ch["path_status"], ch["dirfd"]) == (
+            "", f"{where}/sedAbc", "stream", done["fd"]), ch
+    rename = one(p.pid, "RENAME")
+    assert (rename["path"], rename["oldpath"]) == (f"{where}/conf", f"{where}/sedAbc")
+    kid = one(done["child"], "OPEN", filename="child-file")
+    assert (kid["path"], kid["path_status"], kid["ret"] >= 0) == (f"{where}/bin/child-file", "stream", True)
+    kid_chmod = one(done["child"], "ATTRIBUTE_CHANGE")
+    assert (kid_chmod["path"], kid_chmod["open_mode"]) == (f"{where}/bin/child-file", 0o640)
+    # the directories themselves were opened by absolute name
+    assert all(e["path_status"] == "absolute" for e in mine if e["filename"].startswith("/"))
+    st = shared_sensor.client.status()
+    assert st["fd_table"]["resolved"] >= 5 and st["fd_table"]["entries"] <= st["fd_table"]["max_total"]
