@@ -8,8 +8,10 @@ annotations, in the kubelet's cgroupfs layout
 with ``k8s_namespace == "<this test's namespace>"`` must get the container's
 RUNNING and an exec inside it with every k8s field right, and nothing of a
 plain runc container running beside it (whose exec a second subscription does
-see, so its absence means the filter, not a miss). The namespace is unique per
-test, so other users' containers never match.
+see, so its absence means the filter, not a miss). Also cri-o's shape (pod
+labels from the sandbox, filtered by label) and the cgroup path alone (pod
+uid). Namespaces and uids are unique per test, so other users' containers
+never match.
 """
 
 from __future__ import annotations
@@ -194,4 +196,16 @@ def test_crio_pod_labels_from_its_sandbox(ksensor, pod):
     mine = [e for e in events if e["type"] not in ("lost", "limiter")]
     assert mine and all(e["container_id"] == cid and k8s(e) == want for e in mine), mine
     assert [e["kind"] for e in mine if e["type"] == "container" and e["kind"] == "RUNNING"] == ["RUNNING"]
+    assert len([e for e in mine if probe_exec(cid)([e])]) == 1
+
+
+def test_pod_uid_from_the_kubepods_cgroup_alone(ksensor, pod):
+    """No CRI annotation at all: the kubelet's cgroup path still names the pod."""
+    with subscribe(ksensor, f'k8s_pod_uid == "{pod.uid}"') as sub:
+        cid = pod.start(["sh", "-c", "/bin/true k8s-probe; exec sleep 600"], {"nerdctl/name": "bare"})
+        events = collect_until(sub, probe_exec(cid))
+    mine = [e for e in events if e["type"] not in ("lost", "limiter")]
+    assert mine and all(e["container_id"] == cid and k8s(e) == ("", "", pod.uid, "", {}) for e in mine), mine
+    # known from the path at first sight, so even CREATED (made at the cgroup's mkdir) carries it
+    assert [e["kind"] for e in mine if e["type"] == "container"] == ["CREATED", "RUNNING"]
     assert len([e for e in mine if probe_exec(cid)([e])]) == 1
