@@ -9,6 +9,8 @@
     c8ctl fields [CATEGORY]           the event field table (--markdown: docs/events.md)
     c8ctl record --events process -o F.parquet [--count N | --duration D]   a capture
     c8ctl replay F.parquet [--rules PATH]   the detection rules over a capture: alerts
+    c8ctl rules list                  the detector's rules: files, matches, alerts
+    c8ctl rules test FILE...          check rule files without a sensor (exit 1 on errors)
     c8ctl top                         live view: rates, losses, subscriptions, children
     c8ctl fleet subscribe --nats URL  the fleet's events from NATS JetStream (docs/export.md)
     c8ctl fleet sensors --nats URL    the sensors exporting to the stream
@@ -345,6 +347,55 @@ def cmd_fleet_sensors(_client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_list(client: Client, args: argparse.Namespace) -> int:
+    """The running detector's rules (its run_dir/detector.json): priority, enabled,
+    matching events and alerts sent (folded alerts count once), source files."""
+    from c8.protocol import paths
+
+    path = paths.detector_stats(client.run_dir)
+    try:
+        with open(path) as f:
+            det = json.load(f)
+        os.kill(int(det["pid"]), 0)
+    except FileNotFoundError:
+        raise SensorUnavailable(f"no {path}: is the sensor running with detections.enabled?") from None
+    except (ProcessLookupError, KeyError, TypeError, ValueError):
+        raise SensorUnavailable(f"{path} names no running detector") from None
+    table = det.get("rule_table") or []
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"{'rule':44} {'priority':9} {'on':3} {'matches':>8} {'alerts':>7}  files")
+    for r in table:
+        print(f"{r['rule'][:44]:44} {r['priority']:9} {'yes' if r['enabled'] else 'no':3} "
+              f"{r['matches']:>8} {r['alerts']:>7}  {', '.join(r['files'])}")
+    print(f"{sum(r['enabled'] for r in table)} rules enabled of {len(table)} loaded")
+    return 0
+
+
+def cmd_rules_test(_client, args: argparse.Namespace) -> int:
+    """Load rule files as the detector would (``--with-defaults``: after the packaged
+    rules, whose macros and lists they may use) and compile every rule; print each
+    problem as FILE: rule 'NAME': PROBLEM. Exit 1 when any is found."""
+    from c8.detections.engine import Engine
+    from c8.detections.rules import default_rules_path, load_rules
+
+    missing = [f for f in args.files if not os.path.exists(f)]
+    if missing:
+        print(f"c8ctl rules test: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    rules, errors = load_rules(([default_rules_path()] if args.with_defaults else []) + args.files)
+    for err in errors:
+        print(str(err), file=sys.stderr)
+    try:
+        engine = Engine(rules)
+    except Exception as exc:  # a rule the mask compiler refuses
+        print(f"c8ctl rules test: rules do not compile: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(engine.rules)} rules enabled of {len(rules)} loaded, {len(errors)} errors")
+    return 1 if errors else 0
+
+
 def _fleet_parser(sub) -> None:
     fl = sub.add_parser("fleet", help="read the fleet from NATS JetStream (docs/export.md)")
     fsub = fl.add_subparsers(dest="fleet_command", required=True)
@@ -408,6 +459,16 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("file", help="a capture written by c8ctl record")
     rp.add_argument("--rules", action="append", help="a rule file or directory (repeatable; default: the packaged rules)")
     rp.set_defaults(fn=cmd_replay)
+    ru = sub.add_parser("rules", help="detection rules: list the running ones, test files")
+    rsub = ru.add_subparsers(dest="rules_command", required=True)
+    rl = rsub.add_parser("list", help="the detector's rules with files, matches and alerts")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(fn=cmd_rules_list)
+    rt = rsub.add_parser("test", help="check rule files without a running sensor (exit 1 on errors)")
+    rt.add_argument("files", nargs="+", metavar="FILE", help="rule files, loaded in order")
+    rt.add_argument("--with-defaults", action="store_true",
+                    help="load the packaged default rules first (their macros and lists)")
+    rt.set_defaults(fn=cmd_rules_test)
     tp = sub.add_parser("top", help="live view: rates, losses, subscriptions, children (q quits)")
     tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     tp.add_argument("--once", action="store_true", help="print one view (after one interval) and exit")

@@ -45,7 +45,8 @@ class Engine:
                  sensor_id: str = ""):
         from c8.expr import compile_mask, parse
 
-        self.rules = [r for r in rules if r.enabled and r.node is not None]
+        self.loaded = list(rules)   # disabled ones included (c8ctl rules list)
+        self.rules = [r for r in self.loaded if r.enabled and r.node is not None]
         self.track_execs = track_execs
         self.cache_size = cache_size
         self.sensor_id = sensor_id

@@ -216,7 +216,14 @@ class Detector:
             outputs = {f"{i}:{o.name}": o.stats() for i, o in enumerate(self.outputs)}
         return {"pid": os.getpid(), "alerts": self.alerts, "alerts_by_rule": dict(self.alerts_by_rule),
                 "outputs": outputs, "dormant": self.dormant, "rules": len(self.engine.rules),
-                "reload": self.reload_state}
+                "reload": self.reload_state, "rule_table": self.rule_table()}
+
+    def rule_table(self) -> list[dict]:
+        """Every loaded rule with its files, matching events and alerts sent (c8ctl rules list)."""
+        engine = self.engine
+        return [{"rule": r.name, "priority": r.priority, "enabled": r.enabled and r.node is not None,
+                 "files": list(r.files), "matches": engine.matches.get(r.name, 0),
+                 "alerts": self.alerts_by_rule.get(r.name, 0)} for r in engine.loaded]
 
     def write_stats(self) -> None:
         run_dir = self.config.get("run_dir")

@@ -143,6 +143,8 @@ class Supervisor:
         if cfg.detections.enabled:
             written += [o["path"] for o in cfg.alert_output.outputs
                         if o.get("type") == "file" and o.get("enabled", True) and o.get("path")]
+            if cfg.alerts_file_output:  # detections.alerts_file (/var/log/capsule8/alerts.json)
+                written.append(cfg.alerts_file_output["path"])
         if cfg.export.enabled:  # the spool, sensor_user's
             written.append(os.path.join(cfg.export.spool_dir, "cursor"))
         for d in rundir.make_missing_dirs(written, uid, gid):

@@ -31,6 +31,9 @@ ENV_PREFIX = "CAPSULE8_"
 # The alert file the detector writes and the exporter follows when both run.
 EXPORT_ALERTS_FILE = "alerts.jsonl"
 EXPORT_ALERTS_OUTPUT = "export"
+# Where the detector writes every alert, besides alert_output.outputs (detections.alerts_file).
+DEFAULT_ALERTS_FILE = "/var/log/capsule8/alerts.json"
+ALERTS_FILE_OUTPUT = {"type": "file", "name": "alerts_file", "max_bytes": "100M", "backups": 5}
 # The package's own rules, shipped as data of c8.detections.
 PACKAGE_RULES_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "detections", "default_rules"
@@ -173,9 +176,10 @@ KEYS: dict[str, Key] = {
         Key("pushdown", True, cv.boolean),
         Key("fd_table.max_per_process", 512, cv.positive_int),  # descriptors learnt per process
         Key("fd_table.max_entries", 65536, cv.positive_int),    # ... and in all
-        Key("detections.enabled", False, cv.boolean),
+        Key("detections.enabled", True, cv.boolean),
         Key("detections.rules", ["/etc/capsule8/rules", PACKAGE_RULES_DIR], cv.string_list),
         Key("detections.fold_period", "1s", cv.duration),  # one alert per rule and process per period
+        Key("detections.alerts_file", DEFAULT_ALERTS_FILE, cv.optional_path),  # "": none
         Key("listen_tcp", None, cv.host_port),
         Key("curve_server_secret_key_file", None, cv.optional_path),
         Key("curve_authorized_keys_dir", None, cv.optional_path),
@@ -242,6 +246,7 @@ class DetectionsConfig:
     enabled: bool
     rules: tuple[str, ...]
     fold_period: float = 1.0
+    alerts_file: str | None = DEFAULT_ALERTS_FILE
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,9 @@ class Config:
             return v
 
         d = plain(dataclasses.asdict(self))
+        if self.alerts_file_output:
+            # detections.alerts_file: one more file output of the detector (rotated)
+            d["alert_output"]["outputs"] += cv.alert_outputs([self.alerts_file_output])
         if self.export.enabled and self.detections.enabled:
             # The detector's hook for the exporter: one more file output, which the
             # exporter follows (docs/export.md). No NATS code runs in the detector.
@@ -358,6 +366,17 @@ class Config:
                 [{"type": "file", "name": EXPORT_ALERTS_OUTPUT, "max_bytes": "16M", "backups": 1,
                   "path": self.export_alerts_path}])
         return d
+
+    @property
+    def alerts_file_output(self) -> dict[str, Any] | None:
+        """The file output of detections.alerts_file (100M, 5 backups); None when detections
+        are off, the key is empty, or an alert_output file output already writes it."""
+        det = self.detections
+        if not det.enabled or not det.alerts_file or any(
+                o.get("type") == "file" and o.get("path") == det.alerts_file
+                for o in self.alert_output.outputs):
+            return None
+        return {**ALERTS_FILE_OUTPUT, "path": det.alerts_file}
 
     @property
     def export_alerts_path(self) -> str:

@@ -35,8 +35,16 @@ class Sensor:
         self.dir = tmp_path
         self.run_dir = str(tmp_path / "run")
         self.config_path = str(tmp_path / "capsule8-sensor.yaml")
-        config = {"run_dir": self.run_dir, "sensor_id_file": str(tmp_path / "sensor_id")}
-        config.update(overrides)
+        # Detections run by default (with /var/log/capsule8/alerts.json); a test sensor
+        # runs them only when its test asks (detections={"enabled": True, ...}: the
+        # detector's subscription and CPU would change what other tests measure), and
+        # its alert file stays in the test's directory. Section maps given are merged.
+        config = {"run_dir": self.run_dir, "sensor_id_file": str(tmp_path / "sensor_id"),
+                  "detections": {"enabled": False, "alerts_file": str(tmp_path / "log" / "alerts.json")}}
+        for key, value in overrides.items():
+            config[key] = ({**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict)
+                           else value)
+        self.alerts_file = config["detections"].get("alerts_file")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
         self.log_path = str(tmp_path / "sensor.log")

@@ -151,6 +151,8 @@ class Running:
         self.run_dir = str(tmp_path / "run")
         self.log_path = tmp_path / "supervisor.log"
         cfg = {"sensor_user": TEST_USER, "run_dir": self.run_dir, **settings}
+        # detections run by default: their alert file stays in the test's directory
+        cfg["detections"] = {"alerts_file": str(tmp_path / "log" / "alerts.json"), **cfg.get("detections", {})}
         self.config_path = tmp_path / "capsule8-sensor.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE8_")}
@@ -437,7 +439,8 @@ def test_log_file_is_0640_never_a_symlink_and_gets_the_logs(tmp_path, test_user)
     victim.write_text("keep\n")
     os.symlink(victim, log_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"sensor_user": TEST_USER, "run_dir": str(tmp_path / "run")}))
+    cfg.write_text(yaml.safe_dump({"sensor_user": TEST_USER, "run_dir": str(tmp_path / "run"),
+                                   "detections": {"alerts_file": str(tmp_path / "log" / "alerts.json")}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE8_")}
     env["PYTHONPATH"] = os.pathsep.join([REPO, HERE])
     env["C8_SUPERVISOR_TEST_ENTRY_POINTS"] = json.dumps(SLEEPERS)

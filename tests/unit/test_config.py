@@ -182,7 +182,8 @@ def test_defaults_match_the_reference():
     assert c.run_dir == "/var/run/capsule8"
     assert c.ring_pages == 256 and c.string_width == 256 and c.subscriber_queue == 64
     assert c.merge_holdback == 0
-    assert c.detections.enabled is False
+    assert c.detections.enabled is True   # detections on by default (issue 13 item 5)
+    assert c.detections.alerts_file == "/var/log/capsule8/alerts.json"
     assert c.detections.rules[0] == "/etc/capsule8/rules"
     assert c.detections.rules[1] == config.PACKAGE_RULES_DIR
     assert c.listen_tcp is None
