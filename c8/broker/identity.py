@@ -23,7 +23,6 @@ from c8 import schema
 from c8.broker import catalog
 from c8.broker.containers import ContainerTable
 from c8.broker.processes import ProcessTable
-from c8.host import proc as hostproc
 from c8.schema import rows
 
 MAX_EXEC_HINTS = 8192  # kernel exec names waiting for their eBPF exec record
@@ -105,6 +104,13 @@ class Identity:
         kinds = batch["kind"]
         stamps = batch["container"]
         times = batch["sensor_monotime_nanos"]
+        # /proc facts of these forks and execs, read beside the loop (the release reads no /proc)
+        forks = np.flatnonzero((kinds == fork) & ~batch["fork_is_thread"].astype(bool))
+        execs = np.flatnonzero(kinds == exe)
+        no_argv = execs[batch["exec_command_line"][execs] == b""]
+        pt.prefetch(batch["fork_child_pid"][forks].tolist(), batch["process_pid"][execs].tolist(),
+                    list(zip(batch["process_pid"][no_argv].tolist(), batch["uid"][no_argv].tolist(),
+                             strict=True)))
         for i in np.flatnonzero((kinds == fork) | (kinds == exe) | (kinds == exit_)).tolist():
             ev = batch[i]
             pid = int(ev["process_pid"])
@@ -123,8 +129,8 @@ class Identity:
                 if not ev["exec_filename"] and kernel_name:
                     batch["exec_filename"][i] = kernel_name
                     ev = batch[i]
-                if not ev["exec_command_line"]:  # unknown stays empty: never a guess
-                    batch["exec_command_line"][i] = hostproc.command_line(pid, limit=1024)
+                if not ev["exec_command_line"]:  # /proc's, if read in time; unknown stays empty
+                    batch["exec_command_line"][i] = pt.exec_command_line(pid).encode()
                     ev = batch[i]
                 cmdline = ev["exec_command_line"].decode(errors="replace")
                 pt.on_exec(pid, ev["exec_filename"].decode(errors="replace"), cmdline, t)

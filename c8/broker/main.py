@@ -467,7 +467,8 @@ class Broker:
             "collectors": {str(cpu): {**{k: v for k, v in st.items() if k not in ("kind", "_seen")},
                                       "seen_ago": round(time.monotonic() - st.get("_seen", 0), 3)}
                            for cpu, st in self.collectors.items()},
-            "counts": dict(self.counts, late=self.merger.late),
+            "counts": dict(self.counts, late=self.merger.late,  # proc_*: process lookups (processes.py)
+                           **{f"proc_{k}": v for k, v in self.processes.stats().items()}),
             "processes": len(self.processes.by_pid),
             "containers": self.containers.stats(),  # lookups that left names unknown, by cause
             "fd_table": dict(self.fd_paths.table.stats(), resolved=self.fd_paths.resolved),

@@ -4,22 +4,46 @@ Seeded from /proc at start, kept by FORK/EXEC/EXIT events in time order.
 Lookups are per *unique* pid of a batch (np.unique), never per event.
 A process is (boot id, tgid, start time): ``process_id`` is a 16-hex-digit
 hash of the three, so pid reuse gives a new id (psutil's lesson).
+
+The table sits on the broker's release path, which reads nothing of /proc:
+a monitored process may stall any reader of its ``cmdline`` (c8.broker.lookups
+says how). A pid the table does not know (a *miss*) is looked up on a
+:class:`~c8.broker.lookups.LookupPool` thread: its events keep an unknown
+identity until the answer arrives, and the events after it take it
+(:meth:`ProcessTable.collect`, at every window). Identity (stat, status, exe)
+and command line are read by separate pools, so a stalled command line never
+delays an identity; a command line read that times out leaves it empty and
+its uid is remembered: that uid's command lines are not read again (a user
+can only stall reads of its own processes' memory, and hides nothing it
+could not hide by rewriting its argv). The forks and execs of a window get
+their /proc facts (the child's start time, the credentials after exec, a
+command line eBPF could not read) from one lookup the release waits for at
+most ``prefetch_wait`` (budgeted); when it is late, the child's start time
+comes from the fork event's time and the credentials stay as they were,
+counted ``prefetch_late``. Counters: :meth:`ProcessTable.stats` (``c8ctl
+status`` counts, ``proc_*``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from c8.broker.lookups import DONE, TIMED_OUT, LookupPool
 from c8.host import proc as hostproc
 from c8.protocol.batch import LINEAGE_DEPTH
 
+log = logging.getLogger("c8.broker.processes")
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CREDENTIALS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
+RETRY_UNKNOWN = 1.0  # s before a pid /proc did not know is looked up again
+MAX_STALLING_UIDS = 1024
 
 
 def boot_id() -> str:
@@ -41,8 +65,25 @@ def read_credentials(pid: int, proc: str = "/proc") -> dict[str, int]:
 
 
 def read_cmdline(pid: int, proc: str = "/proc") -> tuple[str, str]:
-    """(exe path, command line) from /proc; empty strings when unreadable."""
+    """(exe path, command line) from /proc; empty strings when unreadable.
+    May block as long as the process likes: call it only off the loop."""
     return hostproc.exe(pid, proc), hostproc.command_line(pid, proc).decode(errors="replace")
+
+
+def read_identity(pid: int, proc: str = "/proc") -> tuple[hostproc.Stat, dict[str, int], str] | None:
+    """(stat, credentials, exe path) of a process, None when gone. These files
+    take no lock the process can hold (unlike ``cmdline``; measured with a
+    process holding its mmap lock: stat, status, exe and cgroup answer at once)."""
+    st = hostproc.stat(pid, proc)
+    if st is None:
+        return None
+    return st, hostproc.credentials(pid, proc), hostproc.exe(pid, proc)
+
+
+def read_window(children: list[int], execs: list[int], proc: str = "/proc") -> tuple[dict, dict]:
+    """What a window's forks and execs need: {child: stat}, {exec pid: (stat, credentials)}."""
+    births = {pid: hostproc.stat(pid, proc) for pid in children}
+    return births, {pid: (hostproc.stat(pid, proc), hostproc.credentials(pid, proc)) for pid in execs}
 
 
 @dataclass
@@ -59,32 +100,147 @@ class Process:
 class ProcessTable:
     """tgid -> Process, bounded, with vectorised identity fill for batches."""
 
-    def __init__(self, proc: str = "/proc", max_entries: int = 65536):
+    def __init__(self, proc: str = "/proc", max_entries: int = 65536, *, threaded: bool = True,
+                 deadline: float = 1.0, max_stuck: int = 8, prefetch_wait: float = 0.01) -> None:
         self.proc = proc
         self.boot = boot_id()
         self.max_entries = max_entries
         self.by_pid: dict[int, Process] = {}
         self._dead: list[int] = []
         self._history: dict[int, list[tuple[int, tuple]]] = {}  # pid -> [(time, snapshot)] this window
+        # beside the loop: identities (stat, status, exe) and command lines, each with a deadline
+        self.identities = LookupPool("proc-identity", workers=1, max_stuck=2, deadline=deadline,
+                                     threaded=threaded)
+        self.cmdlines = LookupPool("proc-cmdline", workers=2, max_stuck=max_stuck, deadline=deadline,
+                                   threaded=threaded)
+        self.prefetch_wait = prefetch_wait
+        self._pending: set[int] = set()  # pids whose identity lookup is under way
+        self._unknown: dict[int, float] = {}  # pid -> when /proc last did not know it
+        self._stalling_uids: set[int] = set()  # uids one of whose command lines timed out
+        self._births: dict[int, hostproc.Stat | None] = {}  # this window's fork children, read beside
+        self._execs: dict[int, tuple] = {}  # this window's exec pids: (stat, credentials)
+        self._exec_cmdlines: dict[int, str] = {}  # this window's execs eBPF gave no argv
+        self.counts = {"misses": 0, "prefetch_late": 0, "cmdline_skipped": 0}
 
     # -- building -------------------------------------------------------------
-    def seed(self) -> int:
-        """Learn every live process from /proc (start-up)."""
-        for name in os.listdir(self.proc):
-            if name.isdigit():
-                self._from_proc(int(name))
+    def seed(self, timeout: float = 10.0) -> int:
+        """Learn every live process from /proc (start-up, before the loop runs),
+        through the lookup pools: a process stalling its reads costs one deadline."""
+        end = time.monotonic() + timeout
+        for pid in hostproc.pids(self.proc):
+            self._ask(pid, count=False)
+        self.identities.drain(end - time.monotonic())
+        self.collect()  # identities in, their command lines asked
+        self.cmdlines.drain(end - time.monotonic())
+        self.collect()
         return len(self.by_pid)
 
-    def _from_proc(self, pid: int) -> Process | None:
-        stat = read_stat(pid, self.proc)
-        if stat is None:
-            return None
-        start, ppid, _comm = stat
-        exe, cmd = read_cmdline(pid, self.proc)
-        p = Process(pid, make_process_id(self.boot, pid, start), ppid, exe, cmd,
-                    read_credentials(pid, self.proc))
-        self._put(p)
-        return p
+    def _ask(self, pid: int, count: bool = True) -> None:
+        """Look ``pid`` up beside the loop (once at a time; a pid /proc did not
+        know is asked again only after RETRY_UNKNOWN)."""
+        if pid in self._pending or pid <= 0:
+            return
+        told = self._unknown.get(pid)
+        if told is not None and time.monotonic() - told < RETRY_UNKNOWN:
+            return
+        if count:
+            self.counts["misses"] += 1
+        proc = self.proc
+        if self.identities.submit(pid, lambda: read_identity(pid, proc)) is not None:
+            self._pending.add(pid)
+
+    def _ask_cmdline(self, pid: int, process_id: bytes, uid: int | None) -> None:
+        if uid in self._stalling_uids:
+            self.counts["cmdline_skipped"] += 1
+            return
+        proc = self.proc
+        self.cmdlines.submit((pid, process_id, uid),
+                             lambda: hostproc.command_line(pid, proc).decode(errors="replace"))
+
+    def collect(self) -> None:
+        """Apply the lookups finished since the last call: identities of pids
+        the table still lacks (events are newer: a pid they taught meanwhile
+        keeps theirs), command lines of processes still without one."""
+        now = time.monotonic()
+        self.identities.check()
+        self.cmdlines.check()
+        for job in self.identities.finished():
+            pid = job.key
+            if not isinstance(pid, int) or pid not in self._pending:
+                continue  # a window's read (prefetch), or the process exited meanwhile
+            self._pending.discard(pid)
+            found = job.result if job.state == DONE else None
+            if found is None:
+                if len(self._unknown) >= self.max_entries:
+                    self._unknown.clear()
+                self._unknown[pid] = now
+                continue
+            st, creds, exe = found
+            process_id = make_process_id(self.boot, pid, st.start_ticks)
+            p = self.by_pid.get(pid)
+            if p is None:
+                p = Process(pid, process_id, st.ppid, exe, "", creds)
+                self._put(p)
+            elif not p.process_id:  # an exec made it before its identity was known
+                p.process_id, p.ppid = process_id, st.ppid
+                p.creds = p.creds or creds
+            else:
+                continue
+            if not p.command_line:
+                self._ask_cmdline(pid, process_id, creds.get("uid"))
+        for job in self.cmdlines.finished():
+            pid, process_id, uid = job.key
+            if job.state == TIMED_OUT and uid is not None and uid not in self._stalling_uids:
+                if len(self._stalling_uids) < MAX_STALLING_UIDS:
+                    self._stalling_uids.add(uid)
+                log.warning("the command line of pid %d (uid %s) could not be read in %.1fs: "
+                            "command lines of uid %s are not read any more", pid, uid, job.deadline, uid)
+            p = self.by_pid.get(pid)
+            if job.state == DONE and p is not None and not p.command_line and (
+                    process_id is None or p.process_id == process_id):
+                p.command_line = job.result
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``c8ctl status`` (``counts``, prefixed ``proc_``): misses
+        looked up, and every way a lookup left an identity or a command line unknown."""
+        self.identities.check()
+        self.cmdlines.check()
+        i, c = self.identities.counts, self.cmdlines.counts
+        return {"known": len(self.by_pid), **self.counts,
+                "lookups": i["lookups"], "lookup_failed": i["failed"], "lookup_timed_out": i["timed_out"],
+                "lookup_dropped": i["dropped"], "cmdline_lookups": c["lookups"],
+                "cmdline_failed": c["failed"], "cmdline_timed_out": c["timed_out"],
+                "cmdline_dropped": c["dropped"], "stuck_threads": i["stuck_threads"] + c["stuck_threads"],
+                "stalling_uids": len(self._stalling_uids)}
+
+    def prefetch(self, children: list[int], execs: list[int], no_argv: list[tuple[int, int]]) -> None:
+        """Read what this window's forks (``children``) and execs need from /proc
+        beside the loop, waiting at most ``prefetch_wait`` s; ``no_argv``:
+        (pid, uid) of execs whose argv eBPF could not read."""
+        self._births, self._execs, self._exec_cmdlines = {}, {}, {}
+        jobs = []
+        if children or execs:
+            proc = self.proc
+            jobs.append(self.identities.submit(("window",), lambda: read_window(children, execs, proc)))
+        cmd_jobs = []
+        for pid, uid in no_argv:
+            if uid in self._stalling_uids:
+                self.counts["cmdline_skipped"] += 1
+                continue
+            cmd_jobs.append(self.cmdlines.submit(
+                (pid, None, uid if uid >= 0 else None),
+                lambda pid=pid, proc=self.proc: hostproc.command_line(pid, proc).decode(errors="replace")))
+        jobs = [j for j in jobs if j is not None]
+        cmd_jobs = [j for j in cmd_jobs if j is not None]
+        if jobs and self.identities.wait(jobs, self.prefetch_wait) and jobs[0].state == DONE:
+            self._births, self._execs = jobs[0].result
+        if cmd_jobs:
+            self.cmdlines.wait(cmd_jobs, self.prefetch_wait)
+            self._exec_cmdlines = {j.key[0]: j.result for j in cmd_jobs if j.state == DONE}
+
+    def exec_command_line(self, pid: int) -> str:
+        """The command line /proc gave an exec of this window that eBPF gave no argv ("" if none)."""
+        return self._exec_cmdlines.get(pid, "")
 
     def _put(self, p: Process) -> None:
         if len(self.by_pid) >= self.max_entries and p.pid not in self.by_pid:
@@ -100,10 +256,11 @@ class ProcessTable:
                 del self.by_pid[pid]
 
     def get(self, pid: int) -> Process | None:
-        """The process of a tgid, learnt from /proc on a miss."""
+        """The process of a tgid; None on a miss, which is looked up beside the
+        loop (its answer arrives at a later :meth:`collect`)."""
         p = self.by_pid.get(pid)
         if p is None:
-            p = self._from_proc(pid)
+            self._ask(pid)
         return p
 
     def on_fork(self, parent: int, child: int, is_thread: bool, time_ns: int = 0) -> bytes:
@@ -112,12 +269,14 @@ class ProcessTable:
         if is_thread:
             p = self.get(parent)
             return p.process_id if p else b""
-        stat = read_stat(child, self.proc)
-        if stat is not None and stat[1] == parent:
-            start = stat[0]
+        stat = self._births.get(child)
+        if stat is not None and stat.ppid == parent:
+            start = stat.start_ticks
         else:
-            # The child is already gone: its start time is "now" in ticks since boot.
-            start = int(time_since_boot() * CLK_TCK)
+            # gone already, or the window's read is late: the fork event's time, in ticks since boot
+            if child not in self._births:
+                self.counts["prefetch_late"] += 1
+            start = ticks_at(time_ns)
         par = self.get(parent)
         before = _snapshot(self.by_pid.get(child))
         p = Process(child, make_process_id(self.boot, child, start), parent,
@@ -129,26 +288,34 @@ class ProcessTable:
 
     def on_exec(self, pid: int, filename: str, command_line: str, time_ns: int = 0) -> None:
         """The program of ``pid`` changed at ``time_ns``."""
-        p = self.get(pid)
+        p = self.by_pid.get(pid)
         before = _snapshot(p)
-        if p is None:
-            p = Process(pid, make_process_id(self.boot, pid, int(time_since_boot() * CLK_TCK)))
+        stat, creds = self._execs.get(pid) or (None, {})
+        if pid not in self._execs:
+            self.counts["prefetch_late"] += 1
+        if p is None:  # a miss: /proc's identity when the window's read had it, else unknown till a lookup
+            p = Process(pid, make_process_id(self.boot, pid, stat.start_ticks) if stat else b"",
+                        stat.ppid if stat else 0)
             self._put(p)
+            if not stat:
+                self._ask(pid)
         p.exec_filename, p.command_line = filename, command_line
-        creds = read_credentials(pid, self.proc)  # setuid binaries change them at exec
-        if creds:
+        if creds:  # setuid binaries change them at exec
             p.creds = creds
         self._changed(pid, time_ns, before)
 
     def on_exit(self, pid: int) -> None:
         """Mark exited; the entry lives until the end of the current window."""
         p = self.by_pid.get(pid)
+        self._pending.discard(pid)  # a lookup's late answer must not revive it
         if p is not None:
             p.exited = True
             self._dead.append(pid)
 
     def begin_window(self) -> None:
-        """A new window: identity changes are remembered from here on."""
+        """A new window: lookups finished meanwhile are applied, and identity
+        changes are remembered from here on."""
+        self.collect()
         self._history.clear()
 
     def end_window(self) -> None:
@@ -250,3 +417,11 @@ def _columns(snaps: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def time_since_boot() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def ticks_at(monotonic_ns: int) -> int:
+    """Clock ticks since boot (/proc's start times) at a CLOCK_MONOTONIC time (events' clock)."""
+    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    if monotonic_ns <= 0:
+        monotonic_ns = time.monotonic_ns()
+    return (monotonic_ns + offset) * CLK_TCK // 1_000_000_000

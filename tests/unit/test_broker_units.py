@@ -128,7 +128,9 @@ def test_builders_syscall_and_exit_codes():
 
 def test_process_table_identity(tmp_path):
     import os
-    pt = ProcessTable()
+    pt = ProcessTable(threaded=False)  # lookups inline: the miss's answer is there at collect
+    assert pt.get(os.getpid()) is None  # a miss: looked up beside the loop, applied at collect
+    pt.collect()
     me = pt.get(os.getpid())
     start = read_stat(os.getpid())[0]
     assert me.process_id == make_process_id(pt.boot, os.getpid(), start)

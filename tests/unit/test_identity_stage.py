@@ -26,13 +26,21 @@ def batch(category: str, times: list[int], pid: int, **cols) -> np.ndarray:
     return b
 
 
+def knowing(pid: int) -> ProcessTable:
+    """A process table that has looked ``pid`` up (a miss is answered at the next collect)."""
+    table = ProcessTable(threaded=False)
+    table.get(pid)
+    table.collect()
+    return table
+
+
 def kinds(category: str, *names: str) -> list[int]:
     return [schema.kind_code(category, n) for n in names]
 
 
 def test_exec_later_in_the_window_does_not_rename_earlier_events():
     pid = os.getpid()
-    ident = Identity(ProcessTable(), ContainerTable(discover_roots=False))
+    ident = Identity(knowing(pid), ContainerTable(discover_roots=False))
     window = {
         "process": batch("process", [100, 300], pid, kind=kinds("process", "EXEC", "EXEC"),
                          exec_filename=[b"/bin/bash", b"/bin/true"],

@@ -25,8 +25,10 @@ def _reference(table, batch):
 
 
 def test_one_process_batch_matches_per_event_fill():
-    t = ProcessTable()
+    t = ProcessTable(threaded=False)
     me = os.getpid()
+    t.get(me)
+    t.collect()  # the miss's lookup answered
     for known in ([], [0, 2], [0, 1, 2, 3]):  # none, some, all credentials already set
         b = _batch([me] * 4, known)
         ref = _reference(t, b)
@@ -38,7 +40,9 @@ def test_one_process_batch_matches_per_event_fill():
 
 
 def test_mixed_pids_match_per_event_fill():
-    t = ProcessTable()
+    t = ProcessTable(threaded=False)
+    t.get(os.getpid())
+    t.collect()
     b = _batch([os.getpid(), 1, os.getpid(), 999_999_999], [1])
     ref = _reference(t, b)
     t.fill(b)
