@@ -132,7 +132,7 @@ def _await_reply(sock: zmq.Socket, rid: Any, timeout: float) -> dict:
 
 
 UNSUBSCRIBE_LINGER_MS = 200  # how long close() lets the unsubscribe request leave
-BROKER_SILENCE = 3.0  # the broker ticks every second; this much silence means it restarted
+BROKER_SILENCE = 3.0  # the broker ticks every second; this much silence: busy, or restarted
 
 
 class Subscription:
@@ -182,8 +182,10 @@ class Subscription:
             if not self.sock.poll(1000):
                 now = time.monotonic()
                 if self.spec is not None and now - max(last, asked) > BROKER_SILENCE:
+                    # Busy, or restarted without us? Ask for our subscriptions: a busy
+                    # broker answers late and lists this one, a new one does not.
                     asked = now
-                    self.sock.send(control.request("subscribe", self.spec, "resubscribe"))
+                    self.sock.send(control.request("list", {}, "alive"))
                 if timeout is not None and now - last > timeout:
                     return
                 continue
@@ -193,6 +195,11 @@ class Subscription:
             if t == "end":
                 self.ended = msg.get("reason", "ended")
                 return
+            if msg.get("id") == "alive" and "status" in msg:
+                listed = {s.get("subscription") for s in msg.get("subscriptions") or ()}
+                if msg["status"] == "ok" and self.id not in listed:  # subscribing twice would double events
+                    self.sock.send(control.request("subscribe", self.spec, "resubscribe"))
+                continue
             if msg.get("id") == "resubscribe" and "status" in msg:
                 if msg["status"] != "ok":
                     self.ended = f"resubscribe refused: {msg.get('reason')}"

@@ -190,3 +190,30 @@ def test_sensor_never_reports_its_own_activity(shared_sensor):
             if time.monotonic() > deadline:
                 break
     assert n > 0  # the host (this test, at least) was seen meanwhile
+
+
+def test_a_busy_broker_is_not_subscribed_to_twice(shared_sensor):
+    """A broker silent for longer than the client's BROKER_SILENCE (paused here for
+    5 s, as a storm on a loaded host can hold it) still holds the subscription:
+    the client asks, sees it listed and does not subscribe again (twice would give
+    every later event twice)."""
+    spec = {"events": {"process": {"filter": 'kind == "EXEC" and exec_command_line == "/bin/true busy-broker"'}}}
+    with shared_sensor.client.subscribe(spec) as sub:
+        broker = next(c for c in shared_sensor.children() if c["name"] == "c8-broker")["pid"]
+        os.kill(broker, signal.SIGSTOP)
+        try:
+            got = list(sub.messages(timeout=5))  # silence: the client asks whether we are still there
+        finally:
+            os.kill(broker, signal.SIGCONT)
+        assert got == []
+        for _ in range(3):
+            subprocess.run(["/bin/true", "busy-broker"], check=True)
+        events = []
+        deadline = time.monotonic() + 30  # the broker catches up on what came while it was paused
+        for ev in sub.events(timeout=5, idle=5):
+            events += [ev] if ev["type"] == "process" else []
+            if len(events) > 3 or time.monotonic() > deadline:
+                break
+        assert len(events) == 3 and sub.resubscribed == 0, (len(events), sub.resubscribed, sub.lost)
+        mine = [s for s in shared_sensor.client.request("list")["subscriptions"] if s["spec"] == spec]
+        assert len(mine) == 1, mine
