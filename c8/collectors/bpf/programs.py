@@ -201,6 +201,10 @@ FAMILIES: dict[str, list[Syscall]] = {
         _s("sendmmsg", fd=Arg(0), flags=Arg(3), addr=SockAddr("msg_enter", 1)),
         _s("recvmmsg", fd=Arg(0), flags=Arg(3), addr=SockAddr("msg_exit", 1)),
     ],
+    "cwd": [  # never filtered by name: the broker needs every cwd change
+        _s("chdir", filename=Str(0)),
+        _s("fchdir", dirfd=Arg(0)),
+    ],
 }
 
 # fields preset to "not applicable" before the syscall's own fields
@@ -403,7 +407,12 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
             p.st(SIZE_OF[rec.size(dt, name)], R8, off, src.value)
         elif isinstance(src, Str):
             p.mov(R1, R8).addi(R1, off).movi(R2, rec.size(dt, name))
-            p.ldx(DW, R3, R6, arg(src.index)).call(PROBE_READ_USER_STR)
+            p.ldx(DW, R3, R6, arg(src.index))
+            if "name_len" in dt.names:  # read again at exit if this read fails
+                p.stx(DW, R8, rec.offset(dt, "uname"), R3)
+            p.call(PROBE_READ_USER_STR)
+            if "name_len" in dt.names:
+                _store_name_len(p, dt)
             names.append(off)
         elif isinstance(src, OpenHow):  # struct open_how {u64 flags, mode, resolve}
             done = p.fresh("how")
@@ -457,10 +466,39 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     return p
 
 
-def _output(p: Program, perf_fd: int, size: int) -> None:
-    """bpf_perf_event_output(ctx=r6, perf map, BPF_F_CURRENT_CPU, r8, size)."""
+def _store_name_len(p: Program, dt: np.dtype) -> None:
+    """name_len = r0 (bytes a string read returned, NUL included), 0 when it failed."""
+    ok = p.fresh("len")
+    p.jmp("jsgt", R0, None, 0, ok)
+    p.movi(R0, 0)
+    p.label(ok)
+    p.stx(W, R8, rec.offset(dt, "name_len"), R0)
+
+
+def _read_name_again(p: Program, dt: np.dtype, done: str) -> None:
+    """A name unreadable at enter (its page not yet faulted in: bpf may not fault)
+    is read again at exit, when the kernel has faulted it in to copy the name."""
+    p.ldx(W, R1, R8, rec.offset(dt, "name_len")).jmp("jne", R1, None, 0, done)
+    p.ldx(DW, R3, R8, rec.offset(dt, "uname")).jmp("jeq", R3, None, 0, done)
+    p.mov(R1, R8).addi(R1, rec.offset(dt, "filename")).movi(R2, rec.NAME_LEN)
+    p.call(PROBE_READ_USER_STR)
+    _store_name_len(p, dt)  # then on at ``done``, defined by the caller next
+
+
+def _output(p: Program, perf_fd: int, size: int | tuple[np.dtype, str]) -> None:
+    """bpf_perf_event_output(ctx=r6, perf map, BPF_F_CURRENT_CPU, r8, size). A size
+    (dtype, field) is the record up to that string field plus its bytes (name_len)."""
     p.mov(R1, R6).ld_map_fd(R2, perf_fd).ld_imm64(R3, BPF_F_CURRENT_CPU).mov(R4, R8)
-    p.movi(R5, size).call(PERF_EVENT_OUTPUT)
+    if isinstance(size, int):
+        p.movi(R5, size)
+    else:
+        dt, name = size
+        ok = p.fresh("size")
+        p.ldx(W, R5, R8, rec.offset(dt, "name_len")).jmp("jle", R5, None, rec.size(dt, name), ok)
+        p.movi(R5, rec.size(dt, name))  # bounds the verifier can see
+        p.label(ok)
+        p.addi(R5, rec.offset(dt, name))
+    p.call(PERF_EVENT_OUTPUT)
 
 
 def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
@@ -495,8 +533,10 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
             _read_sockaddr(p, dt, "emit")
         else:
             _read_msghdr_addr(p, dt, "emit")
+    if "name_len" in dt.names and any(isinstance(s, Str) for s in sc.fields.values()):
+        _read_name_again(p, dt, "emit")
     p.label("emit")
-    _output(p, maps.perf, dt.itemsize)
+    _output(p, maps.perf, (dt, "filename") if "name_len" in dt.names else dt.itemsize)
     _count_failure(p, maps, family, losses.OUTPUT, "delete")
     p.ja("delete")
     p.label("stale")

@@ -32,11 +32,15 @@ def _dtype(fields: list[tuple]) -> np.dtype:
     return dt
 
 
-OPEN = _dtype([("dirfd", "<i4"), ("flags", "<u4"), ("mode", "<u4"), ("_pad", "<u4"),
-               ("filename", f"S{NAME_LEN}")])
+# Records of one name end with it, and only its bytes are written to the ring
+# (name_len: bytes read, NUL included; 0 when unreadable): a 20-byte path costs
+# a 72-byte record, not 304. uname is the user pointer, kept for the read again
+# at syscall exit when the first failed (the page was not yet faulted in).
+OPEN = _dtype([("dirfd", "<i4"), ("flags", "<u4"), ("mode", "<u4"), ("name_len", "<u4"),
+               ("uname", "<u8"), ("filename", f"S{NAME_LEN}")])
 
 FILE1 = _dtype([("dirfd", "<i4"), ("mode", "<u4"), ("owner_uid", "<u4"), ("owner_gid", "<u4"),
-                ("flags", "<u4"), ("_pad", "<u4"), ("filename", f"S{NAME_LEN}")])
+                ("flags", "<u4"), ("name_len", "<u4"), ("uname", "<u8"), ("filename", f"S{NAME_LEN}")])
 
 FILE2 = _dtype([("olddirfd", "<i4"), ("newdirfd", "<i4"), ("flags", "<u4"), ("_pad", "<u4"),
                 ("oldname", f"S{NAME_LEN}"), ("newname", f"S{NAME_LEN}")])
@@ -51,6 +55,9 @@ SOCK = _dtype([("fd", "<i4"), ("addrlen", "<i4"), ("backlog", "<i4"), ("flags", 
 EXIT = _dtype([("tgid", "<i4"), ("tid", "<i4"), ("exit_code", "<i4"), ("group_dead", "u1"),
                ("_pad", "u1", (3,))])
 
+# chdir (the name) and fchdir (the fd): the broker's table of cwds (c8.broker.fdtable)
+CWD = _dtype([("dirfd", "<i4"), ("_pad", "<u4"), ("filename", f"S{NAME_LEN}")])
+
 RECORDS: dict[str, tuple[int, np.dtype]] = {
     "open": (TAG_BASE | 1, OPEN),
     "file1": (TAG_BASE | 2, FILE1),
@@ -58,6 +65,7 @@ RECORDS: dict[str, tuple[int, np.dtype]] = {
     "exec": (TAG_BASE | 4, EXEC),
     "sock": (TAG_BASE | 5, SOCK),
     "exit": (TAG_BASE | 6, EXIT),
+    "cwd": (TAG_BASE | 7, CWD),
 }
 
 
