@@ -23,6 +23,7 @@ import bench_c8ctl  # noqa: E402
 import bench_cost  # noqa: E402
 import bench_export  # noqa: E402
 import bench_latency  # noqa: E402
+import bench_names  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_pushdown  # noqa: E402
 import bench_replay  # noqa: E402
@@ -31,8 +32,8 @@ import bench_sustained  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("sustained", "storm", "cost", "overhead", "latency", "pushdown", "decode", "c8ctl", "replay",
-         "export")
+ORDER = ("sustained", "storm", "cost", "overhead", "latency", "pushdown", "names", "decode", "c8ctl",
+         "replay", "export")
 
 
 def decode(quick: bool) -> dict:
@@ -48,7 +49,7 @@ def decode(quick: bool) -> dict:
 
 
 MODULES = {"sustained": bench_sustained, "storm": bench_storm, "overhead": bench_overhead,
-           "latency": bench_latency, "pushdown": bench_pushdown, "c8ctl": bench_c8ctl,
+           "latency": bench_latency, "pushdown": bench_pushdown, "names": bench_names, "c8ctl": bench_c8ctl,
            "replay": bench_replay, "export": bench_export}
 
 
