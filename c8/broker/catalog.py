@@ -257,6 +257,24 @@ def build_file2(raw: np.ndarray) -> Built:
     return [("file", out)]
 
 
+CWD_SOURCE = "bpf:cwd"
+CWD = "cwd"  # the window's category of cwd changes: taken out before identity (paths.FromStream)
+
+
+def build_cwd(raw: np.ndarray) -> Built:
+    """Successful chdir/fchdir, as file-shaped rows for the broker's descriptor table only
+    (never published): chdir's name resolved like an open's, fchdir's fd in ``dirfd``."""
+    ok = raw[raw["ret"] == 0]
+    out = base("file", ok, "OPEN")
+    out["filename"] = ok["filename"]
+    out["dirfd"] = ok["dirfd"]
+    out["syscall"] = ok["nr"]
+    out["ret"] = paths.AT_FDCWD  # the descriptor it sets: the cwd
+    out["path"] = paths.resolve(ok["pid"], ok["dirfd"], ok["filename"], np.ones(len(ok), bool))
+    out["path_status"] = paths.status(ok["dirfd"], ok["filename"], out["path"])
+    return [(CWD, out)]
+
+
 # -- network -------------------------------------------------------------------
 def build_sock(raw: np.ndarray) -> Built:
     """One record per call: an ATTEMPT (at enter time) and a RESULT (at exit)."""
@@ -304,6 +322,7 @@ SOURCES: dict[str, Source] = {
     "bpf:file1": Source("bpf:file1", build_file1),
     "bpf:file2": Source("bpf:file2", build_file2),
     "bpf:sock": Source("bpf:sock", build_sock),
+    CWD_SOURCE: Source(CWD_SOURCE, build_cwd),
     "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_nothing),
     "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_nothing),
     "cgroup:cgroup_attach_task": Source("cgroup:cgroup_attach_task", build_nothing),
@@ -345,7 +364,10 @@ def sources_for(category: str, kinds: set[str] | frozenset[str] | None = None) -
     by_kind = KIND_SOURCES.get(category)
     if by_kind is not None:
         wanted = by_kind if kinds is None else {k: s for k, s in by_kind.items() if k in kinds}
-        return list(dict.fromkeys(wanted.values()))
+        found = list(dict.fromkeys(wanted.values()))
+        if category == "file" and found:  # cwd changes: relative names resolve from the stream
+            found.append(CWD_SOURCE)
+        return found
     if category == "process":
         return list(PROCESS_SOURCES)
     if category == "network":

@@ -2,7 +2,7 @@
 
 The broker keeps, per process (tgid), the absolute path of each file
 descriptor it saw opened (an OPEN's result with its canonical ``path``), and
-of its cwd where a cwd change was seen. A forked child starts with a copy of
+of its cwd where a chdir or fchdir was seen (eBPF family ``cwd``). A forked child starts with a copy of
 its parent's table (fork copies descriptors and cwd); an exec drops the
 descriptors opened with O_CLOEXEC; an exit drops the process. Threads share
 their process's table (events carry the tgid).

@@ -32,6 +32,7 @@ import numpy as np
 from c8 import schema
 from c8.broker import pathcanon
 from c8.host import proc as hostproc
+from c8.schema import rows
 
 AT_FDCWD = -100
 MAX_RESOLVE = 1024  # kernel resolutions (3 syscalls each) per call; the rest as text
@@ -183,7 +184,8 @@ def symlink_targets(pids: np.ndarray, links: np.ndarray, targets: np.ndarray,
 
 # -- paths from the event stream (release stage, after identity) ------------------
 O_CLOEXEC = 0o2000000
-_NR_FD_ONLY = np.array([91, 93])          # fchmod, fchown: no name, the fd itself
+_NR_FD_ONLY = np.array([81, 91, 93])      # fchdir, fchmod, fchown: no name, the fd itself
+_NR_CWD = np.array([80, 81])              # chdir, fchdir (rows of catalog.build_cwd)
 _NR_FOLLOWING = np.array([90, 92, 268])   # chmod, chown, fchmodat: follow the last symlink
 _MAX_CHAIN = 64                           # openat(fd of an openat(fd of ...)) depth resolved per window
 
@@ -203,8 +205,10 @@ class FromStream:
     at the window's start. A base that is itself a relative OPEN is resolved
     first (chains, up to ``_MAX_CHAIN`` deep per window). When no base is
     known the event keeps what /proc said when it arrived (``path_status``
-    proc or unknown). Then the window's OPEN results, forks, execs and exits
-    are applied to the table in time order.
+    proc or unknown). chdir/fchdir rows (``cwd``, catalog.build_cwd) are
+    resolved the same way and set the cwd (key AT_FDCWD). Then the window's
+    OPEN results, cwd changes, forks, execs and exits are applied to the
+    table in time order.
 
     Work per window: numpy over the file events; Python per unique (pid, fd)
     looked up in the table, per event only for children born in the window
@@ -218,9 +222,17 @@ class FromStream:
         self.proc = proc
         self.resolved = 0  # events whose path came from the stream
 
-    def apply(self, window: dict[str, np.ndarray]) -> None:
+    def apply(self, window: dict[str, np.ndarray], cwd: np.ndarray | None = None) -> None:
+        """Resolve the window's file events and learn from them and its process events.
+        ``cwd``: the window's chdir/fchdir rows (catalog.build_cwd), which set cwds
+        and are resolved like opens, then dropped."""
         events = _process_events(window.get("process"))
         fb = window.get("file")
+        if cwd is not None and len(cwd):
+            both = cwd if fb is None else rows.concat([fb, cwd])
+            order = np.argsort(both["sensor_monotime_nanos"], kind="stable")
+            fb = rows.take(both, order)
+            files = order < (0 if window.get("file") is None else len(window["file"]))
         if fb is None or not len(fb):
             for ev in events:
                 self._apply_event(ev)
@@ -229,6 +241,8 @@ class FromStream:
         index = _DefIndex(fb)
         self._resolve(fb, index, births)
         self._learn(fb, index, events)
+        if cwd is not None and len(cwd) and "file" in window:
+            window["file"] = rows.take(fb, files)
 
     # -- lookups ----------------------------------------------------------------------
     def _bases(self, fb, index, rows, fds, births):
@@ -385,7 +399,7 @@ class _DefIndex:
 
     def __init__(self, fb: np.ndarray):
         self.n = n = len(fb)
-        ok = (fb["kind"] == schema.kind_code("file", "OPEN")) & (fb["ret"] >= 0)
+        ok = (fb["kind"] == schema.kind_code("file", "OPEN")) & ((fb["ret"] >= 0) | np.isin(fb["syscall"], _NR_CWD))
         self.rows_by_time = np.flatnonzero(ok)
         self.times = fb["sensor_monotime_nanos"]
         keys = _keys(fb["process_pid"][self.rows_by_time], fb["ret"][self.rows_by_time])

@@ -190,6 +190,9 @@ def compute_plan(subscriptions: list, *, failed_bpf: dict[str, str] | None = Non
             if pushdown and src.startswith("raw_syscalls:") and src not in filter_errors:
                 kf = _exclude_threads(kf, own_tids or [])
             tracepoints[src] = {"filter": kf}
+    named = [bpf[f]["filter"] for f in ("open", "file1", "file2") if f in bpf]
+    if "cwd" in bpf and named and all(_absolute_bound(f) for f in named):
+        del bpf["cwd"]  # only absolute names are collected: no relative name needs a cwd
     # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
     # the new map and plug their rings into it again.
     return {"enabled": bool(subscriptions) and not dormant, "tracepoints": tracepoints,
@@ -211,6 +214,13 @@ def string_bound(nodes: list) -> dict | None:
     if len(prefixes) + len(exact) > 8:
         return None  # more than the program's slots: collect everything
     return {"prefixes": sorted(prefixes), "exact": sorted(exact)}
+
+
+def _absolute_bound(flt: dict) -> bool:
+    """The eBPF name filter lets only absolute names through."""
+    if "prefixes" not in flt and "exact" not in flt:
+        return False
+    return all(s.startswith("/") for s in [*flt.get("prefixes", []), *flt.get("exact", [])])
 
 
 def _fallback(src: str, failed_bpf: dict[str, str]) -> str:

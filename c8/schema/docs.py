@@ -25,14 +25,14 @@ Notes:
   it is relative to (`dirfd`, -100 for the cwd) and an fd-only call (fchmod,
   fchown: empty `filename`, the fd in `dirfd`) names what that fd names, as
   of the event: the broker keeps each process's descriptors learnt from the
-  event stream (every successful OPEN's `ret` with its `path`; copied to the
-  child at fork, O_CLOEXEC ones dropped at exec, all at exit; bounded by
-  `fd_table.*`, evictions and resolutions counted in `c8ctl status`), so a
-  descriptor closed or reused right after the call does not matter. Only a
-  descriptor the stream did not show (opened before the sensor started, or
-  by a call not collected: dup2, fcntl, socket, a filtered-out open; cwd
-  changes, not collected yet) is read from `/proc/<pid>/cwd` or
-  `/proc/<pid>/fd/<n>` when the record arrives. `path_status` says which
+  event stream (every successful OPEN's `ret` with its `path`, every
+  chdir/fchdir's cwd; copied to the child at fork, O_CLOEXEC ones dropped at
+  exec, all at exit; bounded by `fd_table.*`, evictions and resolutions
+  counted in `c8ctl status`), so a descriptor closed or reused, or a cwd
+  changed, right after the call does not matter. Only a descriptor or cwd
+  the stream did not show (from before the sensor started, or made by a call
+  not collected: dup2, fcntl, socket, a filtered-out open) is read from
+  `/proc/<pid>/cwd` or `/proc/<pid>/fd/<n>` when the record arrives. `path_status` says which
   (absolute, stream, proc) and why `path` is empty (unreadable, unknown).
   Directories are resolved with `openat2(RESOLVE_IN_ROOT)` from
   `/proc/<pid>/root` (never out of that root, never through a magic link);

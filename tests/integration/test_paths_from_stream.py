@@ -132,3 +132,34 @@ def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
     assert all(e["path_status"] == "absolute" for e in mine if e["filename"].startswith("/"))
     st = shared_sensor.client.status()
     assert st["fd_table"]["resolved"] >= 5 and st["fd_table"]["entries"] <= st["fd_table"]["max_total"]
+
+
+def test_relative_names_resolve_against_the_cwd_of_their_moment(shared_sensor):
+    """cd D/etc; echo x > cron.d/evil; cd / — by bash, and by Python with a second
+    open after the cd: each name against the cwd it was opened in, though the
+    process's cwd is / by the time the broker sees the events."""
+    where = os.path.realpath(tempfile.mkdtemp(prefix="c8cwd-"))
+    os.makedirs(os.path.join(where, "etc", "cron.d"))
+    spec = {"events": {"file": {"filter": f'filename like "*evil*" or path like "{where}/*"'}}}
+    code = (f"import os; os.chdir({where + '/etc'!r}); os.close(os.open('cron.d/evil2', os.O_CREAT | os.O_WRONLY)); "
+            "os.chdir('..'); os.close(os.open('etc/cron.d/evil3', os.O_CREAT | os.O_WRONLY)); os.chdir('/'); "
+            "os.close(os.open('tmp', os.O_RDONLY)); input()")
+    with shared_sensor.client.subscribe(spec) as sub:
+        sh = subprocess.Popen(["/bin/bash", "-c", f"cd {where}/etc; echo x > cron.d/evil; cd /; read x"],
+                              stdin=subprocess.PIPE)
+        py = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+        try:
+            names = {"cron.d/evil", "cron.d/evil2", "etc/cron.d/evil3"}
+            events = collect(sub, lambda evs: names <= {e["filename"] for e in evs
+                                                        if e["process_pid"] in (sh.pid, py.pid)})
+        finally:
+            for p in (sh, py):
+                p.stdin.close()
+                p.wait(timeout=10)
+    got = {e["filename"]: e for e in events if e["process_pid"] in (sh.pid, py.pid) and e["type"] == "file"
+           and e["kind"] == "OPEN"}
+    assert {n: (got[n]["path"], got[n]["path_status"]) for n in names if n in got} == {
+        "cron.d/evil": (f"{where}/etc/cron.d/evil", "stream"),
+        "cron.d/evil2": (f"{where}/etc/cron.d/evil2", "stream"),
+        "etc/cron.d/evil3": (f"{where}/etc/cron.d/evil3", "stream")}, got
+    assert all(e["process_pid"] == sh.pid for e in got.values() if e["filename"] == "cron.d/evil")

@@ -17,7 +17,7 @@ def test_every_record_starts_with_the_common_header():
 
 
 def test_tags_are_distinct_and_names_are_the_broker_contract():
-    assert set(records.RECORDS) == {"open", "file1", "file2", "exec", "sock", "exit"}
+    assert set(records.RECORDS) == {"open", "file1", "file2", "exec", "sock", "exit", "cwd"}
     assert len({t for t, _ in records.RECORDS.values()}) == len(records.RECORDS)
 
 
@@ -28,7 +28,7 @@ def test_sizes_and_string_widths():
     assert r["exec"][1]["argv"] == np.dtype("S1024")
     assert r["sock"][1]["addr"].shape == (112,)
     assert {n: dt.itemsize for n, (_, dt) in r.items()} == {
-        "open": 296, "file1": 304, "file2": 552, "exec": 1320, "sock": 168, "exit": 40}
+        "open": 296, "file1": 304, "file2": 552, "exec": 1320, "sock": 168, "exit": 40, "cwd": 288}
 
 
 def test_argv_text_turns_separators_into_spaces():

@@ -191,3 +191,47 @@ def test_a_storm_reopening_one_fd_learns_it_once(stage):
     fb["sensor_monotime_nanos"] = np.arange(n)
     stage.apply({"file": fb})
     assert stage.table.get(7, 3) == fb["path"][-1] and stage.table.total == 1
+
+
+def cwd_rows(*rows):
+    """chdir/fchdir as catalog.build_cwd makes them: (t, pid, name, dirfd, nr)."""
+    out = files(*[(t, pid, "OPEN", name, dirfd, AT_FDCWD, 0, nr) for t, pid, name, dirfd, nr in rows])
+    return out
+
+
+def test_cd_then_relative_open_then_cd_elsewhere(stage):
+    """cd /etc; echo x > cron.d/evil; cd /: the open resolves against /etc."""
+    fb = files((2, 40, "OPEN", b"cron.d/evil", AT_FDCWD, 3, os.O_CREAT | os.O_WRONLY),
+               (4, 40, "OPEN", b"x", AT_FDCWD, 3, 0))
+    window = {"file": fb}
+    stage.apply(window, cwd_rows((1, 40, b"/etc", AT_FDCWD, 80), (3, 40, b"/", AT_FDCWD, 80)))
+    assert window["file"]["path"].tolist() == [b"/etc/cron.d/evil", b"/x"]  # the cwd rows are gone
+    assert window["file"]["path_status"].tolist() == [b"stream", b"stream"]
+    assert stage.table.get(40, AT_FDCWD) == b"/"
+
+
+def test_relative_chdir_fchdir_and_a_child_after_fork(stage):
+    stage.apply({}, cwd_rows((1, 41, b"/var", AT_FDCWD, 80)))
+    stage.apply({"file": files((2, 41, "OPEN", b"/usr", AT_FDCWD, 5, O_DIRECTORY))},
+                cwd_rows((3, 41, b"spool/../lib", AT_FDCWD, 80)))
+    assert stage.table.get(41, AT_FDCWD) == b"/var/lib"
+    fb = files((6, 42, "OPEN", b"bin/sh", AT_FDCWD, 3, 0))
+    window = {"file": fb, "process": procs((5, 41, "FORK", 42))}
+    stage.apply(window, cwd_rows((4, 41, b"", 5, 81)))  # fchdir(5): /usr, then fork
+    assert window["file"]["path"].tolist() == [b"/usr/bin/sh"]
+
+
+@pytest.mark.parametrize(("flt", "cwd"), [
+    (None, True),                                        # every name: relative ones need the cwd
+    ('path like "/etc/*"', True),                        # path is not pushed down: every name
+    ('filename like "cron*"', True),                     # relative names pass the kernel's filter
+    ('filename like "/etc/*"', False),                   # only absolute names are collected
+    ('kind == "OPEN" and filename == "/etc/shadow"', False),
+])
+def test_cwd_changes_are_collected_when_relative_names_can_be(flt, cwd):
+    from c8.broker.plan import compute_plan
+    from c8.broker.subscriptions import parse_spec
+
+    plan = compute_plan([parse_spec({"events": {"file": {"filter": flt} if flt else {}}}, b"peer")])
+    assert ("cwd" in plan["bpf"]) is cwd
+    assert "cwd" not in compute_plan([parse_spec({"events": {"process": {}}}, b"peer")])["bpf"]
