@@ -12,6 +12,8 @@ else
 fi
 # systemd: systemd-analyze verifies the unit scripts/install.sh installs (tests/integration/test_install.py).
 apt-get install -y -qq linux-perf gcc binutils iproute2 util-linux passwd systemd >/dev/null
+# fuse3: libfuse3 for the FUSE daemon of tests/integration/test_hostile_proc.py (mfusepy).
+apt-get install -y -qq --no-install-recommends fuse3 >/dev/null
 # prometheus: the metrics test scrapes a sensor with Debian's Prometheus server
 # (tests/integration/test_metrics_prometheus.py).
 apt-get install -y -qq --no-install-recommends prometheus >/dev/null
