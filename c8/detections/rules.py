@@ -12,10 +12,20 @@
       output: "shell {exec_filename} in {container_name} (pid {process_pid})"
       enabled: true
       tags: [container, shell]
+      exceptions:                      # Falco-style: named sets of field values that never alert
+        - name: known_shells
+          fields: [container_image_name, exec_filename]   # a list of fields ...
+          comps: [=, in]               # optional: = (default), ==, !=, <, <=, >, >=, like, in
+          values:                      # ... and tuples of their values, one per field
+            - [my/debug-image, [/bin/sh, /bin/bash]]
+        - name: trusted_programs
+          fields: process_exec_filename                   # one field: a list of values (comps: in)
+          values: [/usr/bin/ansible, /usr/bin/salt]
 
 Files load in order; a later item with the name of an earlier one replaces it,
 or with ``append: true`` extends it (a rule's or macro's condition with
-``and``, a list's items); a rule item with only ``rule`` and ``enabled``
+``and``, a list's items, a rule exception's values by its name, or new
+exceptions); a rule item with only ``rule`` and ``enabled``
 switches a rule on or off. Macros and lists are expanded textually once every
 file is read, then each condition is parsed and type-checked against every
 category the rule needs. Whatever is wrong (a YAML error, an unknown key, a
@@ -35,7 +45,11 @@ from c8 import schema
 from c8.detections.alerts import placeholders, priority_name
 
 RULE_KEYS = {"rule", "description", "priority", "events", "condition", "output", "enabled",
-             "tags", "append"}
+             "tags", "append", "exceptions"}
+EXCEPTION_KEYS = {"name", "fields", "comps", "values"}
+# Falco's comparison names -> the filter language's
+EXCEPTION_COMPS = {"=": "==", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
+                   "like": "like", "in": "in"}
 LIST_KEYS = {"list", "items", "append"}
 MACRO_KEYS = {"macro", "condition", "append"}
 KEYWORDS = frozenset({"and", "or", "not", "like", "in", "is", "null"})
@@ -73,6 +87,7 @@ class Rule:
     files: list[str] = field(default_factory=list)
     expanded: str = ""
     node: object = None
+    exceptions: list[dict] = field(default_factory=list)
 
     @property
     def file(self) -> str:
@@ -137,9 +152,17 @@ def load_rules_text(text: str, name: str = "<text>") -> tuple[list[Rule], list[R
 
 # ---- reading --------------------------------------------------------------------------
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, with a bare ``=`` read as the string "=" (as Falco's rule files write
+    exception comps: [=, in]); YAML 1.1 would make it a 'value' tag."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
 def _parse_yaml(text: str, path: str, errors: list[RuleError]):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -194,10 +217,19 @@ def _read_rule(item: dict, path: str, defs: Definitions, errors: list[RuleError]
     if problem := _unknown_keys(item, RULE_KEYS):
         errors.append(RuleError(path, where, problem))
         return
+    if not isinstance(item["rule"], str):
+        errors.append(RuleError(path, where, f"the rule name must be a string (quote it), got {item['rule']!r}"))
+        return
     if "condition" in item and not isinstance(item["condition"], str):
         errors.append(RuleError(path, where, "condition must be a string"))
         return
     old = defs.rules.get(name)
+    if "exceptions" in item:
+        try:
+            item = {**item, "exceptions": read_exceptions(item["exceptions"], appending=bool(item.get("append")))}
+        except ValueError as exc:
+            errors.append(RuleError(path, where, str(exc)))
+            return
     if item.get("append"):
         if old is None:
             errors.append(RuleError(path, where, "append: true, but no earlier rule of that name"))
@@ -206,6 +238,12 @@ def _read_rule(item: dict, path: str, defs: Definitions, errors: list[RuleError]
         for k, v in item.items():
             if k == "condition":
                 merged["condition"] = f"({old['condition']}) and ({v})"
+            elif k == "exceptions":
+                try:
+                    merged["exceptions"] = merge_exceptions(old.get("exceptions") or [], v)
+                except ValueError as exc:
+                    errors.append(RuleError(path, where, str(exc)))
+                    return
             elif k != "append":
                 merged[k] = v
         merged["files"] = old["files"] + [path]
@@ -252,6 +290,111 @@ def _read_macro(item: dict, path: str, defs: Definitions, errors: list[RuleError
     else:
         defs.macros[name] = cond
     defs.macro_files[name] = path
+
+
+# ---- exceptions ---------------------------------------------------------------------------
+
+def read_exceptions(value, appending: bool = False) -> list[dict]:
+    """A rule's ``exceptions`` (Falco's shape), checked and normalised to
+    {name, fields: [..], comps: [..], values: [[..], ..], single: bool}; raises
+    ValueError naming the exception and the problem. When ``appending``, an item
+    may give only name and values (values added to the exception of that name)."""
+    if not isinstance(value, list):
+        raise ValueError("exceptions must be a list of {name, fields, comps, values} maps")
+    out, seen = [], set()
+    for i, exc in enumerate(value):
+        if not isinstance(exc, dict) or not isinstance(exc.get("name"), str) or not exc["name"]:
+            raise ValueError(f"exceptions[{i}] must be a map with a name")
+        where = f"exception '{exc['name']}'"
+        if exc["name"] in seen:
+            raise ValueError(f"{where} is given twice")
+        seen.add(exc["name"])
+        unknown = sorted(str(k) for k in set(exc) - EXCEPTION_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(EXCEPTION_KEYS))})")
+        values = exc.get("values") or []
+        if not isinstance(values, list):
+            raise ValueError(f"{where}: values must be a list")
+        if "fields" not in exc:
+            if not appending:
+                raise ValueError(f"{where}: missing fields")
+            out.append({"name": exc["name"], "values": values})
+            continue
+        fields = exc["fields"]
+        single = isinstance(fields, str)
+        fields = [fields] if single else fields
+        if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
+            raise ValueError(f"{where}: fields must be a field name or a list of field names")
+        comps = exc.get("comps", "in" if single else ["="] * len(fields))
+        comps = [comps] if isinstance(comps, str) else comps
+        if not isinstance(comps, list) or len(comps) != len(fields):
+            raise ValueError(f"{where}: comps must give one comparison per field ({len(fields)})")
+        bad = [c for c in comps if c not in EXCEPTION_COMPS]
+        if bad:
+            raise ValueError(f"{where}: unknown comparison(s) {', '.join(map(str, bad))} "
+                             f"(known: {', '.join(EXCEPTION_COMPS)})")
+        norm = {"name": exc["name"], "fields": fields, "comps": [EXCEPTION_COMPS[c] for c in comps],
+                "single": single, "values": []}
+        out.append(norm)
+        norm["values"] = _exception_values(norm, values, where)
+    return out
+
+
+def _exception_values(exc: dict, values: list, where: str) -> list[list]:
+    def scalar(v) -> bool:
+        return isinstance(v, str | int) and not isinstance(v, bool)
+
+    if exc["single"]:  # one field: a flat list of values
+        if not all(scalar(v) for v in values):
+            raise ValueError(f"{where}: values of a one-field exception must be strings or integers")
+        return [[v] for v in values] if exc["comps"][0] != "in" else ([[list(values)]] if values else [])
+    n = len(exc["fields"])
+    for row in values:
+        if not isinstance(row, list) or len(row) != n:
+            raise ValueError(f"{where}: each value must be a list of {n} (one per field: "
+                             f"{', '.join(exc['fields'])}), got {row!r}")
+        for v, comp in zip(row, exc["comps"], strict=True):
+            ok = (scalar(v) or (isinstance(v, list) and v and all(scalar(x) for x in v))) if comp == "in" \
+                else scalar(v)
+            if not ok:
+                raise ValueError(f"{where}: {v!r} is no value for '{comp}' (a string or an integer"
+                                 + (", or a list of them" if comp == "in" else "") + ")")
+    return [list(r) for r in values]
+
+
+def merge_exceptions(old: list[dict], new: list[dict]) -> list[dict]:
+    """An appended rule's exceptions: values added to the old exception of the same
+    name, whole new exceptions added; raises ValueError for values of no exception."""
+    merged = [dict(e) for e in old]
+    by_name = {e["name"]: e for e in merged}
+    for e in new:
+        if e["name"] in by_name:
+            target = by_name[e["name"]]
+            target["values"] = target["values"] + _exception_values(target, e["values"], f"exception '{e['name']}'")
+        elif "fields" not in e:
+            raise ValueError(f"exception '{e['name']}': values appended to no exception of that name "
+                             f"(known: {', '.join(by_name) or 'none'})")
+        else:
+            merged.append(e)
+            by_name[e["name"]] = e
+    return merged
+
+
+def exception_condition(exc: dict, lists: dict[str, list]) -> str | None:
+    """``(f1 c1 v1 and f2 c2 v2) or ...`` for one exception's values; None without values.
+    A string given to ``in`` that names a list stands for its items."""
+    rows = []
+    for row in exc["values"]:
+        terms = []
+        for f, comp, v in zip(exc["fields"], exc["comps"], row, strict=True):
+            if comp == "in":
+                items = v if isinstance(v, list) else [v]
+                text = ", ".join(x if isinstance(x, str) and x in lists else _literal(x) for x in items)
+                terms.append(f"{f} in ({text})")
+            else:
+                terms.append(f"{f} {comp} {_literal(v)}")
+        rows.append("(" + " and ".join(terms) + ")")
+    return " or ".join(rows) if rows else None
 
 
 # ---- expansion --------------------------------------------------------------------------
@@ -399,8 +542,27 @@ def _build_rule(name: str, raw: dict, defs: Definitions, errors: list[RuleError]
     if not isinstance(enabled, bool):
         fail(f"enabled must be true or false, got {enabled!r}")
         return None
+    exceptions = raw.get("exceptions") or []
+    for e in exceptions:  # each on its own first: an error names the exception
+        if "fields" not in e:
+            fail(f"exception '{e['name']}': values appended to no exception of that name")
+            return None
+        text = exception_condition(e, defs.lists)
+        if text is None:
+            continue
+        try:
+            enode = parse(expand(text, defs.macros, defs.lists))
+            for cat in events:
+                check(enode, cat)
+        except (ExpansionError, ExprError) as exc:
+            fail(f"exception '{e['name']}': {exc}")
+            return None
+    condition = raw["condition"]
+    parts = [t for e in exceptions if (t := exception_condition(e, defs.lists))]
+    if parts:
+        condition = f"({condition})" + "".join(f" and not ({t})" for t in parts)
     try:
-        expanded = expand(raw["condition"], defs.macros, defs.lists)
+        expanded = expand(condition, defs.macros, defs.lists)
     except ExpansionError as exc:
         fail(str(exc))
         return None
@@ -426,7 +588,7 @@ def _build_rule(name: str, raw: dict, defs: Definitions, errors: list[RuleError]
     return Rule(name=name, priority=priority, events=events, condition=raw["condition"],
                 output=raw["output"], description=str(raw.get("description") or ""),
                 enabled=enabled, tags=[str(t) for t in tags], files=list(raw["files"]),
-                expanded=expanded, node=node)
+                expanded=expanded, node=node, exceptions=list(exceptions))
 
 
 def default_rules_path() -> str:

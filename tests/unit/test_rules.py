@@ -16,6 +16,7 @@ from c8.detections.rules import (
     load_rules_text,
 )
 from c8.expr import check, parse
+from c8.protocol.batch import Tables
 
 CONTAINERS = {1: ("c0ffee", "web-1", "sha256:abc", "nginx:1.25", "docker")}
 # fields the default rules use that the broker's process table is to provide
@@ -550,6 +551,90 @@ CASES = {
         {"kind": "CONNECT_ATTEMPT", "family": 1, "address": "/run/nscd/socket",
          "process_exec_filename": "/usr/bin/ls"},
     ]),
+    "Namespace or mount change in container": ("syscall", [
+        {"kind": "ENTER", "id": 272, "container": 1},   # unshare
+        {"kind": "ENTER", "id": 165, "container": 1},   # mount
+        {"kind": "ENTER", "id": 308, "container": 1},   # setns
+    ], [
+        {"kind": "ENTER", "id": 272},                   # on the host
+        {"kind": "ENTER", "id": 0, "container": 1},
+    ]),
+    "Container runtime socket opened in container": ("file", [
+        {"kind": "OPEN", "filename": "/var/run/docker.sock", "path": "/run/docker.sock", "container": 1},
+        {"kind": "OPEN", "filename": "/run/containerd/containerd.sock", "container": 1},
+    ], [
+        {"kind": "OPEN", "filename": "/var/run/docker.sock"},   # on the host
+        {"kind": "OPEN", "filename": "/etc/hostname", "container": 1},
+    ]),
+    "Container runtime socket connected in container": ("network", [
+        {"kind": "CONNECT_ATTEMPT", "family": 1, "address": "/var/run/docker.sock", "container": 1},
+    ], [
+        {"kind": "CONNECT_ATTEMPT", "family": 1, "address": "/var/run/docker.sock"},
+        {"kind": "CONNECT_ATTEMPT", "family": 1, "address": "/run/nscd/socket", "container": 1},
+    ]),
+    "Shell connecting to the network": ("network", [
+        {"kind": "CONNECT_ATTEMPT", "family": 2, "address": "203.0.113.9", "port": 4444,
+         "process_exec_filename": "/usr/bin/bash"},
+    ], [
+        {"kind": "CONNECT_ATTEMPT", "family": 2, "process_exec_filename": "/usr/bin/curl"},
+        {"kind": "CONNECT_ATTEMPT", "family": 1, "address": "/run/nscd/socket",
+         "process_exec_filename": "/bin/bash"},
+    ]),
+    "Shell spawned by a network tool": ("process", [
+        {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/bin/nc.openbsd"},
+        {"kind": "EXEC", "exec_filename": "/bin/bash", "parent_exec_filename": "/usr/bin/socat"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/sbin/cron"},
+        {"kind": "EXEC", "exec_filename": "/bin/ls", "parent_exec_filename": "/usr/bin/ncat"},
+    ]),
+    "Network tool run": ("process", [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/ncat"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/nmap", "exec_command_line": "nmap -sS 10.0.0.0/24"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/curl"},
+    ]),
+    "Recursive deletion of system or user data": ("process", [
+        {"kind": "EXEC", "exec_filename": "/bin/rm", "exec_command_line": "rm -rf /home/alice"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/rm", "exec_command_line": "rm --recursive /var/lib/mysql"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/find", "exec_command_line": "find / -name *.db -delete"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/bin/rm", "exec_command_line": "rm -f /home/alice/notes"},
+        {"kind": "EXEC", "exec_filename": "/bin/rm", "exec_command_line": "rm -rf /tmp/build-1"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/find", "exec_command_line": "find /srv -name x"},
+    ]),
+    "Kernel module tool run": ("process", [
+        {"kind": "EXEC", "exec_filename": "/usr/sbin/insmod", "exec_command_line": "insmod ./rk.ko"},
+        {"kind": "EXEC", "exec_filename": "/sbin/modprobe", "exec_command_line": "modprobe evil"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/sbin/modprobe", "exec_command_line": "modprobe -r evil"},
+        {"kind": "EXEC", "exec_filename": "/sbin/lsmod"},
+        {"kind": "EXEC", "exec_filename": "/sbin/modprobe", "exec_command_line": "modprobe snd",
+         "parent_exec_filename": "/usr/lib/systemd/systemd-udevd"},       # an exception
+    ]),
+    "Process memory read": ("file", [
+        {"kind": "OPEN", "filename": "/proc/1234/mem", "open_flags": O_RDONLY},
+    ], [
+        {"kind": "OPEN", "filename": "/proc/1234/status", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/proc/self/mem", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/proc/1234/mem", "open_flags": O_RDONLY,
+         "process_exec_filename": "/usr/bin/gdb"},                          # an exception
+    ]),
+    "Systemd unit created or modified": ("file", [
+        {"kind": "OPEN", "filename": "/etc/systemd/system/evil.service", "open_flags": O_WRONLY | 0x40},
+        {"kind": "RENAME", "filename": "/home/u/.config/systemd/user/t.timer", "oldname": "/tmp/t"},
+    ], [
+        {"kind": "OPEN", "filename": "/etc/systemd/system/sshd.service", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/etc/systemd/system/x.service", "open_flags": O_WRONLY,
+         "process_exec_filename": "/usr/bin/dpkg"},                         # an exception
+    ]),
+    "Shell startup file modified": ("file", [
+        {"kind": "OPEN", "filename": "/root/.bashrc", "open_flags": O_WRONLY | 0x400},
+        {"kind": "OPEN", "filename": "/etc/profile.d/x.sh", "open_flags": O_WRONLY | 0x40},
+    ], [
+        {"kind": "OPEN", "filename": "/root/.bashrc", "open_flags": O_RDONLY},
+        {"kind": "OPEN", "filename": "/home/n/.bashrc", "open_flags": O_WRONLY | 0x40,
+         "process_exec_filename": "/usr/sbin/useradd"},                     # an exception
+    ]),
 }
 
 
@@ -586,7 +671,21 @@ def test_default_rule_matches_its_event_and_not_benign_ones(default_rules, name)
     category, good, benign = CASES[name]
     good, benign = resolved(category, good), resolved(category, benign)
     eng = Engine([by[name]], track_execs=False)
-    alerts = eng.evaluate(category, batch(category, *good, *benign), CONTAINERS)
+    rows, processes = [], {}
+    for i, row in enumerate(good + benign):
+        # parent_exec_filename also stands for the lineage table's parent (parent.*,
+        # ancestor.*); "container": 1 puts the row in CONTAINERS' container
+        row = {k: v for k, v in row.items() if k != "container"}
+        row["process_id"] = f"pid{i}"
+        if "parent_exec_filename" in row:
+            processes[f"pid{i}"] = [4242, "", "", f"parent{i}"]
+            processes[f"parent{i}"] = [1, row["parent_exec_filename"], "", ""]
+        rows.append(row)
+    b = batch(category, *rows)
+    for i, row in enumerate(good + benign):
+        if row.get("container"):
+            b["container"][i] = row["container"]
+    alerts = eng.evaluate(category, b, Tables(CONTAINERS, processes))
     assert len(alerts) == len(good), [a.event for a in alerts]
     assert {a.event["sensor_monotime_nanos"] for a in alerts} == \
         {1_000_000_000 + i for i in range(len(good))}
