@@ -398,19 +398,26 @@ class _DefIndex:
     """The successful OPENs of a window, searchable by (pid, fd) and time."""
 
     def __init__(self, fb: np.ndarray):
-        self.n = n = len(fb)
+        self.n = len(fb)
         ok = (fb["kind"] == schema.kind_code("file", "OPEN")) & ((fb["ret"] >= 0) | np.isin(fb["syscall"], _NR_CWD))
         self.rows_by_time = np.flatnonzero(ok)
         self.times = fb["sensor_monotime_nanos"]
-        keys = _keys(fb["process_pid"][self.rows_by_time], fb["ret"][self.rows_by_time])
+        self.fb = fb
+        self.uniq = None  # sorted on the first lookup: a window of absolute names needs none
+
+    def _sort(self) -> None:
+        rows = self.rows_by_time
+        keys = _keys(self.fb["process_pid"][rows], self.fb["ret"][rows])
         self.uniq, rank = np.unique(keys, return_inverse=True)
-        combined = rank.ravel().astype(np.int64) * (n + 1) + self.rows_by_time
+        combined = rank.ravel().astype(np.int64) * (self.n + 1) + rows  # (key, row) in one sortable int
         order = np.argsort(combined, kind="stable")
         self.combined = combined[order]
-        self.rows = self.rows_by_time[order]
+        self.rows = rows[order]
 
     def latest(self, pids: np.ndarray, fds: np.ndarray, before: np.ndarray) -> np.ndarray:
         """For each (pid, fd), the row of its latest OPEN before row ``before`` (-1: none)."""
+        if self.uniq is None:
+            self._sort()
         out = np.full(len(pids), -1, np.int64)
         if not len(self.uniq):
             return out
