@@ -258,12 +258,14 @@ def build_file2(raw: np.ndarray) -> Built:
 
 
 CWD_SOURCE = "bpf:cwd"
-CWD = "cwd"  # the window's category of cwd changes: taken out before identity (paths.FromStream)
+DUP_SOURCES = ("syscalls:sys_enter_dup2", "syscalls:sys_enter_dup3")
+# The window's category of descriptor and cwd changes: file-shaped rows (kind OPEN, the
+# descriptor set in ``ret``) for the paths stage only, taken out before identity, never published.
+FD_CHANGES = "fd_changes"
 
 
 def build_cwd(raw: np.ndarray) -> Built:
-    """Successful chdir/fchdir, as file-shaped rows for the broker's descriptor table only
-    (never published): chdir's name resolved like an open's, fchdir's fd in ``dirfd``."""
+    """Successful chdir/fchdir: chdir's name resolved like an open's, fchdir's fd in ``dirfd``."""
     ok = raw[raw["ret"] == 0]
     out = base("file", ok, "OPEN")
     out["filename"] = ok["filename"]
@@ -272,7 +274,20 @@ def build_cwd(raw: np.ndarray) -> Built:
     out["ret"] = paths.AT_FDCWD  # the descriptor it sets: the cwd
     out["path"] = paths.resolve(ok["pid"], ok["dirfd"], ok["filename"], np.ones(len(ok), bool))
     out["path_status"] = paths.status(ok["dirfd"], ok["filename"], out["path"])
-    return [(CWD, out)]
+    return [(FD_CHANGES, out)]
+
+
+def build_dup(raw: np.ndarray) -> Built:
+    """dup2/dup3 at entry (their arguments say it all; a failure is rare: oldfd not open):
+    ``newfd`` names what ``oldfd`` names, close-on-exec with dup3's O_CLOEXEC."""
+    out = base("file", raw, "OPEN")
+    out["dirfd"] = raw["oldfd"].astype(np.int64).astype(np.int32)
+    out["ret"] = raw["newfd"].astype(np.int64).astype(np.int32)
+    out["syscall"] = raw["__syscall_nr"]
+    if "flags" in raw.dtype.names:
+        out["open_flags"] = raw["flags"].astype(np.int64).astype(np.int32)
+    out["path_status"] = paths.UNKNOWN
+    return [(FD_CHANGES, out)]
 
 
 # -- network -------------------------------------------------------------------
@@ -323,6 +338,7 @@ SOURCES: dict[str, Source] = {
     "bpf:file2": Source("bpf:file2", build_file2),
     "bpf:sock": Source("bpf:sock", build_sock),
     CWD_SOURCE: Source(CWD_SOURCE, build_cwd),
+    **{name: Source(name, build_dup) for name in DUP_SOURCES},
     "cgroup:cgroup_mkdir": Source("cgroup:cgroup_mkdir", build_nothing),
     "cgroup:cgroup_rmdir": Source("cgroup:cgroup_rmdir", build_nothing),
     "cgroup:cgroup_attach_task": Source("cgroup:cgroup_attach_task", build_nothing),
@@ -365,8 +381,8 @@ def sources_for(category: str, kinds: set[str] | frozenset[str] | None = None) -
     if by_kind is not None:
         wanted = by_kind if kinds is None else {k: s for k, s in by_kind.items() if k in kinds}
         found = list(dict.fromkeys(wanted.values()))
-        if category == "file" and found:  # cwd changes: relative names resolve from the stream
-            found.append(CWD_SOURCE)
+        if category == "file" and found:  # cwd and fd changes: names resolve from the stream
+            found += [CWD_SOURCE, *DUP_SOURCES]
         return found
     if category == "process":
         return list(PROCESS_SOURCES)

@@ -332,7 +332,7 @@ class Broker:
         if not window:
             return
         follow = "cgroup:cgroup_attach_task" in self.planner.plan["tracepoints"]
-        cwd = window.pop(catalog.CWD, None)                   # chdir/fchdir: for the paths stage only
+        cwd = window.pop(catalog.FD_CHANGES, None)            # chdir, fchdir, dup2: for the paths stage only
         self.identity.stamp(window, follow_attaches=follow)  # who, as of each event's time
         self.fd_paths.apply(window, cwd)                      # relative and fd-only names, from the stream
         self.sequence.number(window)                          # gap-free, across categories

@@ -184,7 +184,7 @@ def symlink_targets(pids: np.ndarray, links: np.ndarray, targets: np.ndarray,
 
 # -- paths from the event stream (release stage, after identity) ------------------
 O_CLOEXEC = 0o2000000
-_NR_FD_ONLY = np.array([81, 91, 93])      # fchdir, fchmod, fchown: no name, the fd itself
+_NR_FD_ONLY = np.array([33, 81, 91, 93, 292])  # dup2, fchdir, fchmod, fchown, dup3: no name, the fd itself
 _NR_CWD = np.array([80, 81])              # chdir, fchdir (rows of catalog.build_cwd)
 _NR_FOLLOWING = np.array([90, 92, 268])   # chmod, chown, fchmodat: follow the last symlink
 _MAX_CHAIN = 64                           # openat(fd of an openat(fd of ...)) depth resolved per window

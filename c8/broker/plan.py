@@ -191,8 +191,11 @@ def compute_plan(subscriptions: list, *, failed_bpf: dict[str, str] | None = Non
                 kf = _exclude_threads(kf, own_tids or [])
             tracepoints[src] = {"filter": kf}
     named = [bpf[f]["filter"] for f in ("open", "file1", "file2") if f in bpf]
-    if "cwd" in bpf and named and all(_absolute_bound(f) for f in named):
-        del bpf["cwd"]  # only absolute names are collected: no relative name needs a cwd
+    if named and all(_absolute_bound(f) for f in named):
+        # only absolute names are collected: none needs a cwd or a dirfd (fchmod/fchown drop too)
+        bpf.pop("cwd", None)
+        for src in catalog.DUP_SOURCES:
+            tracepoints.pop(src, None)
     # Collector cpu0 owns the eBPF maps: when it restarts, the others must fetch
     # the new map and plug their rings into it again.
     return {"enabled": bool(subscriptions) and not dormant, "tracepoints": tracepoints,

@@ -26,12 +26,14 @@ Notes:
   fchown: empty `filename`, the fd in `dirfd`) names what that fd names, as
   of the event: the broker keeps each process's descriptors learnt from the
   event stream (every successful OPEN's `ret` with its `path`, every
-  chdir/fchdir's cwd; copied to the child at fork, O_CLOEXEC ones dropped at
-  exec, all at exit; bounded by `fd_table.*`, evictions and resolutions
-  counted in `c8ctl status`), so a descriptor closed or reused, or a cwd
-  changed, right after the call does not matter. Only a descriptor or cwd
-  the stream did not show (from before the sensor started, or made by a call
-  not collected: dup2, fcntl, socket, a filtered-out open) is read from
+  chdir/fchdir's cwd, dup2/dup3's copies; copied to the child at fork,
+  O_CLOEXEC ones dropped at exec, all at exit; closes are not collected: an
+  entry lives until its number is set again; bounded by `fd_table.*`,
+  evictions and resolutions counted in `c8ctl status`), so a descriptor
+  closed or reused, or a cwd changed, right after the call does not matter.
+  Only a descriptor or cwd the stream did not show (from before the sensor
+  started, or made by a call not collected: dup, fcntl F_DUPFD, socket, a
+  filtered-out open) is read from
   `/proc/<pid>/cwd` or `/proc/<pid>/fd/<n>` when the record arrives. `path_status` says which
   (absolute, stream, proc) and why `path` is empty (unreadable, unknown).
   Directories are resolved with `openat2(RESOLVE_IN_ROOT)` from

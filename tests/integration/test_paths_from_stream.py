@@ -42,6 +42,15 @@ WORKLOAD = textwrap.dedent(r"""
     os.rename(D + "/sedAbc", D + "/conf")
     assert os.open(D + "/other", O_DIR) == fd
     done["fd"] = fd
+    # a shell's exec 40<dir: open, dup2 to a fixed number, close the original; then 40
+    # is made to name other/ (dup2 again) before the broker could read /proc
+    dfd = os.open(D + "/bin", O_DIR)
+    os.dup2(dfd, 40)
+    os.close(dfd)
+    os.close(os.open("via-dup2", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=40))
+    other = os.open(D + "/other", O_DIR)
+    os.dup2(other, 40)
+    os.close(other)
     # a child after fork uses the dirfd it inherited
     dfd = os.open(D + "/bin", O_DIR)
     child = os.fork()
@@ -89,7 +98,7 @@ def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
         try:
             done = json.loads(p.stdout.readline())
             pids = {p.pid, done["child"]}
-            want = {("OPEN", "sh"), ("ATTRIBUTE_CHANGE", 91), ("ATTRIBUTE_CHANGE", 93),
+            want = {("OPEN", "sh"), ("ATTRIBUTE_CHANGE", 91), ("ATTRIBUTE_CHANGE", 93), ("OPEN", "via-dup2"),
                     ("OPEN", "child-file"), ("CHILD_FCHMOD",)}
 
             def seen(evs):
@@ -124,6 +133,8 @@ def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
             "", f"{where}/sedAbc", "stream", done["fd"]), ch
     rename = one(p.pid, "RENAME")
     assert (rename["path"], rename["oldpath"]) == (f"{where}/conf", f"{where}/sedAbc")
+    dup = one(p.pid, "OPEN", filename="via-dup2")
+    assert (dup["path"], dup["path_status"], dup["dirfd"]) == (f"{where}/bin/via-dup2", "stream", 40)
     kid = one(done["child"], "OPEN", filename="child-file")
     assert (kid["path"], kid["path_status"], kid["ret"] >= 0) == (f"{where}/bin/child-file", "stream", True)
     kid_chmod = one(done["child"], "ATTRIBUTE_CHANGE")

@@ -234,4 +234,29 @@ def test_cwd_changes_are_collected_when_relative_names_can_be(flt, cwd):
 
     plan = compute_plan([parse_spec({"events": {"file": {"filter": flt} if flt else {}}}, b"peer")])
     assert ("cwd" in plan["bpf"]) is cwd
+    assert ("syscalls:sys_enter_dup2" in plan["tracepoints"]) is ("syscalls:sys_enter_dup3" in plan["tracepoints"]) is cwd
     assert "cwd" not in compute_plan([parse_spec({"events": {"process": {}}}, b"peer")])["bpf"]
+
+
+def test_dup2_and_dup3_copy_a_descriptor(stage):
+    """exec 3</etc in a shell: open, dup2 to 3, close the original; dup3 with O_CLOEXEC."""
+    fb = files((3, 43, "OPEN", b"passwd", 3, 4, 0))
+    dups = files((1, 43, "OPEN", b"/etc", AT_FDCWD, 10, O_DIRECTORY),
+                 (2, 43, "OPEN", b"", 10, 3, 0, 33),                   # dup2(10, 3)
+                 (4, 43, "OPEN", b"", 99, 5, 0, 33),                   # dup2 of an fd never seen
+                 (5, 43, "OPEN", b"", 3, 6, os.O_CLOEXEC, 292))        # dup3(3, 6, O_CLOEXEC)
+    window = {"file": fb}
+    stage.apply(window, dups[1:])
+    assert window["file"]["path"].tolist() == [b""]  # fd 10 was opened in no window seen
+    stage = paths.FromStream(FdTable(), proc=stage.proc)
+    window = {"file": files((3, 43, "OPEN", b"passwd", 3, 4, 0))}
+    stage.apply(window, rows_concat(dups[:1], dups[1:]))
+    assert window["file"]["path"].tolist() == [b"/etc/passwd"]
+    assert stage.table.get(43, 5) == b"" and stage.table.get(43, 6) == b"/etc"
+    stage.apply({"process": procs((6, 43, "EXEC", 0))})
+    assert stage.table.get(43, 6) is None and stage.table.get(43, 3) == b"/etc"
+
+
+def rows_concat(a, b):
+    from c8.schema import rows
+    return rows.concat([a, b])
