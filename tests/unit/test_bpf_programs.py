@@ -50,9 +50,16 @@ def test_exit_programs_output_and_delete():
             ins = disassemble(programs.exit_program(fam, sc, MAPS).assemble())
             calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
             assert 25 in calls and calls.index(25) < calls.index(3), sc.name  # output then delete
-            # size argument r5 equals the record size
+            # size argument r5: the record size; for a record of one name (name_len),
+            # the bytes before the name plus name_len, bounded by the field's size
+            dt = records.RECORDS[fam][1]
             size = [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 5]
-            assert size == [records.RECORDS[fam][1].itemsize]
+            if "name_len" in dt.names:
+                added = [imm for op, d, _s, _o, imm in ins if op == 0x07 and d == 5]  # r5 += imm
+                assert size == [records.NAME_LEN] and added == [records.offset(dt, "filename")], sc.name
+                assert records.offset(dt, "filename") + records.NAME_LEN == dt.itemsize
+            else:
+                assert size == [dt.itemsize]
 
 
 def test_enter_programs_save_to_pending_and_never_output():

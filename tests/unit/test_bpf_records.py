@@ -28,7 +28,7 @@ def test_sizes_and_string_widths():
     assert r["exec"][1]["argv"] == np.dtype("S1024")
     assert r["sock"][1]["addr"].shape == (112,)
     assert {n: dt.itemsize for n, (_, dt) in r.items()} == {
-        "open": 296, "file1": 304, "file2": 552, "exec": 1320, "sock": 168, "exit": 40, "cwd": 288}
+        "open": 304, "file1": 312, "file2": 552, "exec": 1320, "sock": 168, "exit": 40, "cwd": 288}
 
 
 def test_argv_text_turns_separators_into_spaces():
