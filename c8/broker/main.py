@@ -472,7 +472,7 @@ class Broker:
                            **{f"proc_{k}": v for k, v in self.processes.stats().items()}),
             "processes": len(self.processes.by_pid),
             "containers": self.containers.stats(),  # lookups that left names unknown, by cause
-            "fd_table": dict(self.fd_paths.table.stats(), resolved=self.fd_paths.resolved),
+            "fd_table": self.fd_paths.stats(),  # descriptors learnt from the stream, evictions
             "dormant": self.dormant,
             "limiter": {"enabled": self.limiter is not None,
                         "trips": getattr(self.limiter, "trips", 0)},

@@ -25,6 +25,7 @@ fchown, ``AT_EMPTY_PATH``) resolves to what the fd names.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -33,6 +34,8 @@ from c8 import schema
 from c8.broker import pathcanon
 from c8.host import proc as hostproc
 from c8.schema import rows
+
+log = logging.getLogger("c8.broker.paths")
 
 AT_FDCWD = -100
 MAX_RESOLVE = 1024  # kernel resolutions (3 syscalls each) per call; the rest as text
@@ -221,6 +224,10 @@ class FromStream:
         self.table = table
         self.proc = proc
         self.resolved = 0  # events whose path came from the stream
+        self.failures = 0  # windows this stage failed on (logged): their paths stay as /proc said
+
+    def stats(self) -> dict:
+        return dict(self.table.stats(), resolved=self.resolved, failures=self.failures)
 
     def apply(self, window: dict[str, np.ndarray], cwd: np.ndarray | None = None) -> None:
         """Resolve the window's file events and learn from them and its process events.
@@ -239,7 +246,11 @@ class FromStream:
             return
         births = {child: (t, parent) for t, kind, parent, child in events if kind == b"fork"}
         index = _DefIndex(fb)
-        self._resolve(fb, index, births)
+        try:
+            self._resolve(fb, index, births)
+        except Exception:  # a bug here must not stop the pipeline: the window keeps /proc's paths
+            self.failures += 1
+            log.exception("resolving the paths of a window of %d file events failed", len(fb))
         self._learn(fb, index, events)
         if cwd is not None and len(cwd) and "file" in window:
             window["file"] = rows.take(fb, files)

@@ -260,3 +260,13 @@ def test_dup2_and_dup3_copy_a_descriptor(stage):
 def rows_concat(a, b):
     from c8.schema import rows
     return rows.concat([a, b])
+
+
+def test_a_failure_keeps_the_window_and_is_counted(stage, monkeypatch, caplog):
+    def broken(*_a):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(stage, "_resolve", broken)  # stands for a bug on some odd window
+    fb = files((1, 44, "OPEN", b"/etc", AT_FDCWD, 3, O_DIRECTORY), (2, 44, "OPEN", b"x", 3, 4, 0))
+    stage.apply({"file": fb})
+    assert fb["path"].tolist() == [b"/etc", b""] and stage.stats()["failures"] == 1
+    assert stage.table.get(44, 3) == b"/etc" and "resolving the paths" in caplog.text
