@@ -29,7 +29,7 @@ Notes:
   chdir/fchdir's cwd, dup2/dup3's copies; copied to the child at fork,
   O_CLOEXEC ones dropped at exec, all at exit; closes are not collected: an
   entry lives until its number is set again; bounded by `fd_table.*`,
-  evictions and resolutions counted in `c8ctl status`), so a descriptor
+  evictions and resolutions counted in `c8ctl status --json`), so a descriptor
   closed or reused, or a cwd changed, right after the call does not matter.
   Only a descriptor or cwd the stream did not show (from before the sensor
   started, or made by a call not collected: dup, fcntl F_DUPFD, socket, a
