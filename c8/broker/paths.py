@@ -191,6 +191,7 @@ _NR_FD_ONLY = np.array([33, 81, 91, 93, 292])  # dup2, fchdir, fchmod, fchown, d
 _NR_CWD = np.array([80, 81])              # chdir, fchdir (rows of catalog.build_cwd)
 _NR_FOLLOWING = np.array([90, 92, 268])   # chmod, chown, fchmodat: follow the last symlink
 _MAX_CHAIN = 64                           # openat(fd of an openat(fd of ...)) depth resolved per window
+_MAX_INHERITED = 1024                     # names looked up one by one per window (children born in it)
 
 
 def _keys(pids: np.ndarray, fds: np.ndarray) -> np.ndarray:
@@ -215,7 +216,8 @@ class FromStream:
 
     Work per window: numpy over the file events; Python per unique (pid, fd)
     looked up in the table, per event only for children born in the window
-    using an inherited fd before opening their own, per process event, and per
+    using an inherited fd before opening their own (at most ``_MAX_INHERITED``;
+    the rest keep what /proc said), per process event, and per
     (pid, fd) opened in the window (deduplicated, so a storm reopening fd 3
     costs one).
     """
@@ -266,7 +268,7 @@ class FromStream:
             return base_row, base_text
         times = fb["sensor_monotime_nanos"]
         born = np.isin(pids[miss], np.fromiter(births, np.int64, len(births))) if births else np.zeros(len(miss), bool)
-        for j in miss[born].tolist():  # children born in this window: their parent's fd as of the fork
+        for j in miss[born][:_MAX_INHERITED].tolist():  # children born in this window: the parent's fd at fork
             row, text = self._inherited(fb, index, births, int(pids[j]), int(fds[j]), int(times[rows[j]]))
             base_row[j] = row
             base_text[j] = text
