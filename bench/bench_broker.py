@@ -6,7 +6,9 @@ process-table fill, filter masks and publisher, onto a real ROUTER socket; 1,
 10 and 50 real zmq DEALER subscribers in a child process read and count
 everything (events delivered plus lost counts). Each subscriber has its own
 filter, ``id == k`` keeping a tenth of the events, so every event is
-evaluated once per subscriber.
+evaluated once per subscriber. The same with 10 subscribers whose filters
+also name the lineage (``parent.exec_filename == ...``, ``ancestor.exec_filename
+== ...``), each event's process five levels below init, gives their cost.
 
 The anchor is what feeds the broker: the collectors' decode rate on one CPU
 (bench_decode's method: a real ring filled by a syscall storm, walked and
@@ -58,8 +60,16 @@ class NullSocket:
         pass
 
 
-def subscribers(endpoint: str, n: int, ready, totals) -> None:
-    """Child: n DEALERs subscribe (filter id == i % 10), then count until told to stop."""
+FILTERS = {
+    "id": "id == {k}",
+    "parent": 'id == {k} and parent.exec_filename == "/usr/sbin/sshd-5"',
+    "ancestor": 'id == {k} and ancestor.exec_filename == "/usr/sbin/sshd-1"',
+}
+ANCESTORS = 5  # each event's process has this many ancestors below init, all known
+
+
+def subscribers(endpoint: str, n: int, ready, totals, flt: str = FILTERS["id"]) -> None:
+    """Child: n DEALERs subscribe (filter ``flt`` with k = i % 10), then count until told to stop."""
     ctx = zmq.Context()
     socks = []
     for i in range(n):
@@ -67,7 +77,7 @@ def subscribers(endpoint: str, n: int, ready, totals) -> None:
         s.setsockopt(zmq.RCVHWM, 100000)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(endpoint)
-        s.send(control.request("subscribe", {"events": {"syscall": {"filter": f"id == {i % 10}"}}}, i))
+        s.send(control.request("subscribe", {"events": {"syscall": {"filter": flt.format(k=i % 10)}}}, i))
         socks.append(s)
     for s in socks:
         msgpack.unpackb(s.recv())
@@ -102,7 +112,21 @@ def subscribers(endpoint: str, n: int, ready, totals) -> None:
     print(f"    ({n} subscribers: delivered {got}, lost {lost})", flush=True)
 
 
-def broker_rate(n_subs: int, total: int) -> float:
+def seed_lineage(broker: Broker) -> None:
+    """Processes 1000-1099 (the events' pids), each below a chain of ANCESTORS
+    programs /usr/sbin/sshd-1 .. -5 under init: what lineage filters walk."""
+    parent = 1
+    for level in range(1, ANCESTORS + 1):
+        pid = 900 + level
+        broker.processes.on_fork(parent, pid, False)
+        broker.processes.on_exec(pid, f"/usr/sbin/sshd-{level}", f"sshd-{level}")
+        parent = pid
+    for pid in range(1000, 1100):
+        broker.processes.on_fork(parent, pid, False)
+        broker.processes.on_exec(pid, "/bin/work", "work")
+
+
+def broker_rate(n_subs: int, total: int, flt: str = FILTERS["id"]) -> float:
     """Events/s through build -> merge -> fill -> filter -> publish to n_subs subscribers."""
     with tempfile.TemporaryDirectory() as tmp:
         broker = Broker(child_config(run_dir=tmp, sensor_id_file=os.path.join(tmp, "id"), subscriber_queue=100000))
@@ -115,7 +139,8 @@ def broker_rate(n_subs: int, total: int) -> float:
         broker.plan_pub = NullSocket()
         ready = mp.Event()
         totals = mp.Value("q", 0)
-        child = mp.get_context("fork").Process(target=subscribers, args=(endpoint, n_subs, ready, totals))
+        seed_lineage(broker)
+        child = mp.get_context("fork").Process(target=subscribers, args=(endpoint, n_subs, ready, totals, flt))
         child.start()
         while len(broker.subscriptions) < n_subs:
             if broker.control.poll(100):
@@ -181,6 +206,12 @@ def main() -> None:
     for k, v in anchors.items():
         print(f"  anchor {k}: {v:,.0f} events/s")
     print("  (ratio = broker rate / anchor; each subscriber's filter keeps 1/10 of the events)")
+    base = dict(rows)[10]
+    print()
+    print(f"lineage filters, 10 subscribers ({ANCESTORS} ancestors per process), vs `id == k` ({base:,.0f}/s):")
+    for name in ("parent", "ancestor"):
+        rate = broker_rate(10, total, FILTERS[name])
+        print(f"  {FILTERS[name].format(k='k'):60} {rate:12,.0f} events/s  ratio {rate / base:.2f}")
 
 
 if __name__ == "__main__":
