@@ -51,6 +51,12 @@ WORKLOAD = textwrap.dedent(r"""
     other = os.open(D + "/other", O_DIR)
     os.dup2(other, 40)
     os.close(other)
+    # crontab's pattern: a temporary file renamed over the target, both relative to a dirfd
+    dfd = os.open(D + "/bin", O_DIR)
+    os.close(os.open("tmp.X", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=dfd))
+    os.rename("tmp.X", "root", src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.close(dfd)
+    os.open(D + "/other", O_DIR)
     # a child after fork uses the dirfd it inherited
     dfd = os.open(D + "/bin", O_DIR)
     child = os.fork()
@@ -98,7 +104,7 @@ def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
         try:
             done = json.loads(p.stdout.readline())
             pids = {p.pid, done["child"]}
-            want = {("OPEN", "sh"), ("ATTRIBUTE_CHANGE", 91), ("ATTRIBUTE_CHANGE", 93), ("OPEN", "via-dup2"),
+            want = {("OPEN", "sh"), ("ATTRIBUTE_CHANGE", 91), ("ATTRIBUTE_CHANGE", 93), ("OPEN", "via-dup2"), ("RENAME", "root"),
                     ("OPEN", "child-file"), ("CHILD_FCHMOD",)}
 
             def seen(evs):
@@ -106,8 +112,8 @@ def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
                 for e in evs:
                     if e["process_pid"] not in pids or e["type"] != "file":
                         continue
-                    if e["kind"] == "OPEN":
-                        got.add(("OPEN", e["filename"]))
+                    if e["kind"] in ("OPEN", "RENAME"):
+                        got.add((e["kind"], e["filename"]))
                     elif e["kind"] == "ATTRIBUTE_CHANGE":
                         got.add(("CHILD_FCHMOD",) if e["process_pid"] == done["child"] else
                                 ("ATTRIBUTE_CHANGE", e["syscall"]))
@@ -131,8 +137,10 @@ def test_relative_and_fd_only_names_resolve_from_the_stream(shared_sensor):
         ch = one(p.pid, "ATTRIBUTE_CHANGE", syscall=nr)
         assert (ch["filename"], ch["path"], ch["path_status"], ch["dirfd"]) == (
             "", f"{where}/sedAbc", "stream", done["fd"]), ch
-    rename = one(p.pid, "RENAME")
+    rename = one(p.pid, "RENAME", filename=f"{where}/conf")
     assert (rename["path"], rename["oldpath"]) == (f"{where}/conf", f"{where}/sedAbc")
+    cron = one(p.pid, "RENAME", filename="root")
+    assert (cron["path"], cron["oldpath"], cron["path_status"]) == (f"{where}/bin/root", f"{where}/bin/tmp.X", "stream")
     dup = one(p.pid, "OPEN", filename="via-dup2")
     assert (dup["path"], dup["path_status"], dup["dirfd"]) == (f"{where}/bin/via-dup2", "stream", 40)
     kid = one(done["child"], "OPEN", filename="child-file")
