@@ -88,8 +88,10 @@ class _Runner:
                 log.warning("%s lookup %r failed: %r", pool.name, job.key, exc)
             with pool._lock:
                 self.current = None
-                if job.state == RUNNING:  # not given up meanwhile: a late answer is dropped
+                if job.state == RUNNING:
                     pool._end(job, state, result)
+                else:  # given up meanwhile: its late answer is dropped, its return told
+                    pool._returned.append(job)
                 if self.stuck:  # its read came back: one stuck thread fewer
                     pool.counts["stuck_threads"] -= 1
                     return
@@ -113,6 +115,7 @@ class LookupPool:
         self._queued = 0
         self._runners: list[_Runner] = []
         self._finished: collections.deque[Lookup] = collections.deque()
+        self._returned: collections.deque[Lookup] = collections.deque()  # given up, then came back
         self._lock = threading.Lock()
         self._progress = threading.Condition(self._lock)
         self._ended = 0  # lookups ended so far; a wait that timed out waits again only after progress
@@ -171,6 +174,14 @@ class LookupPool:
         out = []
         while self._finished:
             out.append(self._finished.popleft())
+        return out
+
+    def returned(self) -> list[Lookup]:
+        """Lookups given up at their deadline whose read has come back since the
+        last call (the stall ended; their thread is gone)."""
+        out = []
+        while self._returned:
+            out.append(self._returned.popleft())
         return out
 
     def wait(self, jobs: list[Lookup], timeout: float) -> bool:

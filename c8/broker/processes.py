@@ -13,14 +13,15 @@ identity until the answer arrives, and the events after it take it
 (:meth:`ProcessTable.collect`, at every window). Identity (stat, status, exe)
 and command line are read by separate pools, so a stalled command line never
 delays an identity; a command line read that times out leaves it empty and
-its uid is remembered: that uid's command lines are not read again (a user
-can only stall reads of its own processes' memory, and hides nothing it
-could not hide by rewriting its argv). The forks and execs of a window get
-their /proc facts (the child's start time, the credentials after exec, a
-command line eBPF could not read) from one lookup the release waits for at
-most ``prefetch_wait`` (budgeted); when it is late, the child's start time
-comes from the fork event's time and the credentials stay as they were,
-counted ``prefetch_late``. Counters: :meth:`ProcessTable.stats` (``c8ctl
+its uid is remembered: that uid's command lines are not read while one of
+its reads is stuck (a user can only stall reads of its own processes'
+memory, and hides nothing it could not hide by rewriting its argv). The
+forks and execs of a window get their /proc facts (the child's start time,
+the credentials after exec, a command line eBPF could not read) from one
+lookup on a pool of its own, which the release waits for at most
+``prefetch_wait`` (budgeted); when it is late, the child's start time comes
+from the fork event's time and the credentials stay as they were, counted
+``prefetch_late``. Counters: :meth:`ProcessTable.stats` (``c8ctl
 status`` counts, ``proc_*``).
 """
 
@@ -43,7 +44,6 @@ log = logging.getLogger("c8.broker.processes")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CREDENTIALS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
 RETRY_UNKNOWN = 1.0  # s before a pid /proc did not know is looked up again
-MAX_STALLING_UIDS = 1024
 
 
 def boot_id() -> str:
@@ -113,10 +113,14 @@ class ProcessTable:
                                      threaded=threaded)
         self.cmdlines = LookupPool("proc-cmdline", workers=2, max_stuck=max_stuck, deadline=deadline,
                                    threaded=threaded)
+        # the window's forks and execs: its own thread, never queued behind misses; its
+        # reads were the loop's own work before, so the loop may wait for them longer
+        self.windows = LookupPool("proc-window", workers=1, max_stuck=2, deadline=deadline,
+                                  wait_budget=0.25, threaded=threaded)
         self.prefetch_wait = prefetch_wait
         self._pending: set[int] = set()  # pids whose identity lookup is under way
         self._unknown: dict[int, float] = {}  # pid -> when /proc last did not know it
-        self._stalling_uids: set[int] = set()  # uids one of whose command lines timed out
+        self._stalling_uids: dict[int, int] = {}  # uid -> its command line reads stuck now
         self._births: dict[int, hostproc.Stat | None] = {}  # this window's fork children, read beside
         self._execs: dict[int, tuple] = {}  # this window's exec pids: (stat, credentials)
         self._exec_cmdlines: dict[int, str] = {}  # this window's execs eBPF gave no argv
@@ -162,12 +166,13 @@ class ProcessTable:
         the table still lacks (events are newer: a pid they taught meanwhile
         keeps theirs), command lines of processes still without one."""
         now = time.monotonic()
-        self.identities.check()
-        self.cmdlines.check()
+        for pool in (self.identities, self.cmdlines, self.windows):
+            pool.check()
+        self.windows.finished()  # prefetch took its answers itself
         for job in self.identities.finished():
             pid = job.key
-            if not isinstance(pid, int) or pid not in self._pending:
-                continue  # a window's read (prefetch), or the process exited meanwhile
+            if pid not in self._pending:
+                continue  # the process exited meanwhile
             self._pending.discard(pid)
             found = job.result if job.state == DONE else None
             if found is None:
@@ -190,27 +195,34 @@ class ProcessTable:
                 self._ask_cmdline(pid, process_id, creds.get("uid"))
         for job in self.cmdlines.finished():
             pid, process_id, uid = job.key
-            if job.state == TIMED_OUT and uid is not None and uid not in self._stalling_uids:
-                if len(self._stalling_uids) < MAX_STALLING_UIDS:
-                    self._stalling_uids.add(uid)
-                log.warning("the command line of pid %d (uid %s) could not be read in %.1fs: "
-                            "command lines of uid %s are not read any more", pid, uid, job.deadline, uid)
+            if job.state == TIMED_OUT and uid is not None:  # bounded: one per stuck thread
+                self._stalling_uids[uid] = self._stalling_uids.get(uid, 0) + 1
+                log.warning("the command line of pid %d (uid %s) could not be read in %.1fs: command "
+                            "lines of uid %s are not read while it is stuck", pid, uid, job.deadline, uid)
             p = self.by_pid.get(pid)
             if job.state == DONE and p is not None and not p.command_line and (
                     process_id is None or p.process_id == process_id):
                 p.command_line = job.result
+        for job in self.cmdlines.returned():  # a stuck read came back: the stall is over
+            uid = job.key[2]
+            if self._stalling_uids.get(uid, 0) > 1:
+                self._stalling_uids[uid] -= 1
+            elif self._stalling_uids.pop(uid, None) is not None:
+                log.info("a stuck command line read of uid %s came back: its command lines are read again", uid)
 
     def stats(self) -> dict[str, int]:
         """Counters for ``c8ctl status`` (``counts``, prefixed ``proc_``): misses
         looked up, and every way a lookup left an identity or a command line unknown."""
-        self.identities.check()
-        self.cmdlines.check()
-        i, c = self.identities.counts, self.cmdlines.counts
+        self.collect()  # the loop's thread, between windows: as at a window's start
+        pools = (self.identities, self.cmdlines, self.windows)
+        i, c, w = (pool.counts for pool in pools)
         return {"known": len(self.by_pid), **self.counts,
-                "lookups": i["lookups"], "lookup_failed": i["failed"], "lookup_timed_out": i["timed_out"],
-                "lookup_dropped": i["dropped"], "cmdline_lookups": c["lookups"],
+                "lookups": i["lookups"], "lookup_failed": i["failed"] + w["failed"],
+                "lookup_timed_out": i["timed_out"] + w["timed_out"],
+                "lookup_dropped": i["dropped"] + w["dropped"], "cmdline_lookups": c["lookups"],
                 "cmdline_failed": c["failed"], "cmdline_timed_out": c["timed_out"],
-                "cmdline_dropped": c["dropped"], "stuck_threads": i["stuck_threads"] + c["stuck_threads"],
+                "cmdline_dropped": c["dropped"],
+                "stuck_threads": sum(pool.counts["stuck_threads"] for pool in pools),
                 "stalling_uids": len(self._stalling_uids)}
 
     def prefetch(self, children: list[int], execs: list[int], no_argv: list[tuple[int, int]]) -> None:
@@ -221,7 +233,7 @@ class ProcessTable:
         jobs = []
         if children or execs:
             proc = self.proc
-            jobs.append(self.identities.submit(("window",), lambda: read_window(children, execs, proc)))
+            jobs.append(self.windows.submit("window", lambda: read_window(children, execs, proc)))
         cmd_jobs = []
         for pid, uid in no_argv:
             if uid in self._stalling_uids:
@@ -232,7 +244,7 @@ class ProcessTable:
                 lambda pid=pid, proc=self.proc: hostproc.command_line(pid, proc).decode(errors="replace")))
         jobs = [j for j in jobs if j is not None]
         cmd_jobs = [j for j in cmd_jobs if j is not None]
-        if jobs and self.identities.wait(jobs, self.prefetch_wait) and jobs[0].state == DONE:
+        if jobs and self.windows.wait(jobs, self.prefetch_wait) and jobs[0].state == DONE:
             self._births, self._execs = jobs[0].result
         if cmd_jobs:
             self.cmdlines.wait(cmd_jobs, self.prefetch_wait)

@@ -7,8 +7,10 @@ its command line is cut at a cap, never refused.
 
 One caveat no reader here can remove: reading another process's
 ``cmdline`` takes its mm lock, which that process can hold for long
-(a page fault on a stalled FUSE mount). Callers that must never wait read
-it off their critical path (the broker's container worker does).
+(measured: a thread blocked in mmap() of a FUSE direct_io file whose page
+an unanswered read keeps locked holds it for writing). Callers that must
+never wait read it off their critical path (the broker's container worker
+and its process lookups, c8.broker.lookups, do).
 """
 
 from __future__ import annotations

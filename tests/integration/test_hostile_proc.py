@@ -223,6 +223,7 @@ def test_a_process_stalling_its_cmdline_stalls_nothing_of_the_sensor(tmp_path, s
         counts = wait_for(lambda: (lambda c: c if c["proc_stuck_threads"] == 0 else None)(
             c8ctl_status(s.run_dir)["counts"]), 20, what="the stuck thread to end")
         assert counts["proc_cmdline_timed_out"] == 1
+        assert counts["proc_stalling_uids"] == 0  # the stall is over: root's command lines are read again
         assert s.status()["broker_pid"] == broker  # never restarted
         assert all(c["restarts"] == 0 for c in s.children()), s.children()
     finally:

@@ -47,7 +47,7 @@ def test_a_stuck_read_is_given_up_and_later_lookups_still_answer():
         assert pool.counts["timed_out"] == 1 and pool.counts["stuck_threads"] == 1
         gate.set()  # the read comes back late: its answer is dropped, its thread ends
         wait_until(lambda: pool.counts["stuck_threads"] == 0)
-        assert stuck.state == TIMED_OUT
+        assert stuck.state == TIMED_OUT and [j.key for j in pool.returned()] == ["stuck"]
         ended = {j.key: j.state for j in pool.finished()}
         assert ended == {"stuck": TIMED_OUT, **{i: DONE for i in range(5)}}
     finally:
@@ -169,10 +169,13 @@ def test_a_stalled_command_line_leaves_identity_known_and_other_users_read(tmp_p
         wait_until(lambda: (t.collect(), t.by_pid.get(700) and t.by_pid[700].command_line == "other")[1])
         wait_until(lambda: (t.collect(), 601 in t.by_pid)[1])
         assert t.by_pid[601].command_line == "" and t.stats()["cmdline_skipped"] == 1
-        gate.set()  # the stuck read returns late: dropped, its thread ends
+        gate.set()  # the stuck read returns late: dropped, its thread ends, its uid is read again
         wait_until(lambda: t.stats()["stuck_threads"] == 0)
         t.collect()
-        assert t.by_pid[600].command_line == ""
+        assert t.by_pid[600].command_line == "" and t.stats()["stalling_uids"] == 0
+        fake_proc(tmp_path, 602, uid=1001, cmdline=b"again\0")
+        t.get(602)
+        wait_until(lambda: (t.collect(), t.by_pid.get(602) and t.by_pid[602].command_line == "again")[1])
     finally:
         gate.set()
         t.identities.close()
