@@ -12,8 +12,8 @@ objects), one root and one base per unique pid and (pid, dirfd), and at most
 ``MAX_RESOLVE`` resolutions through the kernel per call; beyond that names
 are cleaned as text. Resolution reads the dentry cache only; what it cannot
 answer is retried beside the caller within 20 ms per call (``SLOW``), so a
-stalled file system never stalls the broker. Nothing is kept between batches: a cached answer would
-let a process swap a symlink under it.
+stalled file system never stalls the broker. No resolution is kept between
+batches: a cached answer would let a process swap a symlink under it.
 
 When the process has exited by then (most short-lived programs have), its
 root, cwd and fds cannot be asked: an absolute name is cleaned as text
@@ -21,6 +21,13 @@ root, cwd and fds cannot be asked: an absolute name is cleaned as text
 ``..``) and a relative one gets an empty path. An empty name (unreadable by
 the eBPF program) gets an empty path too. An empty name with an fd (fchmod,
 fchown, ``AT_EMPTY_PATH``) resolves to what the fd names.
+
+That first answer, read from /proc when the batch arrives, is only the
+fallback for relative and fd-only names: at release, :class:`FromStream`
+resolves them against the directories, cwds and descriptors the process's
+own earlier events named (:mod:`c8.broker.fdtable`), as they were at the
+event's time. ``path_status`` tells which answer an event carries
+(:func:`status`).
 """
 
 from __future__ import annotations
