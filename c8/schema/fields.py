@@ -164,7 +164,7 @@ PAYLOAD: dict[str, tuple[Field, ...]] = {
               "broker: event stream, /proc/<pid>/root, cwd, fd/<n>"),
         Field("oldname", "S256", "RENAME/LINK/SYMLINK: source path", "eBPF"),
         Field("oldpath", "S256", "RENAME/LINK: oldname resolved like path; SYMLINK: the target, "
-              "resolved from the link's directory", "broker: /proc/<pid>/root, cwd, fd/<n>"),
+              "resolved from the link's directory", "broker: event stream, /proc/<pid>/root, cwd, fd/<n>"),
         Field("newname", "S256", "RENAME/LINK/SYMLINK: target path", "eBPF"),
         Field("open_flags", "i4", "OPEN: flags", "eBPF"),
         Field("open_mode", "i4", "OPEN/CREATE/ATTRIBUTE_CHANGE: mode", "eBPF"),
