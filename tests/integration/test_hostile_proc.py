@@ -229,3 +229,18 @@ def test_a_process_stalling_its_cmdline_stalls_nothing_of_the_sensor(tmp_path, s
     finally:
         release()
         s.stop()
+
+
+def test_the_sensor_stops_while_a_read_is_stuck(tmp_path, stalled):
+    """A stuck reader waits killably (mmap_read_lock_killable): the broker's
+    exit is not held by it, so SIGTERM stops the sensor as usual."""
+    holder, _release = stalled
+    (tmp_path / "sensor").mkdir()
+    s = Sensor(tmp_path / "sensor").start()
+    try:
+        wait_for(lambda: c8ctl_status(s.run_dir)["counts"]["proc_stuck_threads"] == 1, 20,
+                 what="the broker's stuck read")
+        assert _cmdline_stalls(holder.pid, 0.2)
+    finally:
+        assert s.stop(timeout=20) == 0  # raises when the supervisor does not stop
+    assert holder.poll() is None  # still stalling: nothing waited for it
