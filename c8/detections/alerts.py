@@ -13,7 +13,7 @@ PRIORITIES = ("emergency", "alert", "critical", "error", "warning", "notice", "i
 PRIORITY_ALIASES = {"emerg": "emergency", "crit": "critical", "err": "error", "warn": "warning",
                     "info": "informational"}
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")  # dotted: caught as unknown
 MISSING = "<NA>"
 
 

