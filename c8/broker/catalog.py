@@ -108,12 +108,28 @@ def build_newtask(raw: np.ndarray) -> Built:
     return [("process", out)]
 
 
+NR_EXECVEAT = 322  # x86_64
+
+
 def build_exec_bpf(raw: np.ndarray) -> Built:
     ok = raw[raw["ret"] == 0]
     out = base("process", ok, "EXEC")
-    out["exec_filename"] = ok["filename"]
+    out["exec_filename"] = exec_filenames(ok)
     out["exec_command_line"] = ok["argv"]
     return [("process", out)]
+
+
+def exec_filenames(raw: np.ndarray) -> np.ndarray:
+    """The names of exec records; an exec of a descriptor (execveat(fd, "",
+    AT_EMPTY_PATH): fexecve of a memfd, a runtime re-executing its cloned binary)
+    named as the kernel names it, /dev/fd/<fd>."""
+    names = raw["filename"]
+    by_fd = (raw["nr"] == NR_EXECVEAT) & (names == b"")
+    if not by_fd.any():
+        return names
+    names = names.copy()
+    names[by_fd] = [b"/dev/fd/%d" % fd for fd in raw["dirfd"][by_fd].tolist()]  # few: per exec
+    return names
 
 
 def build_exec_tp(raw: np.ndarray) -> Built:

@@ -94,9 +94,9 @@ class Identity:
         before it are applied first, a child inherits its parent's container (when
         attaches are collected, so moves are seen), and an exited pid stays known
         until the next window (its other events of this window still resolve).
-        RUNNING is the first exec inside a container whose birth was seen (runc's
-        helper attaches first and execs before, on the host); EXITED is the exit
-        of that init.
+        RUNNING is the first exec by path inside a container whose birth was seen
+        (runc's helper attaches first and execs before, on the host, and re-executes
+        its cloned binary by fd inside); EXITED is the exit of that init.
         """
         pt, ct = self.processes, self.containers
         fork, exe, exit_ = (schema.kind_code("process", k) for k in ("FORK", "EXEC", "EXIT"))
@@ -141,7 +141,9 @@ class Identity:
                     batch["parent_pid"][i] = parent.pid
                     batch["parent_process_id"][i] = parent.process_id
                     batch["parent_exec_filename"][i] = parent.exec_filename.encode()
-                if idx and ct.mark_running(idx, pid):
+                # An exec by fd (the kernel names it /dev/fd/N: a runtime re-executing
+                # its own cloned binary, as runc init does) is not the container's init.
+                if idx and not ev["exec_filename"].startswith(b"/dev/fd/") and ct.mark_running(idx, pid):
                     extra.append(self._container_event(ev, "RUNNING", idx, host_pid=pid))
             else:
                 init = ct.init_of(pid)

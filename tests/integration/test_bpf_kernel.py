@@ -235,8 +235,11 @@ def test_a_record_holds_only_its_names_bytes_and_a_name_unread_at_entry_is_read_
     raw = mine[0]
     rec = np.frombuffer(raw[: dt.itemsize].ljust(dt.itemsize, b"\0"), dt)[0]
     assert rec["filename"] == want and rec["name_len"] == len(want) + 1 and rec["ret"] >= 0
-    # only the name's bytes were written (perf pads the raw data to 8 bytes)
+    # only the name's bytes were written, up to where perf would pad the raw data with
+    # stale ring bytes: every byte after the name is the record's own zero
     assert len(raw) < records.offset(dt, "filename") + len(want) + 1 + 8 < dt.itemsize
+    assert (len(raw) + 4) % 8 == 0 and raw[records.offset(dt, "filename") + len(want):] == \
+        bytes(len(raw) - records.offset(dt, "filename") - len(want))
 
 
 def test_file_ops(cap, tmp_path):
@@ -302,11 +305,11 @@ def test_exec_from_a_thread_other_than_the_leader(manager, cap):
     assert not any(struct.unpack("<Q", k)[0] >> 32 == p.pid for k in _keys(pending))
 
 
-def test_exec_by_execveat_of_an_open_file_is_counted_lost(manager, cap):
-    """execveat(fd, "", AT_EMPTY_PATH), as runc execs its cloned binary: a successful
-    one returns through sys_exit_execve here (the exit reports nr 59), so its record
-    is dropped as stale, and counted (see exit_program): a known loss, never a
-    silent one. A failed one returns through its own exit and is recorded."""
+def test_exec_by_execveat_of_an_open_file_or_a_memfd_is_recorded(manager, cap):
+    """execveat(fd, "", AT_EMPTY_PATH), as runc execs its cloned binary and as fileless
+    malware execs a memfd (fexecve): a successful one returns through
+    sys_exit_execve (the exit reports nr 59), and its record is output there, never
+    dropped. A failed one returns through its own exit and is recorded too."""
     manager.losses()
     p = run_child("""
         import ctypes, os
@@ -319,10 +322,21 @@ def test_exec_by_execveat_of_an_open_file_is_counted_lost(manager, cap):
         libc.syscall(322, fd, b"", argv, envp, 0x1000)  # AT_EMPTY_PATH
         raise SystemExit(f"execveat failed: {ctypes.get_errno()}")
     """)
-    cap.wait(lambda: cap.of(p.pid, "exit"))
+    m = run_child("""
+        import os
+        fd = os.memfd_create("payload", 0)
+        with open("/bin/true", "rb") as f:
+            os.write(fd, f.read())
+        os.execve(fd, ["payload", "from-a-memfd"], {})  # fexecve
+    """)
+    cap.wait(lambda: cap.of(p.pid, "exit") and cap.of(m.pid, "exit"))
     recs = [r for r in cap.of(p.pid, "exec") if r["nr"] == 322]
-    assert len(recs) == 1 and recs[0]["ret"] < 0 and recs[0]["argv"] == b"/bin/true\0via-execveat"
-    assert _lost(manager.losses(), "exec", "stale") == 1
+    assert [(r["ret"] < 0, r["argv"]) for r in recs] == [(True, b"/bin/true\0via-execveat"),
+                                                          (False, b"/bin/true\0via-execveat")]
+    assert recs[1]["ret"] == 0 and recs[1]["filename"] == b""
+    fileless = [r for r in cap.of(m.pid, "exec") if r["nr"] == 322]
+    assert len(fileless) == 1 and fileless[0]["ret"] == 0 and fileless[0]["argv"] == b"payload\0from-a-memfd"
+    assert _lost(manager.losses(), "exec", "stale") == 0
 
 
 def _keys(map_fd: int) -> list[bytes]:

@@ -95,6 +95,33 @@ def test_short_lived_process_full_command_line(shared_sensor):
     assert ev["exec_command_line"] == "/bin/true a b c"
 
 
+FILELESS = """
+import os, sys
+fd = os.memfd_create("payload", 0)
+with open("/bin/true", "rb") as f:
+    os.write(fd, f.read())
+print(fd, flush=True)
+sys.stdin.readline()
+os.execve(fd, ["payload", "fileless-mark"], {})  # fexecve: execveat(fd, "", AT_EMPTY_PATH)
+"""
+
+
+def test_fileless_exec_of_a_memfd_is_an_exec(shared_sensor):
+    """A program run from memory (memfd + fexecve, no file on disk) is an EXEC like
+    any other: named as the kernel names it, /dev/fd/<fd>, with its command line."""
+    import sys
+    with shared_sensor.client.subscribe(
+            {"events": {"process": {"filter": 'kind == "EXEC" and exec_command_line == "payload fileless-mark"'}}}) as sub:
+        p = subprocess.Popen([sys.executable, "-c", FILELESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        fd = int(p.stdout.readline())
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.wait(10) == 0
+        events = collect(sub, lambda evs: any(e["type"] == "process" for e in evs), timeout=20)
+    execs = [e for e in events if e["type"] == "process"]
+    assert [(e["process_pid"], e["exec_filename"]) for e in execs] == [(p.pid, f"/dev/fd/{fd}")]
+
+
 def test_no_perf_event_after_last_unsubscribe(shared_sensor):
     collectors = [c["pid"] for c in shared_sensor.children() if c["name"].startswith("c8-collector")]
     assert collectors

@@ -54,9 +54,10 @@ def test_exit_programs_output_and_delete():
             # the bytes before the name plus name_len, bounded by the field's size
             dt = records.RECORDS[fam][1]
             size = [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 5]
-            if "name_len" in dt.names:
+            if "name_len" in dt.names:  # up to the next (u64 - 4) boundary: no kernel padding
                 added = [imm for op, d, _s, _o, imm in ins if op == 0x07 and d == 5]  # r5 += imm
-                assert size == [records.NAME_LEN] and added == [records.offset(dt, "filename")], sc.name
+                assert size == [records.NAME_LEN, dt.itemsize], sc.name
+                assert added == [records.offset(dt, "filename") + 11, -4], sc.name
                 assert records.offset(dt, "filename") + records.NAME_LEN == dt.itemsize
             else:
                 assert size == [dt.itemsize]

@@ -90,6 +90,7 @@ def arg(i: int) -> int:
 
 
 RET_OFF = 16  # sys_exit ctx: long ret
+NR_EXECVE, NR_EXECVEAT = 59, 322  # x86_64
 NR_OFF = 8  # __syscall_nr
 
 
@@ -493,11 +494,15 @@ def _output(p: Program, perf_fd: int, size: int | tuple[np.dtype, str]) -> None:
         p.movi(R5, size)
     else:
         dt, name = size
-        ok = p.fresh("size")
+        ok, fits = p.fresh("size"), p.fresh("fits")
         p.ldx(W, R5, R8, rec.offset(dt, "name_len")).jmp("jle", R5, None, rec.size(dt, name), ok)
         p.movi(R5, rec.size(dt, name))  # bounds the verifier can see
         p.label(ok)
-        p.addi(R5, rec.offset(dt, name))
+        # Up to where the kernel would pad (raw data plus its u32 size fill whole u64s):
+        # it pads with whatever the ring held before, so the record's own zeros go there.
+        p.addi(R5, rec.offset(dt, name) + 4 + 7).andi(R5, -8).addi(R5, -4)
+        p.jmp("jle", R5, None, dt.itemsize, fits).movi(R5, dt.itemsize)
+        p.label(fits)
     p.call(PERF_EVENT_OUTPUT)
 
 
@@ -514,10 +519,15 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     p.mov(R8, R0)
     # An entry left by another syscall of the family (missed exit): drop it, counted.
     # A successful execveat returns through sys_exit_execve (measured on 6.18: the exit
-    # reports nr 59), so its record ends here, counted stale: kept so for now, because
-    # the broker takes the first exec in a container for its init, and runc's own
-    # "runc init" execveat of its cloned binary, once recorded, would be taken for it.
-    p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4).jmp("jne", R1, R2, None, "stale")
+    # reports nr 59), so an execveat record ends there too: fexecve of a memfd (a
+    # fileless program) is an EXEC like any other.
+    p.ldx(W, R1, R6, NR_OFF).ldx(W, R2, R8, 4)
+    if family == EXEC_FAMILY and sc.name == "execve":
+        p.jmp("jeq", R1, R2, None, "same")
+        p.jmp("jne", R2, None, NR_EXECVEAT, "stale").jmp("jne", R1, None, NR_EXECVE, "stale")
+        p.label("same")
+    else:
+        p.jmp("jne", R1, R2, None, "stale")
     p.ldx(DW, R1, R6, RET_OFF).stx(DW, R8, rec.offset(dt, "ret"), R1)
     addr = sc.fields.get("addr")
     if isinstance(addr, SockAddr) and addr.how in ("exit_len", "msg_exit"):
