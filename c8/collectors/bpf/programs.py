@@ -9,7 +9,9 @@ Each syscall of a family gets two tracepoint programs:
 - ``sys_exit_<name>``: find the pending record of this thread, check it is
   this syscall's, set ``ret`` (and read what the kernel wrote back: accept's
   peer, recvfrom's source, recvmsg's msg_name), write it into this CPU's
-  perf ring with bpf_perf_event_output and delete the entry.
+  perf ring with bpf_perf_event_output and delete the entry. A record of one
+  name (``name_len`` in its layout) has that name read again here when the
+  read at entry failed, and is written only up to the name's end.
 
 Pending records are keyed by pid_tgid, except the exec family's: by the process
 (tgid in both halves). A thread other than the leader that execs successfully
