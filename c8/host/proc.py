@@ -164,7 +164,9 @@ def _root_exe(st: os.stat_result | None) -> bool:
             and not st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH))
 
 
-def _root_creds(creds: dict[str, int]) -> bool:
+def root_credentials(creds: dict[str, int]) -> bool:
+    """True for :func:`credentials` that are root's own: real, effective, saved and
+    filesystem uids all 0 (a setuid program run by a user is not)."""
     return bool(creds) and all(creds.get(k) == 0 for k in ("uid", "euid", "suid", "fsuid"))
 
 
@@ -203,7 +205,7 @@ def advertiser(pid: int, proc: str = PROC) -> Advertiser:
         args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
         creds = _parse_ids(status)
         uid = creds.get("uid")
-        if not _root_creds(creds):
+        if not root_credentials(creds):
             return Advertiser(args, uid, False)
         try:
             efd = os.open("exe", os.O_PATH | os.O_CLOEXEC, dir_fd=dfd)

@@ -318,6 +318,7 @@ def test_roots_from_command_lines():
 def test_discover_reads_proc(tmp_path):
     proc = str(tmp_path)
     write(f"{proc}/5/cmdline", "dockerd\0--data-root\0/x/root\0")
+    write(f"{proc}/5/status", "Uid:\t0\t0\t0\t0\n")  # root's: its command line is read
     os.makedirs(f"{proc}/6")  # no cmdline: gone or unreadable
     roots = Roots()
     assert discover(roots, proc, root_everywhere) == 0

@@ -123,9 +123,11 @@ def test_roots_trusted_only_from_roots_own_runtime(tmp_path):
     shutil.copy(sh, user_copy)
     os.chown(user_copy, 65534, 65534)
     wait = ["-c", "sleep 60; :"]  # sh stays (no exec of the last command), its argv as given
+    # the user's names itself runc (its comm, as prctl would): counted, its cmdline never read
+    named = ["-c", "printf runc > /proc/self/comm; sleep 60; :"]
     procs = {
         "root": subprocess.Popen(["runc", *wait, "--root", "/trusted"], executable=sh),
-        "user": subprocess.Popen(["runc", *wait, "--root", "/by-nobody"], executable=sh,
+        "user": subprocess.Popen(["runc", *named, "--root", "/by-nobody"], executable=sh,
                                  user=65534, group=65534),
         "root-runs-users-exe": subprocess.Popen([str(user_copy), *wait, "--root", "/users-exe"]),
     }
@@ -136,7 +138,11 @@ def test_roots_trusted_only_from_roots_own_runtime(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
         assert hostproc.advertiser(procs["root"].pid).trusted
-        assert hostproc.advertiser(procs["user"].pid) == (["runc", *wait, "--root", "/by-nobody"], 65534, False)
+        deadline = time.monotonic() + 5
+        while (hostproc.stat(procs["user"].pid) or (0, 0, ""))[2] != "runc":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert hostproc.advertiser(procs["user"].pid) == (["runc", *named, "--root", "/by-nobody"], 65534, False)
         assert not hostproc.advertiser(procs["root-runs-users-exe"].pid).trusted
         roots = Roots(runc=[])
         ignored = discover(roots)

@@ -10,7 +10,8 @@ A root is where the broker reads state that decides a container's name and
 image, so only root's own daemons may name one: a process counts when it
 runs as root (every uid 0) from a root-owned executable no one else may
 write (``c8.host.proc.advertiser``). A user's process named ``runc``
-advertising ``--root /tmp/x`` is ignored and counted.
+advertising ``--root /tmp/x`` is ignored and counted; its command line is
+never read (a user's process can make that read wait, see c8.host.proc).
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def discover(roots: Roots, proc: str = "/proc",
     Returns how many runtime processes were ignored as untrusted."""
     ignored = 0
     for pid in hostproc.pids(proc):
+        # A user's process can hold its command line's lock for as long as it likes
+        # (see c8.host.proc): only root's own are read. Of the others, status and
+        # stat (no such lock) tell whether they look like a runtime, to count them.
+        if not hostproc.root_credentials(hostproc.credentials(pid, proc)):
+            st = hostproc.stat(pid, proc)
+            ignored += st is not None and st.comm in DAEMONS
+            continue
         argv = hostproc.argv(pid, proc, limit=4096)
         if not argv or os.path.basename(argv[0]) not in DAEMONS:
             continue
