@@ -32,6 +32,7 @@ import yaml
 from c8 import schema
 from c8.clients import jsonlines
 from c8.clients.client import Client, SensorError, SensorUnavailable
+from c8.supervisor import status as supervisor_status
 
 
 def find_run_dir(explicit: str | None) -> str | None:
@@ -203,12 +204,8 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
     sup = current()
     pid = int(sup.get("pid") or 0)
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"c8-supervisor" not in f.read():
-                raise ProcessLookupError
-    except (OSError, ProcessLookupError):
-        raise SensorUnavailable(f"{path} names pid {pid}, which is no c8-supervisor") from None
+    if not supervisor_status.is_supervisor(pid):
+        raise SensorUnavailable(f"{path} names pid {pid}, which is no c8-supervisor")
     before = (sup.get("reload") or {}).get("generation", 0)
     try:
         os.kill(pid, signal.SIGHUP)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+from c8.host import proc as hostproc
 from c8.protocol import files
 
 
@@ -42,9 +43,13 @@ def running_supervisor(path: str) -> int | None:
         return None
     if pid == os.getpid():
         return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return None
-    return pid if b"c8-supervisor" in cmdline else None
+    return pid if is_supervisor(pid) else None
+
+
+def is_supervisor(pid: int) -> bool:
+    """Whether ``pid`` is a c8-supervisor: root's own process whose name its title
+    set. Never its command line: a stale pid reused by a user's process could
+    hold that read for good (c8.host.proc); its status and stat do not wait."""
+    st = hostproc.stat(pid)
+    return (st is not None and st.comm.startswith("c8-supervisor")
+            and hostproc.root_credentials(hostproc.credentials(pid)))
