@@ -56,7 +56,7 @@ def sensor(tmp_path_factory, rx, workdir):
     # fold_period 0: one alert per event, so each event's resolved path is checked
     # (folding has its own test, test_alerts_fold.py)
     s = Sensor(tmp_path_factory.mktemp("att"),
-               detections={"enabled": True, "rules": [default_rules_path()], "fold_period": 0},
+               detections={"enabled": True, "rules": [default_rules_path()], "fold_period": "0s"},
                alert_output={"outputs": [{"type": "webhook", "url": rx.url, "insecure": True}]}).start()
     try:
         detector_ready(s, rx, workdir)

@@ -275,6 +275,8 @@ def test_readme_first_command_installs_upgrades_and_uninstalls(host, tmp_path):
     shipped = (REPO / "conf/capsule8-sensor.yaml").read_bytes()
     config = host.conf_before if host.conf_before is not None else shipped
     pid1 = check_running(host, config)
+    # detections run by default, with the packaged rules
+    assert "c8-detector" in [c["name"] for c in supervisor_json(host.run_dir)["children"]]
     host.sees_exec(f"c8-install-{uuid.uuid4().hex[:8]}")
     # What each child does after dropping privileges, done without any capability:
     # run the venv's interpreter and import the package from the venv.
@@ -330,6 +332,7 @@ def test_readme_first_command_installs_upgrades_and_uninstalls(host, tmp_path):
     # Without systemd the supervisor logs to SUPERVISOR_LOG; under it, to the
     # journal, and the sensor id is kept in the default STATE_DIR.
     made = (CONF_DIR, STATE_DIR) if SYSTEMD else (CONF_DIR, SUPERVISOR_LOG)
+    made += (LOG_DIR,)  # detections run by default: the alert file's directory stays with the logs
     kept = {d for d in made if not host.dirs_before[d]}
     assert traces() - host.traces_before == kept
     assert CONF.read_bytes() == config
