@@ -256,11 +256,20 @@ class Decoder:
                 continue
             name, dt = reg
             p = pos[sel]
-            b = _gather(buf, raw_start[sel], (dt.itemsize + 3) & ~3)
-            short = raw_size[sel] < dt.itemsize
-            if short.any():  # a record shorter than its layout: zero the rest
-                b[np.arange(b.shape[1]) >= raw_size[sel][:, None]] = 0
-            rec = b[:, : dt.itemsize].copy().reshape(-1).view(dt)
+            sizes = raw_size[sel]
+            # Records may end early (a one-name record ends with its name): gather
+            # only up to the longest of them, the rest of the layout is zeros.
+            width = (min(int(sizes.max()), dt.itemsize) + 3) & ~3
+            b = _gather(buf, raw_start[sel], width)
+            short = sizes < width
+            if short.any():  # a record shorter than what was gathered: zero the rest
+                b[np.arange(width) >= sizes[:, None]] = 0
+            if width >= dt.itemsize:
+                rec = b[:, : dt.itemsize].copy().reshape(-1).view(dt)
+            else:
+                whole = np.zeros((len(p), dt.itemsize), np.uint8)
+                whole[:, :width] = b
+                rec = whole.reshape(-1).view(dt)
             names = [n for n in dt.names if n != "tag"]
             arr = np.empty(len(p), HEADER + [(column_name(n), dt.fields[n][0]) for n in names])
             self._header(u64, p, arr)

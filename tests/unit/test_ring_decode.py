@@ -175,6 +175,28 @@ def test_bpf_records_by_tag():
         decode.register_bpf_record(8, "bad", np.dtype([("fd", "<i4")]))
 
 
+def test_bpf_records_that_end_early_read_as_zeros_past_their_end():
+    """A one-name record ends with its name (name_len): each reads as its layout with
+    zeros past its own end, whatever the longest record of the batch, even when the
+    kernel's padding after it holds stale bytes."""
+    dt = np.dtype([("tag", "<u4"), ("fd", "<i4"), ("name", "S64"), ("after", "<u8")])
+    decode.register_bpf_record(9, "endsearly", dt)
+    names = [b"/a", b"/tmp/" + b"x" * 40, b"/etc/shadow"]
+    data = b""
+    for i, name in enumerate(names):
+        rec = np.zeros(1, dt)
+        rec["tag"], rec["fd"], rec["name"] = 9, i, name
+        raw = rec.tobytes()[: 8 + len(name) + 1]
+        data += sample(BPF_ID, 9, 9, i, 1, raw)
+    data = data.replace(b"/a\0\0", b"/a\0\xff")  # stale padding after the first name (its raw size
+    # covers it: the programs end a record where the kernel would pad, see programs._output)
+    d = make_decoder()
+    [(src, arr)] = d.decode(buf_of(data), check_walk(data).samples)
+    assert src == "bpf:endsearly" and arr["fd"].tolist() == [0, 1, 2]
+    assert arr["name"].tolist() == [b"/a\0\xff", names[1], names[2]]  # bytes the record holds
+    assert arr["after"].tolist() == [0, 0, 0]
+
+
 class FakeRing(ring.Ring):
     """A ring over an anonymous mapping laid out as the kernel's (metadata page + data)."""
 
