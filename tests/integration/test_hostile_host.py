@@ -52,10 +52,12 @@ class FakeRuntime:
         self.root = os.path.join(base, f"runc-{self.id[:8]}")
         os.makedirs(os.path.join(self.root, self.id))
         make_state(os.path.join(self.root, self.id, "state.json"))
-        # sh with argv[0] "runc": it stays (no exec of a last command), its argv as given
-        self.runc = subprocess.Popen(["runc", "-c", "sleep 600; :", "--root", self.root],
-                                     executable=SH, user=user, group=user)
+        # sh with argv[0] "runc" that names itself runc (its comm, as the real binary's
+        # is): it stays (no exec of a last command), its argv as given
+        self.runc = subprocess.Popen(["runc", "-c", "printf runc > /proc/self/comm; sleep 600; :",
+                                      "--root", self.root], executable=SH, user=user, group=user)
         wait_for(lambda: _argv(self.runc.pid)[:1] == ["runc"], 5, what="the fake runc's exec")
+        wait_for(lambda: open(f"/proc/{self.runc.pid}/comm").read() == "runc\n", 5, what="the fake runc's name")
         self.cgroups = []
         for h in HIERARCHIES:
             path = os.path.join(CGROUP, h, self.id)
