@@ -271,7 +271,10 @@ def test_tree_specs(monkeypatch):
         ("broker", True), ("collector0", True), ("collector", True), ("collector", True),
         ("detector", False)]
     assert specs[4].entry == "c8.detections.main:run"
-    cfg = load(environ={})
+    cfg = load(environ={})  # detections run by default
+    assert [s.name for s in child_specs(cfg, [0], entry_points({}))] == \
+        ["c8-broker", "c8-collector cpu0", "c8-detector"]
+    cfg = load(environ={"CAPSULE8_DETECTIONS_ENABLED": "false"})
     assert [s.name for s in child_specs(cfg, [0], entry_points({}))] == \
         ["c8-broker", "c8-collector cpu0"]
 

@@ -67,8 +67,10 @@ def test_detector_gets_the_alert_file_only_when_both_run(tmp_path):
     outs = both.as_dict()["alert_output"]["outputs"]
     assert outs[-1]["name"] == "export" and outs[-1]["path"] == "/sp/alerts.jsonl"
     assert outs[-1]["type"] == "file" and outs[-1]["backups"] == 1
-    assert len(both.alert_output.outputs) == len(outs) - 1    # the Config itself is as written
-    only = load(tmp_path, env={"CAPSULE8_EXPORT_ENABLED": "1"})
+    # the Config itself is as written; as_dict adds the alert file and the export's
+    assert [o.get("name") for o in outs[-2:]] == ["alerts_file", "export"]
+    assert len(both.alert_output.outputs) == len(outs) - 2
+    only = load(tmp_path, env={"CAPSULE8_EXPORT_ENABLED": "1", "CAPSULE8_DETECTIONS_ENABLED": "0"})
     assert all(o.get("name") != "export" for o in only.as_dict()["alert_output"]["outputs"])
 
 

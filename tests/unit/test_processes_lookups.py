@@ -57,6 +57,7 @@ def test_a_stuck_read_is_given_up_and_later_lookups_still_answer():
 
 def test_stuck_threads_are_bounded_and_capacity_returns_when_reads_do():
     gate = threading.Event()
+    before = threading.active_count()  # other tests' threads may still run
     pool = LookupPool("t", workers=1, max_stuck=2, deadline=0.1)
     try:
         for n in range(2):
@@ -66,7 +67,7 @@ def test_stuck_threads_are_bounded_and_capacity_returns_when_reads_do():
         pool.check()
         assert pool.submit("refused", lambda: 1) is None  # no thread left: refused, counted
         assert pool.counts["dropped"] == 1
-        assert threading.active_count() < 10
+        assert threading.active_count() <= before + 3  # the worker and the 2 stuck: no more
         gate.set()
         wait_until(lambda: pool.counts["stuck_threads"] == 0)
         job = pool.submit("again", lambda: 7)  # a thread again: answered
