@@ -311,6 +311,32 @@ def test_kernel_module_tool_run(sensor, rx, workdir, bindir):
     assert alert["event"]["exec_command_line"].endswith("insmod /tmp/c8-none.ko")
 
 
+FILELESS = """
+import os
+fd = os.memfd_create("beacon", 0)
+with open("/bin/true", "rb") as f:
+    os.write(fd, f.read())
+os.execve(fd, ["beacon", "--from-memory"], {})
+"""
+
+
+def test_program_run_from_memory(sensor, rx, workdir, docker):  # noqa: F811
+    benign_ids: set[str] = set()
+
+    def benign():
+        # a container start: runc re-executes its own cloned binary by fd ("runc init")
+        benign_ids.add(container_run(docker, "--", "/bin/true"))
+        return {run(["/bin/true", "/dev/fd/3"])}
+
+    def attack():
+        pid = py(FILELESS)
+        return lambda a: pid_of(a) == pid
+    alert = check(rx, workdir, "Program run from memory", benign, attack, "fexecve of a memfd")
+    assert alert["event"]["exec_filename"].startswith("/dev/fd/")
+    assert alert["event"]["exec_command_line"] == "beacon --from-memory"
+    assert not [a for a in rx.alerts("Program run from memory") if a["container"]["container_id"] in benign_ids]
+
+
 def test_process_memory_read(sensor, rx, workdir):
     target = subprocess.Popen(["/bin/sleep", "120"])
     try:

@@ -617,6 +617,13 @@ CASES = {
         {"kind": "EXEC", "exec_filename": "/sbin/modprobe", "exec_command_line": "modprobe snd",
          "parent_exec_filename": "/usr/lib/systemd/systemd-udevd"},       # an exception
     ]),
+    "Program run from memory": ("process", [
+        {"kind": "EXEC", "exec_filename": "/dev/fd/3", "exec_command_line": "payload --beacon"},
+        {"kind": "EXEC", "exec_filename": "/proc/self/fd/4", "exec_command_line": "x"},
+    ], [
+        {"kind": "EXEC", "exec_filename": "/usr/bin/fd", "exec_command_line": "fd /dev/fd/3"},
+        {"kind": "EXEC", "exec_filename": "/dev/fd/6", "exec_command_line": "runc init"},  # an exception
+    ]),
     "Process memory read": ("file", [
         {"kind": "OPEN", "filename": "/proc/1234/mem", "open_flags": O_RDONLY},
     ], [
