@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -27,3 +29,22 @@ def shared_sensor(tmp_path_factory):
     s = Sensor(tmp_path_factory.mktemp("sensor")).start()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def rx():
+    """The detection tests' alert receivers (webhook, syslog; test_detections_e2e.Receivers)."""
+    from tests.integration.test_detections_e2e import Receivers
+
+    r = Receivers()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A scratch dir under /tmp, readable by all (exec from it is the canary's trigger)."""
+    d = tempfile.mkdtemp(prefix="c8-det-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import pytest
 
 from c8.detections.rules import default_rules_path
 from tests.integration.sensor import Sensor, wait_for
-from tests.integration.test_detections_e2e import Receivers, detector_ready
+from tests.integration.test_detections_e2e import detector_ready
 
 pytestmark = pytest.mark.root
 
@@ -39,21 +37,6 @@ for _ in range(10):
     for n in names:
         os.close(os.open(n, os.O_WRONLY | os.O_CREAT, 0o600))
 """
-
-
-@pytest.fixture(scope="module")
-def rx():
-    r = Receivers()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    d = tempfile.mkdtemp(prefix="c8-fold-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

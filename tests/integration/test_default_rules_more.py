@@ -26,24 +26,9 @@ from c8.detections.rules import default_rules_path
 from tests.integration.runtimes import IMAGE, busybox_rootfs, docker  # noqa: F401  (fixtures)
 from tests.integration.sensor import Sensor
 from tests.integration.test_detections_attacks import attempt, barrier, no_alert, pid_of, py, run
-from tests.integration.test_detections_e2e import Receivers, detector_ready
+from tests.integration.test_detections_e2e import detector_ready
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def rx():
-    r = Receivers()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    d = tempfile.mkdtemp(prefix="c8-rules-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

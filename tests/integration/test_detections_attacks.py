@@ -37,21 +37,6 @@ ATTEMPT_TIMEOUT = 20.0
 
 
 @pytest.fixture(scope="module")
-def rx():
-    r = Receivers()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    d = tempfile.mkdtemp(prefix="c8-att-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def sensor(tmp_path_factory, rx, workdir):
     # fold_period 0: one alert per event, so each event's resolved path is checked
     # (folding has its own test, test_alerts_fold.py)

@@ -127,22 +127,6 @@ def sensor_config(rx_outputs: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def rx():
-    r = Receivers()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    """A scratch dir under /tmp (exec from it is the canary's trigger)."""
-    d = tempfile.mkdtemp(prefix="c8-det-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def bindir():
     """Compiled helpers in a directory no rule watches (not /tmp, not a bin dir)."""
     d = f"/opt/c8-test-{uuid.uuid4().hex[:8]}"

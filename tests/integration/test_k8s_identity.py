@@ -28,6 +28,7 @@ import pytest
 from tests.integration.sensor import Sensor
 
 from .runtimes import Runc, busybox_rootfs, runc, sh, wait_for  # noqa: F401  (fixtures)
+from .test_containers_e2e import collect
 
 pytestmark = [pytest.mark.root, pytest.mark.containers, pytest.mark.timeout(240)]
 
@@ -127,15 +128,6 @@ def subscribe(sensor: Sensor, expr: str):
     return sensor.client.subscribe({"events": {c: {"filter": expr} for c in EVENTS_OF}})
 
 
-def collect_until(sub, done, timeout: float = 40.0) -> list[dict]:
-    events: list[dict] = []
-    for ev in sub.events(idle=timeout):
-        events.append(ev)
-        if done(events):
-            break
-    return events
-
-
 def k8s(ev: dict) -> tuple:
     return (ev["k8s_namespace"], ev["k8s_pod_name"], ev["k8s_pod_uid"], ev["k8s_container_name"], ev["k8s_labels"])
 
@@ -154,14 +146,14 @@ def test_containerd_cri_pod_filtered_by_namespace(ksensor, pod, request):
                 "filter": 'exec_command_line == "/bin/true plain-probe"'}}}) as everyone:
         # a plain runc container beside it: same runtime and image, no pod
         plain = rt.start(["sh", "-c", "/bin/true plain-probe; exec sleep 600"])
-        seen = collect_until(everyone, lambda evs: any(e["container_id"] == plain.container_id
-                                                       and e.get("exec_command_line") == "/bin/true plain-probe"
-                                                       for e in evs))
+        seen = collect(everyone, lambda evs: any(e["container_id"] == plain.container_id
+                                                 and e.get("exec_command_line") == "/bin/true plain-probe"
+                                                 for e in evs))
         assert any(e["container_id"] == plain.container_id and e["type"] == "process" for e in seen), \
             "the plain container's exec was not observed at all"
         cid = pod.start(["sleep", "600"], containerd_cri(pod, "app", sandbox))
         sh([rt.exe, "--root", rt.root, "exec", cid, "/bin/true", "k8s-probe"])
-        events = collect_until(sub, probe_exec(cid))
+        events = collect(sub, probe_exec(cid))
     rt.stop(plain.container_id)
     want = (pod.namespace, pod.name, pod.uid, "app", {})
     assert events, "no event matched the namespace filter"
@@ -191,7 +183,7 @@ def test_crio_pod_labels_from_its_sandbox(ksensor, pod):
     part_of = f'k8s_labels == "app.kubernetes.io/part-of={labels["app.kubernetes.io/part-of"]}"'
     with subscribe(ksensor, f"{part_of} and k8s_container_name == \"nginx\"") as sub:
         cid = pod.start(["sh", "-c", "/bin/true k8s-probe; exec sleep 600"], crio(pod, "nginx", sandbox, {}))
-        events = collect_until(sub, probe_exec(cid))
+        events = collect(sub, probe_exec(cid))
     want = (pod.namespace, pod.name, pod.uid, "nginx", labels)
     mine = [e for e in events if e["type"] not in ("lost", "limiter")]
     assert mine and all(e["container_id"] == cid and k8s(e) == want for e in mine), mine
@@ -203,7 +195,7 @@ def test_pod_uid_from_the_kubepods_cgroup_alone(ksensor, pod):
     """No CRI annotation at all: the kubelet's cgroup path still names the pod."""
     with subscribe(ksensor, f'k8s_pod_uid == "{pod.uid}"') as sub:
         cid = pod.start(["sh", "-c", "/bin/true k8s-probe; exec sleep 600"], {"nerdctl/name": "bare"})
-        events = collect_until(sub, probe_exec(cid))
+        events = collect(sub, probe_exec(cid))
     mine = [e for e in events if e["type"] not in ("lost", "limiter")]
     assert mine and all(e["container_id"] == cid and k8s(e) == ("", "", pod.uid, "", {}) for e in mine), mine
     # known from the path at first sight, so even CREATED (made at the cgroup's mkdir) carries it
