@@ -25,8 +25,9 @@ opened, read back with ``readlink(/proc/self/fd/<n>)`` (the sensor's view),
 less the prefix under which the process's root lies in that view.
 
 The last component is kept as named unless the call follows it (open
-without O_NOFOLLOW, ``link`` with AT_SYMLINK_FOLLOW): unlink, rename and
-lchown act on the symlink itself, and a deleted file cannot be opened.
+without O_NOFOLLOW, ``link`` with AT_SYMLINK_FOLLOW) and it is a symlink:
+unlink, rename and lchown act on the symlink itself, a deleted file cannot be
+opened, and a file renamed since the event keeps the name it was opened by.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import ctypes
 import errno
 import os
 import re
+import stat
 import threading
 import time
 
@@ -221,6 +223,19 @@ class Root:
             view = self.slow.resolve(self.fd, path, directory)
         return strip_view(view, self.view) if view is not None else None
 
+    def _is_link(self, path: bytes) -> bool | None:
+        """Whether ``path`` names a symlink inside this root (None: cannot tell now:
+        gone, not cached)."""
+        how = _OpenHow(os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                       RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED)
+        fd = _libc.syscall(SYS_OPENAT2, self.fd, path, ctypes.byref(how), ctypes.sizeof(how))
+        if fd < 0:
+            return None
+        try:
+            return stat.S_ISLNK(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
     def resolve(self, path: bytes, follow: bool = False, dirs: dict | None = None) -> bytes:
         """The canonical form of ``path`` (absolute, as the process names it).
 
@@ -229,7 +244,9 @@ class Root:
         (removed since, a loop, not a directory, a magic link) the path is
         cleaned as text (:func:`lexical`). ``dirs`` memoises directories for
         the caller (one batch: never longer, a symlink may be swapped)."""
-        if follow:
+        if follow and self._is_link(path) is not False:
+            # Only a symlink is followed: a file's own name stays as the event gave it
+            # (read back from the kernel it would be its name now, after a rename).
             seen = self._seen(path, False)
             if seen is not None:
                 return seen

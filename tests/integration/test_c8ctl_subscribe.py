@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 
+import orjson
 import pytest
 import yaml
 
@@ -41,11 +42,13 @@ class C8ctl:
         self.lines: list[dict] = []
         self._reader: threading.Thread | None = None
 
-    def read(self) -> None:
-        """Start reading stdout (JSON lines) in a thread."""
+    def read(self, keep=None) -> None:
+        """Start reading stdout (JSON lines) in a thread; ``keep`` (a line's dict ->
+        what to store) keeps hundreds of thousands of lines small and cheap to hold."""
         def run():
             for raw in self.proc.stdout:
-                self.lines.append(json.loads(raw))
+                line = orjson.loads(raw)
+                self.lines.append(line if keep is None else keep(line))
         self._reader = threading.Thread(target=run, daemon=True)
         self._reader.start()
 
@@ -195,47 +198,47 @@ def test_c8ctl_reader_too_slow_sees_lost_lines(shared_sensor):
     with open(os.path.join(shared_sensor.dir, "slow-spec.yaml"), "w") as f:
         yaml.safe_dump(spec, f)
     ctl = C8ctl(shared_sensor.run_dir, "--spec", f.name)
+    # Hundreds of thousands of lines come out: each is tallied as it is read and kept
+    # as (type, pid, kind, sequence number) or (type, source, count), never as a dict
+    # (holding them all would make the reader, not c8ctl, the slow part).
+    printed = {"syscall": 0, "other": 0}
+    lost_by: dict[str, int] = {}
+
+    def keep(e: dict) -> tuple:
+        if e["type"] == "lost":
+            lost_by[e["source"]] = lost_by.get(e["source"], 0) + e["count"]
+            return ("lost", e["source"], e["count"])
+        printed["syscall" if e["type"] == "syscall" else "other"] += 1
+        return (e["type"], e["process_pid"], e["kind"], e["sensor_sequence_number"])
+
+    def told() -> int:
+        return printed["syscall"] + sum(lost_by.values())
     try:
         loop.stdin.write("go\n")
         loop.stdin.flush()
         assert loop.stdout.readline().strip() == "done"
         loop.wait(10)
-        ctl.read()  # only now: meanwhile the pipe, then the queues, were full
-
-        def lost(source: str | None = None) -> int:
-            """Events counted lost at ``source``, or anywhere but the subscriber."""
-            return sum(e["count"] for e in list(ctl.lines) if e["type"] == "lost"
-                       and (e["source"] == source if source else e["source"] != "subscriber"))
-
-        def calls() -> int:
-            return sum(1 for e in list(ctl.lines) if e["type"] == "syscall")
-
-        def losses() -> dict:
-            by: dict[str, int] = {}
-            for e in list(ctl.lines):
-                if e["type"] == "lost":
-                    by[e["source"]] = by.get(e["source"], 0) + e["count"]
-            return by
+        ctl.read(keep)  # only now: meanwhile the pipe, then the queues, were full
         # The loss notice comes with the next message for us, or the next tick. On a
         # loaded machine the kernel's ring may overflow too (counted for the whole ring,
         # not per process): those count towards the total here, checked again below.
         try:
-            wait_for(lambda: calls() + lost("subscriber") + lost() >= CALLS, 60, 0.2,
-                     "every call printed or counted lost")
+            wait_for(lambda: told() >= CALLS, 60, 0.2, "every call printed or counted lost")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {calls()} printed, lost by source {losses()}") from None
+            raise AssertionError(f"{exc}: {printed} printed, lost by source {lost_by}") from None
     finally:
         err = ctl.stop()
         if loop.poll() is None:
             loop.kill()
-    events = [e for e in ctl.lines if e["type"] == "syscall"]
-    assert lost("subscriber") > 0, err
-    assert {e["process_pid"] for e in events} == {pid} and {e["kind"] for e in events} == {"ENTER"}
-    others = lost()
+    assert lost_by.get("subscriber", 0) > 0, err
+    events = [e for e in ctl.lines if e[0] == "syscall"]
+    assert printed["other"] == 0 and len(events) == printed["syscall"]
+    assert {e[1] for e in events} == {pid} and {e[2] for e in events} == {"ENTER"}
+    others = sum(n for source, n in lost_by.items() if source != "subscriber")
     if not others:  # nothing lost elsewhere (the kernel's ring): exactly what happened
-        assert len(events) + lost("subscriber") == CALLS
+        assert len(events) + lost_by["subscriber"] == CALLS
     else:  # kernel losses are counted for whole rings, not per process
-        assert len(events) + lost("subscriber") <= CALLS <= len(events) + lost("subscriber") + others
-    # the printed events are in order, each lost notice where its loss happened
-    seqs = [e["sensor_sequence_number"] for e in events]
+        assert len(events) + lost_by["subscriber"] <= CALLS <= len(events) + lost_by["subscriber"] + others
+    # the printed events are in order
+    seqs = [e[3] for e in events]
     assert seqs == sorted(seqs)

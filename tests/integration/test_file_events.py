@@ -155,7 +155,8 @@ def test_glob_subscription_gets_exactly_the_workload(shared_sensor, tmp):
         want_fields = {f: d[f] for f in fields if f in d}
         want_fields["path"] = d.get("path", d["filename"])
         same = [e for e in ours if key(e) == key(d)]
-        assert any(all(e[f] == v for f, v in want_fields.items()) for e in same), (d, same)
+        assert any(all(e[f] == v for f, v in want_fields.items()) for e in same), \
+            (d, [{f: e[f] for f in want_fields if e[f] != want_fields[f]} for e in same])
     assert all(e["process_id"] != "" and e["process_exec_filename"] == sys.executable for e in ours)
     opens = [e for e in ours if e["kind"] == "OPEN" and "/xfoo-" in e["filename"]
              and e["filename"].rsplit("-", 1)[1].isdigit()]

@@ -88,12 +88,14 @@ def test_filename_prefix_is_pushed_into_ebpf(shared_sensor, workload, tmp_path):
         assert child.returncode == 0
         events = []
         for ev in sub.events(timeout=10):
+            if ev["type"] == "lost":  # the kernel's losses reach every subscriber
+                continue
             events.append(ev)
             if len(events) >= MATCHES:
                 break
         after = received_since(shared_sensor, "bpf:open", now_ns())
     names = sorted(e["filename"] for e in events)
-    assert names == sorted(f"{prefix}{i}" for i in range(MATCHES))
+    assert names == sorted(f"{prefix}{i}" for i in range(MATCHES)), sub.lost
     assert all(e["kind"] == "OPEN" and e["ret"] >= 0 for e in events)
     assert len({e["process_pid"] for e in events}) == 1
     # the kernel dropped the storm: the collectors saw the matches and under 2% of the 100k

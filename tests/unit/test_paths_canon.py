@@ -104,6 +104,23 @@ def test_resolve_in_root(tree, raw, follow, want):
     assert tree.resolve(raw, follow) == want
 
 
+def test_a_followed_file_keeps_the_name_it_was_opened_by(tree, monkeypatch):
+    """Following the last component is for symlinks: a regular file's path is its
+    directory's plus the name the call used, never its name read back from the
+    kernel (a rename between the event and the look-up would name the new file:
+    an OPEN of xfoo-0 reported as xfoo-0.moved)."""
+    read_back = []
+    real = pathcanon._resolve_at
+    monkeypatch.setattr(pathcanon, "_resolve_at",
+                        lambda fd, path, directory, resolve=0: read_back.append((path, directory))
+                        or real(fd, path, directory, resolve))
+    assert tree.resolve(b"/etc/shadow", True) == b"/etc/shadow"
+    assert read_back == [(b"/etc", True)]  # the directory only
+    read_back.clear()
+    assert tree.resolve(b"/etc/ssh/key", True) == b"/etc/shadow"  # a symlink is followed
+    assert (b"/etc/ssh/key", False) in read_back
+
+
 def test_symlink_loop_falls_back_to_text(tree):
     # the kernel fails such a call with ELOOP; the path is the name cleaned as text
     assert tree.resolve(b"/loop1/x/../shadow", False) == b"/loop1/shadow"
