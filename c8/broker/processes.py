@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from c8.broker.lookups import DONE, TIMED_OUT, LookupPool
+from c8.broker.lookups import DONE, TIMED_OUT, Lookup, LookupPool
 from c8.host import proc as hostproc
 from c8.protocol.batch import LINEAGE_DEPTH
 
@@ -139,19 +139,33 @@ class ProcessTable:
         self.collect()
         return len(self.by_pid)
 
-    def _ask(self, pid: int, count: bool = True) -> None:
+    def _ask(self, pid: int, count: bool = True) -> Lookup | None:
         """Look ``pid`` up beside the loop (once at a time; a pid /proc did not
-        know is asked again only after RETRY_UNKNOWN)."""
+        know is asked again only after RETRY_UNKNOWN); the lookup, if one was made."""
         if pid in self._pending or pid <= 0:
-            return
+            return None
         told = self._unknown.get(pid)
         if told is not None and time.monotonic() - told < RETRY_UNKNOWN:
-            return
+            return None
         if count:
             self.counts["misses"] += 1
         proc = self.proc
-        if self.identities.submit(pid, lambda: read_identity(pid, proc)) is not None:
+        job = self.identities.submit(pid, lambda: read_identity(pid, proc))
+        if job is not None:
             self._pending.add(pid)
+        return job
+
+    def look_up_misses(self, pids: list[int]) -> None:
+        """Ask /proc now for the pids of this window the table does not know, and
+        wait at most ``prefetch_wait`` s (budgeted, as every wait of the pool) for
+        the answers: a process first seen in this window (started before anyone
+        subscribed, so its fork and exec went unseen) carries its identity from
+        its first event, not from the next window's. A read that is late (a
+        process stalling its /proc) leaves these events unknown, as before."""
+        jobs = [job for pid in pids if pid not in self.by_pid and (job := self._ask(pid)) is not None]
+        if jobs:
+            self.identities.wait(jobs, self.prefetch_wait)
+            self.collect()
 
     def _ask_cmdline(self, pid: int, process_id: bytes, uid: int | None) -> None:
         if uid in self._stalling_uids:

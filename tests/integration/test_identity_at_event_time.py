@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests.integration.sensor import wait_for
+
 pytestmark = pytest.mark.root
 
 
@@ -131,3 +133,42 @@ def test_lineage_on_every_event_and_in_filters(shared_sensor, tmp_path):
     assert lineage[-1]["pid"] == 1 or len(lineage) == 16  # up to the host's init
     assert [a["pid"] for a in lineage][2] == os.getpid()  # bash's parent: this test
     assert not [e for e in missed if e.get("filename") == str(marker)]  # cat's parent is sh
+
+
+# Drops to uid 1234 at once, waits for a line, makes 20 getsid calls, and lives on
+# until its stdin closes (a process that has exited can no longer be asked about).
+UNSEEN = """
+import os, sys
+os.setresgid(4321, 4321, 4321)
+os.setresuid(1234, 1234, 1234)
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+for _ in range(20):
+    os.getsid(0)
+sys.stdin.read()
+"""
+
+
+def test_a_process_started_before_anyone_subscribed_is_known_from_its_first_event(shared_sensor):
+    """Nothing was collected when it started (its fork and exec went unseen): the
+    broker asks /proc for it when its first events arrive, and those first events
+    already carry who it is, not an unknown identity that later windows fill in."""
+    # the earlier tests' subscriptions end as their clients close: wait until none is left
+    wait_for(lambda: not shared_sensor.client.subscriptions(), 10, 0.1, "no subscription")
+    child = subprocess.Popen([sys.executable, "-c", UNSEEN], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    pid = int(child.stdout.readline())
+    spec = {"events": {"syscall": {"kinds": ["ENTER"], "filter": f"id == 124 and process_pid == {pid}"}}}
+    try:
+        with shared_sensor.client.subscribe(spec) as sub:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            events = collect(sub, lambda evs: len([e for e in evs if e["type"] == "syscall"]) >= 20)
+    finally:
+        child.stdin.close()
+        child.wait(10)
+    mine = [e for e in events if e["type"] == "syscall"]
+    assert len(mine) == 20
+    assert {e["process_id"] for e in mine} != {""} and len({e["process_id"] for e in mine}) == 1
+    assert all(e["uid"] == e["euid"] == 1234 and e["gid"] == 4321 for e in mine), mine[0]
+    assert all(e["process_lineage"] and e["process_lineage"][0]["pid"] == os.getpid() for e in mine), mine[0]
