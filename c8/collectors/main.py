@@ -1,11 +1,16 @@
-"""The collector process of one CPU: plan in, perf ring read, batches out.
+"""A collector process: plan in, perf rings read, batches out, for one CPU or several.
 
     broker plan (SUB) -> open/close/filter perf events -> ring -> walk -> decode
     -> samples / lost / stats (PUSH, never blocking) -> broker ingest
 
-All events of the CPU write into one ring, owned by a disabled dummy software
-event so the ring outlives any source. An error in one source is logged with
-its name and reported in stats; the collector carries on.
+All events of a CPU write into one ring, owned by a disabled dummy software
+event so the ring outlives any source. A :class:`Collector` is one CPU's
+events, ring and queue to the broker; a process runs one per CPU it reads
+(several on a host with more CPUs than ``max_collectors``: c8.supervisor.cpus)
+in one loop (:func:`serve`), which takes each plan once and applies it to
+cpu0's first (it owns the eBPF programs and probes the others use). An error
+in one source is logged with its name and reported in stats; the collector
+carries on.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class State:
 
 
 class Collector:
-    """Owns the perf events and ring of one CPU, and the sockets to the broker."""
+    """Owns the perf events and ring of one CPU, and its queue to the broker."""
 
     def __init__(self, config: dict, cpu: int, ctx: zmq.Context | None = None):
         self.cpu = cpu
@@ -90,9 +95,6 @@ class Collector:
         self.ring_fd: int | None = None
         self.ring: ring.Ring | None = None
         self.ctx = ctx or zmq.Context.instance()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(paths.ipc(paths.plan(self.run_dir)))
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, 1000)
@@ -101,7 +103,9 @@ class Collector:
         self.bpf_map_fd: int | None = None
         self.bpf_owner: int | None = None
         self.probe_defs: dict[str, str] | None = None
-        self.stop = False
+        # the other CPUs this process reads: cpu0's collector readies their eBPF
+        # outputs before it loads programs, and reads their rings while it does
+        self.peers: list[Collector] = []
         self._closed_ids: list[int] = []
         try:  # registers the eBPF record layouts with the decoder; optional
             import c8.collectors.bpf.records  # noqa: F401
@@ -161,7 +165,13 @@ class Collector:
             if old is not None:
                 self._hand_over(old, new)  # the kernel sets a filter once: a new event replaces it
             self.sources[name] = new
-        owner = plan.get("bpf_owner")
+        self._follow_bpf_owner(plan.get("bpf_owner"))
+        self._apply_bpf(plan.get("bpf") or {}, plan)
+        for src in self.sources.values():
+            self._set_enabled(src, self.state.enabled)
+        self._release_ring()
+
+    def _follow_bpf_owner(self, owner: int | None) -> None:
         if self.cpu != 0 and owner != self.bpf_owner:
             # cpu0's collector restarted with new maps: plug this ring into them
             if BPF_OUTPUT in self.sources:
@@ -170,10 +180,18 @@ class Collector:
                 os.close(self.bpf_map_fd)
             self.bpf_map_fd = None
             self.bpf_owner = owner
-        self._apply_bpf(plan.get("bpf") or {})
-        for src in self.sources.values():
-            self._set_enabled(src, self.state.enabled)
-        self._release_ring()
+
+    def plug_before_load(self, plan: dict) -> None:
+        """This CPU's ring and eBPF output ready for ``plan``'s programs, before
+        cpu0's collector in the same process loads them (collectors in processes
+        of their own do this at the same time as cpu0's)."""
+        try:
+            self.state.enabled = bool(plan.get("enabled", True))
+            self._follow_bpf_owner(plan.get("bpf_owner"))
+            self._ensure_ring()
+            self._plug_bpf_output()
+        except Exception as exc:  # its own plan tries again; the loss is counted
+            self._error("bpf", f"{type(exc).__name__}: {exc}")
 
     def _open(self, name: str, flt: str | None) -> Source | None:
         """A new (disabled) perf event of tracepoint ``name`` in the ring, or None on error."""
@@ -277,7 +295,7 @@ class Collector:
             self._error("probes", f"ensure failed: {exc}")
             self.probe_defs = None  # retry on the next plan
 
-    def _apply_bpf(self, programs: dict) -> None:
+    def _apply_bpf(self, programs: dict, plan: dict) -> None:
         # Order matters: a program that runs while this CPU's slot is empty, or holds
         # a disabled event, loses its record (counted, lost source ebpf:<family>).
         # So the ring is plugged and enabled before cpu0 loads programs, and
@@ -290,6 +308,8 @@ class Collector:
             if programs:
                 self._plug_bpf_output()
             if self.cpu == 0 and self.bpf_mgr is not None:
+                for peer in self.peers if programs else ():
+                    peer.plug_before_load(plan)
                 self.state.bpf = self.bpf_mgr.apply(programs, progress=self._read_while_busy)
                 if not programs:  # unloaded: failures meanwhile were while nobody collected
                     self.bpf_mgr.losses()
@@ -304,12 +324,14 @@ class Collector:
 
     def _read_while_busy(self) -> None:
         """Between eBPF programs loaded or unloaded (seconds in all, the verifier and
-        detaching are slow): read the ring, so this CPU's events and ticks keep
-        coming and the broker need not release other CPUs' events without them."""
-        try:
-            self.drain()
-        except Exception as exc:  # a decode bug must not stop the plan
-            log(f"ring: {type(exc).__name__}: {exc}")
+        detaching are slow): read the rings of this process, so their events and
+        ticks keep coming and the broker need not release other CPUs' events
+        without them."""
+        for col in [self, *self.peers]:
+            try:
+                col.drain()
+            except Exception as exc:  # a decode bug must not stop the plan
+                log(f"ring cpu{col.cpu}: {type(exc).__name__}: {exc}")
 
     def _plug_bpf_output(self) -> None:
         """This CPU's BPF-output event, writing into the ring, enabled, in the
@@ -462,45 +484,6 @@ class Collector:
                                   "time": self.state.watermark}):
                 del late[(source, cpu)]
 
-    def loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sub, zmq.POLLIN)
-        polled_ring = None
-        next_stats = time.monotonic()
-        while not self.stop:
-            # No ring: nothing to drain, only plans (which wake the poll) and stats.
-            events = dict(poller.poll(POLL_MS if self.ring is not None else IDLE_POLL_MS))
-            if self.sub in events:
-                plan = None
-                while True:  # only the newest plan matters
-                    try:
-                        plan = self.sub.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                before = self.state.generation
-                try:
-                    self.apply_plan(msgpack.unpackb(plan, raw=False, strict_map_key=False))
-                except Exception as exc:
-                    log(f"plan: {type(exc).__name__}: {exc}")
-                if self.state.generation != before:
-                    next_stats = 0.0  # tell the broker at once: subscribers wait on it
-                if polled_ring != self.ring_fd:
-                    if polled_ring is not None:
-                        poller.unregister(polled_ring)
-                    if self.ring_fd is not None:
-                        poller.register(self.ring_fd, zmq.POLLIN)
-                    polled_ring = self.ring_fd
-            try:
-                self.drain()
-            except Exception as exc:  # a decode bug must not stop collection
-                log(f"ring: {type(exc).__name__}: {exc}")
-            now = time.monotonic()
-            heartbeat.beat()  # the supervisor restarts a loop that stops turning
-            if now >= next_stats:
-                self._report_losses()
-                self._send_header(self.stats())
-                next_stats = now + STATS_PERIOD
-
     def close(self) -> None:
         """Disable and close every event, then the ring and sockets."""
         for name in list(self.sources):
@@ -514,28 +497,90 @@ class Collector:
             except Exception as exc:
                 log(f"bpf: {exc}")
         self._release_ring()
-        self.sub.close(0)
         self.push.close(0)
 
 
-def run(config: dict, cpu: int) -> None:
-    """Entry point of the collector process of ``cpu`` (returns on SIGTERM)."""
+def serve(collectors: list[Collector], stop: list[bool]) -> None:
+    """The loop of a collector process: each plan taken once and applied to every
+    collector, cpu0's first; every ring read; stats each period; until ``stop[0]``."""
+    ctx = collectors[0].ctx
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(paths.ipc(paths.plan(collectors[0].run_dir)))
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    polled: dict[int, int | None] = {c.cpu: None for c in collectors}  # cpu -> ring fd polled
+    next_stats = time.monotonic()
+    try:
+        while not stop[0]:
+            # No ring: nothing to drain, only plans (which wake the poll) and stats.
+            rings = any(c.ring is not None for c in collectors)
+            events = dict(poller.poll(POLL_MS if rings else IDLE_POLL_MS))
+            if sub in events:
+                plan = None
+                while True:  # only the newest plan matters
+                    try:
+                        plan = sub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                for col in collectors:
+                    before = col.state.generation
+                    try:
+                        col.apply_plan(msgpack.unpackb(plan, raw=False, strict_map_key=False))
+                    except Exception as exc:
+                        log(f"plan (cpu{col.cpu}): {type(exc).__name__}: {exc}")
+                    if col.state.generation != before:
+                        next_stats = 0.0  # tell the broker at once: subscribers wait on it
+                for col in collectors:
+                    if polled[col.cpu] != col.ring_fd:
+                        if polled[col.cpu] is not None:
+                            poller.unregister(polled[col.cpu])
+                        if col.ring_fd is not None:
+                            poller.register(col.ring_fd, zmq.POLLIN)
+                        polled[col.cpu] = col.ring_fd
+            for col in collectors:
+                try:
+                    col.drain()
+                except Exception as exc:  # a decode bug must not stop collection
+                    log(f"ring cpu{col.cpu}: {type(exc).__name__}: {exc}")
+            now = time.monotonic()
+            heartbeat.beat()  # the supervisor restarts a loop that stops turning
+            if now >= next_stats:
+                for col in collectors:
+                    col._report_losses()
+                    col._send_header(col.stats())
+                next_stats = now + STATS_PERIOD
+    finally:
+        sub.close(0)
+
+
+def run(config: dict, cpus: int | list[int]) -> None:
+    """Entry point of a collector process reading ``cpus`` (one CPU, or several);
+    returns on SIGTERM."""
+    cpus = sorted([cpus] if isinstance(cpus, int) else cpus)  # cpu0, if ours, first
     try:
         from setproctitle import setproctitle
-        setproctitle(f"c8-collector cpu{cpu}")
+
+        from c8.supervisor.cpus import collector_name
+        setproctitle(collector_name(cpus))
     except ImportError:
         pass
-    col = Collector(config, cpu)
+    ctx = zmq.Context.instance()
+    collectors = [Collector(config, cpu, ctx) for cpu in cpus]
+    for col in collectors:
+        col.peers = [other for other in collectors if other is not col]
+    stop = [False]
 
     def on_signal(signum, frame):  # only flag: the loop acts
-        col.stop = True
+        stop[0] = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        col.loop()
+        serve(collectors, stop)
     finally:
-        col.close()
+        for col in collectors:  # cpu0's first: programs unloaded before the others unplug
+            col.close()
 
 
-__all__ = ["run", "Collector"]
+__all__ = ["run", "serve", "Collector"]

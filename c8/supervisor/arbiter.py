@@ -26,6 +26,7 @@ from c8.supervisor import reload as reloading
 from c8.supervisor.cgroups import CgroupError, SensorCgroup
 from c8.supervisor.children import EXIT_LIMITER, Children, ChildSpec, ProcessOS, State
 from c8.supervisor.config import Config
+from c8.supervisor.cpus import collector_name, groups, online_cpus
 from c8.supervisor.spawn import ForkOS
 
 log = logging.getLogger("c8.supervisor")
@@ -56,24 +57,6 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def online_cpus(text: str | None = None) -> list[int]:
-    """CPU numbers from /sys/devices/system/cpu/online ('0-3,5')."""
-    if text is None:
-        try:
-            with open("/sys/devices/system/cpu/online") as f:
-                text = f.read()
-        except OSError:
-            return list(range(os.cpu_count() or 1))
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            cpus.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            cpus.append(int(part))
-    return cpus
-
-
 def entry_points(environ=os.environ) -> dict[str, str]:
     """ENTRY_POINTS with the test-only overrides applied."""
     eps = dict(ENTRY_POINTS)
@@ -88,14 +71,15 @@ def entry_points(environ=os.environ) -> dict[str, str]:
 
 
 def child_specs(cfg: Config, cpus: list[int], eps: dict[str, str]) -> list[ChildSpec]:
-    """The tree: broker, one collector per online CPU, the detector when enabled.
+    """The tree: broker, one collector per online CPU (at most ``max_collectors``:
+    then each reads several, c8.supervisor.cpus), the detector when enabled.
 
-    Collector cpu0 owns the eBPF programs and probes (its own role); the broker
-    and the collectors heartbeat from their main loops."""
+    The collector of cpu0 owns the eBPF programs and probes (its own role); the
+    broker and the collectors heartbeat from their main loops."""
     specs = [ChildSpec("c8-broker", eps["broker"], role="broker", heartbeat=True)]
-    specs += [ChildSpec(f"c8-collector cpu{n}", eps["collector"], (n,),
-                        role="collector0" if n == 0 else "collector", heartbeat=True)
-              for n in cpus]
+    specs += [ChildSpec(collector_name(group), eps["collector"], (group[0] if len(group) == 1 else tuple(group),),
+                        role="collector0" if 0 in group else "collector", heartbeat=True)
+              for group in groups(cpus, cfg.max_collectors)]
     if cfg.detections.enabled:
         specs.append(ChildSpec("c8-detector", eps["detector"], role="detector"))
     if cfg.export.enabled:

@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from c8.protocol import control, paths
+from c8.supervisor import cpus
 from c8.supervisor.reload import read_detector_stats
 
 log = logging.getLogger("c8.supervisor.metrics")
@@ -138,15 +139,14 @@ def health(children: list[dict], broker: dict | None, broker_error: str | None) 
     collectors = broker.get("collectors") or {}
     for c in children:
         name = c["name"]
-        if not name.startswith("c8-collector cpu"):
-            continue
-        cpu = name.rsplit("cpu", 1)[1]
-        st = collectors.get(cpu)
-        if st is None:
-            reasons.append(f"{name} has not reported to the broker")
-        elif _num(st.get("seen_ago")) > HEALTH_SILENCE_S:
-            reasons.append(f"{name} has not reported for {_num(st['seen_ago']):.1f}s "
-                           f"(it reports every {COLLECTOR_PERIOD_S:.0f}s)")
+        for cpu in cpus.of_collector(name) or ():  # one collector may read several CPUs
+            who = name if cpus.of_collector(name) == [cpu] else f"{name} (cpu{cpu})"
+            st = collectors.get(str(cpu))
+            if st is None:
+                reasons.append(f"{who} has not reported to the broker")
+            elif _num(st.get("seen_ago")) > HEALTH_SILENCE_S:
+                reasons.append(f"{who} has not reported for {_num(st['seen_ago']):.1f}s "
+                               f"(it reports every {COLLECTOR_PERIOD_S:.0f}s)")
     return reasons
 
 

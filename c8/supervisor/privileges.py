@@ -96,8 +96,8 @@ ROLES: dict[str, tuple[Grant, ...]] = {
 }
 ROLE_TITLES = {
     "broker": "c8-broker",
-    "collector0": "c8-collector cpu0 (eBPF and probe owner)",
-    "collector": "c8-collector cpuN, N > 0",
+    "collector0": "c8-collector cpu0, or cpu0-N (eBPF and probe owner)",
+    "collector": "the other collectors (c8-collector cpuN)",
     "detector": "c8-detector",
     "exporter": "c8-exporter",
 }

@@ -4,6 +4,10 @@ import tempfile
 
 import pytest
 
+# The container runtimes, session-wide: defined here once. A fixture imported into
+# several test modules is a fixture of each, so each would start its own dockerd
+# and keep it to the end of the session.
+from tests.integration.runtimes import busybox_rootfs, crun, docker, podman, runc  # noqa: F401
 from tests.integration.sensor import Sensor
 
 

@@ -14,7 +14,8 @@ helpers:
 
 A missing runtime fails the test with the Debian package that
 .ci/install-runtimes.sh should have installed: these tests never skip.
-Import the fixtures into a test module (``from runtimes import docker``).
+The fixtures are defined once for every test module, in conftest.py (one dockerd
+per session: a fixture imported into a module is a fixture of that module).
 """
 
 from __future__ import annotations

@@ -22,8 +22,6 @@ import yaml
 
 from tests.integration.sensor import wait_for
 
-from .runtimes import busybox_rootfs, runc  # noqa: F401  (fixtures)
-
 pytestmark = pytest.mark.root
 
 CATS = 40

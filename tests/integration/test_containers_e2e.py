@@ -24,7 +24,7 @@ import pytest
 
 from tests.integration.sensor import Sensor, wait_for
 
-from .runtimes import busybox_rootfs, crun, crun_hybrid_workaround, docker, podman, runc  # noqa: F401  (fixtures)
+from .runtimes import crun_hybrid_workaround
 
 pytestmark = [pytest.mark.root, pytest.mark.containers, pytest.mark.timeout(300)]
 

@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from c8.detections.rules import default_rules_path
-from tests.integration.runtimes import IMAGE, busybox_rootfs, docker  # noqa: F401  (fixtures)
+from tests.integration.runtimes import IMAGE
 from tests.integration.sensor import Sensor
 from tests.integration.test_detections_attacks import attempt, barrier, no_alert, pid_of, py, run
 from tests.integration.test_detections_e2e import detector_ready

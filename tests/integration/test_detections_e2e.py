@@ -26,7 +26,6 @@ import uuid
 import pytest
 
 from c8.detections.rules import default_rules_path, load_rules
-from tests.integration.runtimes import busybox_rootfs, docker  # noqa: F401  (fixtures)
 from tests.integration.sensor import Sensor, wait_for
 
 pytestmark = pytest.mark.root

@@ -27,7 +27,7 @@ import pytest
 
 from tests.integration.sensor import Sensor
 
-from .runtimes import Runc, busybox_rootfs, runc, sh, wait_for  # noqa: F401  (fixtures)
+from .runtimes import Runc, sh
 from .test_containers_e2e import collect
 
 pytestmark = [pytest.mark.root, pytest.mark.containers, pytest.mark.timeout(240)]

@@ -14,8 +14,6 @@ import pytest
 from c8.broker.containers import ContainerTable, container_of_pid
 from c8.broker.runtimes import Roots
 
-from .runtimes import busybox_rootfs, docker, podman, runc  # noqa: F401  (fixtures)
-
 pytestmark = [pytest.mark.root, pytest.mark.containers, pytest.mark.timeout(240)]
 
 SLEEP = ["sleep", "120"]

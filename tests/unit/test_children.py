@@ -289,6 +289,41 @@ def test_online_cpus():
     assert online_cpus("0\n") == [0]
 
 
+def test_collector_groups_and_names():
+    from c8.supervisor import cpus
+    assert cpus.groups(list(range(64)), 8) == [list(range(i, i + 8)) for i in range(0, 64, 8)]
+    assert cpus.groups([0, 1], 8) == [[0], [1]]  # up to max_collectors: a process per CPU
+    assert cpus.groups(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert cpus.groups([0, 1, 2], 1) == [[0, 1, 2]]
+    assert cpus.list_text([0, 1, 2, 3, 5, 7, 8]) == "0-3,5,7-8"
+    for group in ([3], [0, 1], [0, 2, 4], list(range(8)), [5, 6, 9]):
+        name = cpus.collector_name(group)
+        assert cpus.of_collector(name) == group, name
+    assert cpus.collector_name([0, 1, 2, 3]) == "c8-collector cpu0-3"
+    assert cpus.of_collector("c8-broker") is None and cpus.of_collector("c8-collector cpux") is None
+
+
+def test_tree_groups_cpus_past_max_collectors(monkeypatch):
+    monkeypatch.setattr("c8.supervisor.config.DEFAULT_PATH", "/nonexistent/c8.yaml")
+    cfg = load(environ={"CAPSULE8_MAX_COLLECTORS": "2", "CAPSULE8_DETECTIONS_ENABLED": "false"})
+    specs = child_specs(cfg, [0, 1, 2, 3, 5], entry_points({}))
+    assert specs[1:] == [
+        ChildSpec("c8-collector cpu0-2", "c8.collectors.main:run", ((0, 1, 2),), role="collector0", heartbeat=True),
+        ChildSpec("c8-collector cpu3,5", "c8.collectors.main:run", ((3, 5),), role="collector", heartbeat=True)]
+    assert [s.name for s in child_specs(load(environ={}), list(range(64)), entry_points({}))][1:9] == [
+        f"c8-collector cpu{i}-{i + 7}" for i in range(0, 64, 8)]
+
+
+def test_health_reads_every_cpu_of_a_grouped_collector():
+    from c8.supervisor.metrics import health
+    children = [{"name": "c8-broker", "state": "RUNNING"}, {"name": "c8-collector cpu0-2", "state": "RUNNING"}]
+    fresh = {"seen_ago": 0.5}
+    assert health(children, {"collectors": {"0": fresh, "1": fresh, "2": fresh}}, None) == []
+    assert health(children, {"collectors": {"0": fresh, "2": {"seen_ago": 9.0}}}, None) == [
+        "c8-collector cpu0-2 (cpu1) has not reported to the broker",
+        "c8-collector cpu0-2 (cpu2) has not reported for 9.0s (it reports every 1s)"]
+
+
 # -- host parsers the tree relies on (fake /proc and tracefs content)
 
 def test_find_controllers_v1_wins_over_v2(tmp_path):

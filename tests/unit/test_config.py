@@ -334,7 +334,7 @@ def test_every_key_loads_from_its_env_name():
                "cgroup_metrics_interval": "5s", "limiter.events_per_second": "10",
                "limiter.duration": "10s", "limiter.max_retries": "6",
                "limiter.group_request_duration": "2s", "alert_output.outputs": "[{type: stdout}]",
-               "run_dir": "/tmp/r", "ring_pages": "64", "string_width": "128",
+               "run_dir": "/tmp/r", "ring_pages": "64", "max_collectors": "4", "string_width": "128",
                "merge_holdback": "10ms", "subscriber_queue": "8", "detections.rules": "/r",
                "detections.fold_period": "2s",
                "listen_tcp": "", "curve_server_secret_key_file": "/k",
