@@ -150,8 +150,10 @@ class Collector:
                 self._close(name)
         if self.cpu == 0:
             self._ensure_probes(probes)
+        # cpu0's collector in this process has made its probes already: no wait for them
+        wait = 0.0 if any(peer.cpu == 0 for peer in self.peers) else 2.0
         for name, spec in probes.items():
-            if self._probe_ready(name):  # created by cpu0
+            if self._probe_ready(name, wait):  # created by cpu0
                 wanted[name] = (spec or {}).get("filter")
         if wanted or plan.get("bpf"):
             self._ensure_ring()
