@@ -8,6 +8,7 @@ container table) and publishes each subscription's events on its connection.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -50,6 +51,11 @@ EXIT_LIMITER = 78
 # Loading eBPF families takes seconds, and on a loaded host over 10 (after unloading the
 # previous plan's): a subscriber answered before they run misses events, uncounted.
 SUBSCRIBE_READY_WAIT = 30.0
+# A control reply the peer's queue could not take at once is sent again each loop turn
+# for this long (see Broker._reply); at most so many wait per peer, and so many peers.
+REPLY_RETRY_SECONDS = 5.0
+MAX_UNSENT_REPLIES = 16
+MAX_PEERS_WAITING = 1024
 MAX_WAIT_NS = 1_000_000_000       # longest the merge waits for a stalled collector
 WATERMARK_SLACK_NS = 1_000_000    # records being written while a ring was read  # the supervisor stops the sensor with status 1 on this
 
@@ -109,6 +115,8 @@ class Broker:
         self.dormant = False
         # subscribe replies wait until every collector runs the plan that serves them
         self.pending_replies: list[tuple[list[bytes], bytes, int, float]] = []
+        # peer -> replies its queue could not take yet: (envelope, payload, give-up time)
+        self.unsent_replies: dict[bytes, collections.deque] = {}
 
     # -- set-up -------------------------------------------------------------------
     def _make_limiter(self):
@@ -165,7 +173,7 @@ class Broker:
         while self.running:
             # Tick only while something waits for release or a reply; otherwise
             # sleep until the next periodic duty (sockets wake the poll).
-            busy = self.merger.pending or self.pending_replies
+            busy = self.merger.pending or self.pending_replies or self.unsent_replies
             wait = TICK_SECONDS if busy else max(TICK_SECONDS, min(next_plan, next_second) - time.monotonic())
             for sock, _ in poller.poll(int(wait * 1000)):
                 if sock is self.ingest:
@@ -173,6 +181,8 @@ class Broker:
                 else:
                     self._drain_control(sock)
             now = time.monotonic()
+            if self.unsent_replies:
+                self._retry_replies(now)
             gap = MIN_RELEASE_GAP if self.last_window < BIG_WINDOW else TICK_SECONDS
             if self.marks_moved and self.merger.pending and now >= next_tick - TICK_SECONDS + gap:
                 next_tick = now  # every CPU may have passed more events: release them now
@@ -389,9 +399,34 @@ class Broker:
             log.exception("control request failed")
             reply = control.error(req_id, errors.INTERNAL, f"internal error: {type(exc).__name__}")
         try:
-            self.publisher.send(envelope, reply)
+            self._reply(envelope, reply)
         except Exception:  # an unsendable reply is dropped, never a broker fault
             log.exception("cannot reply to %s", peer.hex())
+
+    def _reply(self, envelope: list[bytes], payload: bytes) -> None:
+        """Send a control reply, never blocking. ZeroMQ learns that a reader has
+        emptied its queue only from credit the reader's side sends back now and
+        then, so a reply may meet a queue that looks full although the client
+        reads (a loaded host, a small subscriber_queue): it is then sent again
+        each loop turn for REPLY_RETRY_SECONDS, in order, rather than lost to a
+        client waiting for it. A client that never reads loses its older replies
+        (MAX_UNSENT_REPLIES per peer)."""
+        peer = envelope[0]
+        waiting = self.unsent_replies.get(peer)
+        if waiting is None and self.publisher.send(envelope, payload):
+            return
+        if waiting is None:
+            if len(self.unsent_replies) >= MAX_PEERS_WAITING:
+                return
+            waiting = self.unsent_replies[peer] = collections.deque(maxlen=MAX_UNSENT_REPLIES)
+        waiting.append((envelope, payload, time.monotonic() + REPLY_RETRY_SECONDS))
+
+    def _retry_replies(self, now: float) -> None:
+        for peer, waiting in list(self.unsent_replies.items()):
+            while waiting and (now >= waiting[0][2] or self.publisher.send(*waiting[0][:2])):
+                waiting.popleft()  # sent, or given up
+            if not waiting:
+                del self.unsent_replies[peer]
 
     def _command(self, peer: bytes, req: dict, who: Peer) -> bytes:
         cmd, props, rid = req["command"], req["properties"], req["id"]
@@ -435,7 +470,7 @@ class Broker:
         if sub is None:
             return
         if notify:
-            self.publisher.send([sub.peer], msgpack.packb({"type": "end", "subscription": sid, "reason": reason}))
+            self._reply([sub.peer], msgpack.packb({"type": "end", "subscription": sid, "reason": reason}))
         log.info("subscription %s ended: %s", sid, reason)
         self._replan()
 
@@ -489,12 +524,12 @@ class Broker:
         waiting = []
         for envelope, payload, generation, deadline in self.pending_replies:
             if self._collecting(generation, now):
-                self.publisher.send(envelope, payload)
+                self._reply(envelope, payload)
             elif now >= deadline:
                 log.warning("answering a subscribe after %.0fs although not every collector runs plan %d "
                             "(collector stats: %s): its first events may be missed", SUBSCRIBE_READY_WAIT,
                             generation, {c: st.get("generation") for c, st in self.collectors.items()})
-                self.publisher.send(envelope, payload)
+                self._reply(envelope, payload)
             else:
                 waiting.append((envelope, payload, generation, deadline))
         self.pending_replies = waiting

@@ -372,8 +372,9 @@ def test_sensor_survives_hostile_clients(scale_sensor):
         if flood.poll(5000):
             replies.append(control.parse_reply(flood.recv()))
     flood.close()
-    # every answer is an error; a reply the socket cannot take at once may be dropped (by design)
-    assert len(replies) >= 190 and all(r["status"] == "error" for r in replies)
+    # every one answered, with an error: a reply the socket could not take at once (its
+    # flow control lags the reader, more so on a loaded host) is sent again, not dropped
+    assert len(replies) == 200 and all(r["status"] == "error" for r in replies)
     # still serving: the same children, and a subscription works
     tok = token()
     with scale_sensor.client.subscribe({"events": {"process": {"filter": f'exec_command_line like "*{tok}*"'}}}) as sub:
