@@ -6,7 +6,7 @@
 All events of a CPU write into one ring, owned by a disabled dummy software
 event so the ring outlives any source. A :class:`Collector` is one CPU's
 events, ring and queue to the broker; a process runs one per CPU it reads
-(several on a host with more CPUs than ``max_collectors``: c8.supervisor.cpus)
+(several on a host with more CPUs than ``max_collectors``: c8.protocol.cpus)
 in one loop (:func:`serve`), which takes each plan once and applies it to
 cpu0's first (it owns the eBPF programs and probes the others use). An error
 in one source is logged with its name and reported in stats; the collector
@@ -28,6 +28,7 @@ import zmq
 from c8.collectors import perf, ring, tracefs
 from c8.collectors.decode import Decoder
 from c8.protocol import batch, heartbeat, paths
+from c8.protocol.cpus import collector_name
 
 POLL_MS = 4  # ring reads at least this often: the latency floor at low rates
 IDLE_POLL_MS = 250  # no perf event open: wake only for stats
@@ -525,10 +526,11 @@ def serve(collectors: list[Collector], stop: list[bool]) -> None:
                         plan = sub.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                plan = msgpack.unpackb(plan, raw=False, strict_map_key=False)
                 for col in collectors:
                     before = col.state.generation
                     try:
-                        col.apply_plan(msgpack.unpackb(plan, raw=False, strict_map_key=False))
+                        col.apply_plan(plan)
                     except Exception as exc:
                         log(f"plan (cpu{col.cpu}): {type(exc).__name__}: {exc}")
                     if col.state.generation != before:
@@ -562,8 +564,6 @@ def run(config: dict, cpus: int | list[int]) -> None:
     cpus = sorted([cpus] if isinstance(cpus, int) else cpus)  # cpu0, if ours, first
     try:
         from setproctitle import setproctitle
-
-        from c8.supervisor.cpus import collector_name
         setproctitle(collector_name(cpus))
     except ImportError:
         pass

@@ -21,12 +21,12 @@ import time
 from setproctitle import setproctitle
 
 from c8.protocol import files, paths
+from c8.protocol.cpus import collector_name, groups, online_cpus
 from c8.supervisor import cleanup, config, privileges, rundir, status
 from c8.supervisor import reload as reloading
 from c8.supervisor.cgroups import CgroupError, SensorCgroup
 from c8.supervisor.children import EXIT_LIMITER, Children, ChildSpec, ProcessOS, State
 from c8.supervisor.config import Config
-from c8.supervisor.cpus import collector_name, groups, online_cpus
 from c8.supervisor.spawn import ForkOS
 
 log = logging.getLogger("c8.supervisor")
@@ -72,7 +72,7 @@ def entry_points(environ=os.environ) -> dict[str, str]:
 
 def child_specs(cfg: Config, cpus: list[int], eps: dict[str, str]) -> list[ChildSpec]:
     """The tree: broker, one collector per online CPU (at most ``max_collectors``:
-    then each reads several, c8.supervisor.cpus), the detector when enabled.
+    then each reads several, c8.protocol.cpus), the detector when enabled.
 
     The collector of cpu0 owns the eBPF programs and probes (its own role); the
     broker and the collectors heartbeat from their main loops."""

@@ -32,8 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from c8.protocol import control, paths
-from c8.supervisor import cpus
+from c8.protocol import control, cpus, paths
 from c8.supervisor.reload import read_detector_stats
 
 log = logging.getLogger("c8.supervisor.metrics")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from c8.supervisor import cpus
+from c8.protocol import cpus
 from tests.integration.sensor import Sensor, wait_for
 
 pytestmark = pytest.mark.root

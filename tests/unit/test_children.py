@@ -290,7 +290,7 @@ def test_online_cpus():
 
 
 def test_collector_groups_and_names():
-    from c8.supervisor import cpus
+    from c8.protocol import cpus
     assert cpus.groups(list(range(64)), 8) == [list(range(i, i + 8)) for i in range(0, 64, 8)]
     assert cpus.groups([0, 1], 8) == [[0], [1]]  # up to max_collectors: a process per CPU
     assert cpus.groups(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
