@@ -141,8 +141,8 @@ def live(sensor: c.BenchSensor, rate: int, secs: float, who: str, jq: bool = Fal
     ``grep -c`` (event lines; lost lines are not counted), through ``jq -c .`` first
     with ``jq``; or a numpy batch counter (the sensor's delivery)."""
     w = c.Workload("paced", rate, secs, cpu=c.STORM_CPU)
-    spec = {"events": {"syscall": {"kinds": ["ENTER"],
-                                   "filter": f"id == {c.SYS_GETPPID} and process_tid == {w.pid}"}}}
+    spec = {"events": {"syscall": {  # as a user writes it: the kind in the filter
+        "filter": f'kind == "ENTER" and id == {c.SYS_GETPPID} and process_tid == {w.pid}'}}}
     produced = int(rate * secs)
     if who == "numpy":
         with c.Counter(sensor.run_dir, spec, "syscall", pid=w.pid) as counter:

@@ -22,26 +22,18 @@ MB = 1 << 20
 
 
 def idle(window: float, **overrides) -> dict:
+    """CPU and memory with no subscription, then memory while collecting process
+    and file events (every collector holds its ring and has drained real events)."""
     with c.BenchSensor(**overrides) as sensor:
         time.sleep(3.0)  # start-up work (imports, scans) is not idling
         cpu0, t0 = sensor.cpu_seconds(), time.monotonic()
         time.sleep(window)
         cpu, wall = sensor.cpu_seconds() - cpu0, time.monotonic() - t0
         mem = sensor.memory()
-        # collecting: every collector holds its ring and has drained real events
         with c.Counter(sensor.run_dir, {"events": {"process": {}, "file": {}}}, None):
             time.sleep(5.0)
             working = sensor.memory()
     return {"cpu_pct": 100 * cpu / wall, "window": wall, "memory": mem, "working": working}
-
-
-def collecting(**overrides) -> dict:
-    """PSS per process of a sensor collecting process and file events."""
-    with c.BenchSensor(**overrides) as sensor:
-        time.sleep(3.0)
-        with c.Counter(sensor.run_dir, {"events": {"process": {}, "file": {}}}, None):
-            time.sleep(5.0)  # every collector holds its ring and has drained real events
-            return sensor.memory()
 
 
 def per_collector(apart: dict, together: dict, cpus: int = 64, processes: int = 8) -> dict:
@@ -76,7 +68,7 @@ def run(quick: bool = False, storm: dict | None = None) -> dict:
     s8, sp = storm["c8"], storm["perf"]
     per_m8 = s8["sensor_cpu"] / (s8["delivered"] / 1e6)
     per_mp = sp["perf_cpu"] / (sp["captured"] / 1e6)
-    mem = per_collector(idl["working"], collecting(max_collectors=1))
+    mem = per_collector(idl["working"], idle(1.0, max_collectors=1)["working"])
     rss_idle = sum(m["rss"] for m in idl["memory"].values())
     rss_max = max(m["rss"] for m in idl["memory"].values())
     hwm = sum(m["hwm"] for m in s8["memory"].values())

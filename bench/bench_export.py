@@ -195,8 +195,8 @@ def run(quick: bool = False) -> dict:
             workloads.append(live)
             backlog = c.Workload("paced", BACKLOG_RATE, secs, cpu=c.STORM_CPU)
             workloads.append(backlog)
-            spec = {"events": {"syscall": {"kinds": ["ENTER"], "filter":
-                    f"id == {c.SYS_GETPPID} and (process_tid == {live.pid} or "
+            spec = {"events": {"syscall": {"filter":
+                    f'kind == "ENTER" and id == {c.SYS_GETPPID} and (process_tid == {live.pid} or '
                     f"process_tid == {backlog.pid})"}}}
             with c.BenchSensor(detections={"enabled": False},
                                export={"enabled": True, "events": spec,

@@ -21,8 +21,9 @@ GOAL_P99_MS = 50.0
 
 def measure(sensor: c.BenchSensor, rate: int, secs: float) -> dict:
     w = c.Workload("paced", rate, secs, cpu=c.STORM_CPU)
-    spec = {"events": {"syscall": {"kinds": ["ENTER"],
-                                   "filter": f"id == {c.SYS_GETPPID} and process_tid == {w.pid}"}}}
+    # as a user writes it: the kind in the filter (the plan then opens sys_enter alone)
+    spec = {"events": {"syscall": {
+        "filter": f'kind == "ENTER" and id == {c.SYS_GETPPID} and process_tid == {w.pid}'}}}
     late0 = sensor.status()["counts"].get("late", 0)
     with c.Counter(sensor.run_dir, spec, "syscall", pid=w.pid, latency=True) as counter:
         done, _ = w.run()

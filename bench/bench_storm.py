@@ -18,8 +18,8 @@ def storm_c8(n: int, pages: int = c.RING_PAGES) -> dict:
     """Produced, delivered, lost and CPU of one storm through a private sensor."""
     with c.BenchSensor(ring_pages=pages) as sensor:
         w = c.Workload("storm", n, cpu=c.STORM_CPU)
-        spec = {"events": {"syscall": {"kinds": ["ENTER"],
-                                       "filter": f"id == {c.SYS_GETPPID} and process_tid == {w.pid}"}}}
+        spec = {"events": {"syscall": {  # as a user writes it: the kind in the filter
+            "filter": f'kind == "ENTER" and id == {c.SYS_GETPPID} and process_tid == {w.pid}'}}}
         with c.Counter(sensor.run_dir, spec, "syscall", pid=w.pid) as counter:
             cpu0 = sensor.cpu_seconds()
             produced, secs = w.run()

@@ -61,14 +61,13 @@ class Identity:
         self.containers.apply_attaches(_last_time(window))  # moves after the last process event
         if "container" in window:  # metadata may have refined the cgroup's guess (runc -> crun)
             window["container"]["runtime"] = self.containers.runtimes(window["container"]["container"])
-        self.processes.look_up_misses(_pids(window))
         for category, batch in window.items():
             if category in ("lost", "limiter"):
                 continue
             if category not in ("process", "container"):
                 batch["container"] = self.containers.indices_at(batch["process_pid"],
                                                                 batch["sensor_monotime_nanos"])
-            self.processes.fill(batch)
+            self.processes.fill(batch, wait=True)
 
     def lineage(self, batch: np.ndarray) -> dict[str, list]:
         """The lineage table of a batch's processes (c8.protocol.batch.Tables.processes),
@@ -167,17 +166,6 @@ class Identity:
         if kind == "EXITED":
             catalog.split_exit_code(np.array([code]), out)
         return out
-
-
-def _pids(window: dict[str, np.ndarray]) -> list[int]:
-    """The distinct pids of a window's events (one per batch of a storm: no sort)."""
-    seen: set[int] = set()
-    for category, batch in window.items():
-        if category in ("lost", "limiter") or not len(batch) or "process_pid" not in batch.dtype.names:
-            continue
-        col = batch["process_pid"]
-        seen.update((col[:1] if (col == col[0]).all() else np.unique(col)).tolist())
-    return [pid for pid in seen if pid > 0]
 
 
 def _by_time(batch: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from c8.broker.publish import Publisher
 from c8.broker.sequence import Sequence
 from c8.broker.subscriptions import FilterLimits, Subscription, parse_spec
 from c8.protocol import batch as wire
-from c8.protocol import control, errors, heartbeat, paths
+from c8.protocol import control, cpus, errors, heartbeat, paths
 from c8.schema import rows
 
 log = logging.getLogger("c8.broker")
@@ -115,6 +115,8 @@ class Broker:
         self.dormant = False
         # subscribe replies wait until every collector runs the plan that serves them
         self.pending_replies: list[tuple[list[bytes], bytes, int, float]] = []
+        # every online CPU has a collector (its stats): the broker's own affinity may be narrower
+        self.ncpus = len(cpus.online_cpus())
         # peer -> replies its queue could not take yet: (envelope, payload, give-up time)
         self.unsent_replies: dict[bytes, collections.deque] = {}
 
@@ -517,7 +519,7 @@ class Broker:
     def _collecting(self, generation: int, now: float) -> bool:
         """True when every live collector reports running this plan generation or later."""
         live = [st for st in self.collectors.values() if now - st.get("_seen", 0) < 3]
-        return len(live) >= len(os.sched_getaffinity(0)) and all(
+        return len(live) >= self.ncpus and all(
             st.get("generation", -1) >= generation for st in live)
 
     def _send_ready_replies(self, now: float) -> None:

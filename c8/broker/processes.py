@@ -155,17 +155,20 @@ class ProcessTable:
             self._pending.add(pid)
         return job
 
-    def look_up_misses(self, pids: list[int]) -> None:
-        """Ask /proc now for the pids of this window the table does not know, and
-        wait at most ``prefetch_wait`` s (budgeted, as every wait of the pool) for
-        the answers: a process first seen in this window (started before anyone
+    def look_up_misses(self, pids: list[int]) -> bool:
+        """Ask /proc now for ``pids``, which the table does not know, and wait at
+        most ``prefetch_wait`` s (budgeted, as every wait of the pool) for the
+        answers: a process first seen in this window (started before anyone
         subscribed, so its fork and exec went unseen) carries its identity from
         its first event, not from the next window's. A read that is late (a
-        process stalling its /proc) leaves these events unknown, as before."""
-        jobs = [job for pid in pids if pid not in self.by_pid and (job := self._ask(pid)) is not None]
-        if jobs:
-            self.identities.wait(jobs, self.prefetch_wait)
-            self.collect()
+        process stalling its /proc) leaves these events unknown, as before.
+        True when some answer was applied."""
+        jobs = [job for pid in pids if (job := self._ask(pid)) is not None]
+        if not jobs:
+            return False
+        self.identities.wait(jobs, self.prefetch_wait)
+        self.collect()
+        return any(job.ended for job in jobs)
 
     def _ask_cmdline(self, pid: int, process_id: bytes, uid: int | None) -> None:
         if uid in self._stalling_uids:
@@ -383,10 +386,13 @@ class ProcessTable:
         return rows
 
     # -- enrichment -------------------------------------------------------------
-    def fill(self, batch: np.ndarray) -> None:
+    def fill(self, batch: np.ndarray, wait: bool = False) -> None:
         """Set process_id, process_exec_filename and unknown credentials of a batch,
         each as of the event's time: per unique pid from the table, and for pids
-        whose identity changed in this window, per event from that pid's history."""
+        whose identity changed in this window, per event from that pid's history.
+        Pids the table does not know are asked of /proc; with ``wait`` (the
+        release) their answers are waited for, within :meth:`look_up_misses`'s
+        bound, else they apply to later batches."""
         if len(batch) == 0:
             return
         col = batch["process_pid"]
@@ -394,7 +400,15 @@ class ProcessTable:
             pids, inverse = col[:1], np.zeros(len(col), np.intp)
         else:
             pids, inverse = np.unique(col, return_inverse=True)
-        snaps = [_snapshot(self.get(pid) if pid > 0 else None) for pid in pids.tolist()]
+        known = [self.by_pid.get(pid) for pid in pids.tolist()]
+        misses = [pid for pid, p in zip(pids.tolist(), known, strict=True) if p is None and pid > 0]
+        if wait and misses:
+            if self.look_up_misses(misses):
+                known = [self.by_pid.get(pid) for pid in pids.tolist()]
+        else:
+            for pid in misses:
+                self._ask(pid)
+        snaps = [_snapshot(p) for p in known]
         ids, exes, creds = _columns(snaps)
         changed = self._history.keys() & set(pids.tolist()) if self._history else ()
         if changed:  # per event: the table now, then each changed pid as of its events' times

@@ -138,8 +138,9 @@ def health(children: list[dict], broker: dict | None, broker_error: str | None) 
     collectors = broker.get("collectors") or {}
     for c in children:
         name = c["name"]
-        for cpu in cpus.of_collector(name) or ():  # one collector may read several CPUs
-            who = name if cpus.of_collector(name) == [cpu] else f"{name} (cpu{cpu})"
+        read = cpus.of_collector(name) or []  # one collector may read several CPUs
+        for cpu in read:
+            who = name if len(read) == 1 else f"{name} (cpu{cpu})"
             st = collectors.get(str(cpu))
             if st is None:
                 reasons.append(f"{who} has not reported to the broker")

@@ -18,6 +18,7 @@ import os
 import struct
 
 from c8.collectors.bpf import syscalls as sc
+from c8.protocol import cpus
 
 PENDING_ENTRIES = 16384  # syscalls in flight at once, all threads
 IGNORE_ENTRIES = 1024
@@ -27,14 +28,9 @@ def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
     """Number of possible CPUs (highest id + 1), from a list such as ``0-3,5``."""
     try:
         with open(path) as f:
-            text = f.read().strip()
+            return max(cpus.parse_list(f.read()), default=0) + 1
     except OSError:
         return os.cpu_count() or 1
-    top = 0
-    for part in text.split(","):
-        if part:
-            top = max(top, int(part.split("-")[-1]))
-    return top + 1
 
 
 def create_perf_array(n_cpus: int | None = None, name: str = "c8_events") -> int:
