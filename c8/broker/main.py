@@ -35,6 +35,7 @@ from c8.broker.processes import ProcessTable
 from c8.broker.publish import Publisher
 from c8.broker.sequence import Sequence
 from c8.broker.subscriptions import FilterLimits, Subscription, parse_spec
+from c8.broker.watermarks import Watermarks
 from c8.protocol import batch as wire
 from c8.protocol import control, cpus, errors, heartbeat, paths
 from c8.schema import rows
@@ -56,8 +57,6 @@ SUBSCRIBE_READY_WAIT = 30.0
 REPLY_RETRY_SECONDS = 5.0
 MAX_UNSENT_REPLIES = 16
 MAX_PEERS_WAITING = 1024
-MAX_WAIT_NS = 1_000_000_000       # longest the merge waits for a stalled collector
-WATERMARK_SLACK_NS = 1_000_000    # records being written while a ring was read  # the supervisor stops the sensor with status 1 on this
 
 
 def sensor_id(path: str | None) -> str:
@@ -98,7 +97,6 @@ class Broker:
         fdt = config["fd_table"]
         self.fd_paths = FromStream(FdTable(fdt["max_per_process"], fdt["max_entries"]))
         self.sequence = Sequence()
-        self.marks_moved = False  # a collector's tick arrived since the last release
         self.last_window = 0  # events in the last window released
         self.planner = Planner(config, lambda packed: self.plan_pub.send(packed))
         self.publisher = Publisher(self)
@@ -106,7 +104,7 @@ class Broker:
         self.access = Access(config)  # roles and the count limits (docs/security.md)
         self.filter_limits = FilterLimits.from_config(config["limits"])
         self.collectors: dict[int, dict] = {}  # cpu -> latest stats
-        self.watermarks: dict[int, tuple[int, float]] = {}  # cpu -> (read up to ns, when told)
+        self.watermarks = Watermarks()  # how far each collector's stream is in
         self.counts = {"received": 0, "published": 0, "lost_kernel": 0, "bad_messages": 0}
         self.own_pids: set[int] = {os.getpid(), os.getppid()}
         self.running = True
@@ -143,6 +141,10 @@ class Broker:
         self.ingest.setsockopt(zmq.RCVHWM, 10000)
         self.ingest.setsockopt(zmq.LINGER, 0)
         self._bind_ipc(self.ingest, paths.ingest(self.run_dir), 0o600)
+        self.ticks = self.ctx.socket(zmq.PULL)
+        self.ticks.setsockopt(zmq.RCVHWM, 10000)
+        self.ticks.setsockopt(zmq.LINGER, 0)
+        self._bind_ipc(self.ticks, paths.ticks(self.run_dir), 0o600)
         self.plan_pub = self.ctx.socket(zmq.PUB)
         self.plan_pub.setsockopt(zmq.LINGER, 0)
         self._bind_ipc(self.plan_pub, paths.plan(self.run_dir), 0o600)
@@ -171,6 +173,7 @@ class Broker:
         for listener in self.listeners.values():
             poller.register(listener, zmq.POLLIN)
         poller.register(self.ingest, zmq.POLLIN)
+        poller.register(self.ticks, zmq.POLLIN)
         next_tick = next_plan = next_second = time.monotonic()
         while self.running:
             # Tick only while something waits for release or a reply; otherwise
@@ -180,18 +183,20 @@ class Broker:
             for sock, _ in poller.poll(int(wait * 1000)):
                 if sock is self.ingest:
                     self._drain_ingest()
+                elif sock is self.ticks:
+                    self._drain_ticks()
                 else:
                     self._drain_control(sock)
             now = time.monotonic()
             if self.unsent_replies:
                 self._retry_replies(now)
             gap = MIN_RELEASE_GAP if self.last_window < BIG_WINDOW else TICK_SECONDS
-            if self.marks_moved and self.merger.pending and now >= next_tick - TICK_SECONDS + gap:
+            if self.watermarks.moved and self.merger.pending and now >= next_tick - TICK_SECONDS + gap:
                 next_tick = now  # every CPU may have passed more events: release them now
             heartbeat.beat()  # the supervisor restarts a loop that stops turning
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
-                self.marks_moved = False
+                self.watermarks.moved = False
                 if self.pending_replies:
                     self._send_ready_replies(now)
                 self._release(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
@@ -229,12 +234,23 @@ class Broker:
                 self.counts["bad_messages"] += 1
                 log.exception("bad collector message")
 
+    def _drain_ticks(self) -> None:
+        """Every tick waiting (a few per CPU at most: collectors conflate them)."""
+        for _ in range(10000):
+            try:
+                frame = self.ticks.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.watermarks.on_tick(msgpack.unpackb(frame, raw=False))
+            except Exception as exc:
+                self.counts["bad_messages"] += 1
+                log.warning("bad tick from a collector: %s", exc)
+
     def _ingest(self, frames: list) -> None:
         header, raw = wire.unpack(frames)
         kind = header.get("kind")
-        if kind == "tick":  # every event of that CPU stamped before the mark is here
-            self.watermarks[int(header.get("cpu", -1))] = (int(header["watermark"]), time.monotonic())
-            self.marks_moved = True
+        self.watermarks.on_message(header)  # a tick held for this message counts now
         if kind == "samples" and raw is not None and len(raw):
             self.counts["received"] += len(raw)
             if self.dormant:
@@ -324,23 +340,9 @@ class Broker:
         return p.command_line.split() if p is not None and p.command_line else []
 
     # -- release: the per-window pipeline ----------------------------------------------
-    def _streams_reached(self, now_ns: int) -> int:
-        """The time every live collector's stream has been read up to.
-
-        Each collector reports the CLOCK_MONOTONIC time of each ring read (with its
-        samples, or in a tick); events stamped before the slowest one's mark are all
-        here. A collector that stalls (CPU-throttled, restarting) holds the merge
-        back at most MAX_WAIT: later events of it count as late.
-        """
-        seen_after = time.monotonic() - 2.0
-        marks = [wm for wm, seen in self.watermarks.values() if seen > seen_after]
-        if not marks:
-            return now_ns
-        return max(min(marks) - WATERMARK_SLACK_NS, now_ns - MAX_WAIT_NS)
-
     def _release(self, now_ns: int, flush: bool = False) -> None:
         """The release pipeline, one window at a time (docs/INTERNALS.md, "Release")."""
-        window = self.merger.release(now_ns, flush, upto_ns=self._streams_reached(now_ns))  # cut
+        window = self.merger.release(now_ns, flush, upto_ns=self.watermarks.reached(now_ns))  # cut
         if not window:
             return
         follow = "cgroup:cgroup_attach_task" in self.planner.plan["tracepoints"]

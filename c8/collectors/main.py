@@ -2,6 +2,7 @@
 
     broker plan (SUB) -> open/close/filter perf events -> ring -> walk -> decode
     -> samples / lost / stats (PUSH, never blocking) -> broker ingest
+    -> tick (PUSH, conflated: only the newest waits)  -> broker ticks
 
 All events of a CPU write into one ring, owned by a disabled dummy software
 event so the ring outlives any source. A :class:`Collector` is one CPU's
@@ -104,6 +105,15 @@ class Collector:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, 1000)
         self.push.connect(paths.ipc(paths.ingest(self.run_dir)))
+        # Ticks travel apart, conflated: a broker that stalls finds one waiting per CPU,
+        # not a queue of them taking the room batches need (a tick every read filled
+        # the 1,000-message queue in 4 s of an idle host, and the next events were lost).
+        self.ticks = self.ctx.socket(zmq.PUSH)
+        self.ticks.setsockopt(zmq.LINGER, 0)
+        self.ticks.setsockopt(zmq.CONFLATE, 1)
+        self.ticks.connect(paths.ipc(paths.ticks(self.run_dir)))
+        self.pid = os.getpid()
+        self.sent = 0  # messages the ingest queue took: each carries its number ("seq")
         self.bpf_mgr = None
         self.bpf_map_fd: int | None = None
         self.bpf_owner: int | None = None
@@ -369,17 +379,23 @@ class Collector:
         self.sources[BPF_OUTPUT] = src
 
     # ---- data ------------------------------------------------------------
-    def _send(self, frames: list, n_events: int) -> bool:
+    def _send(self, header: dict, arr: np.ndarray | None = None) -> bool:
+        """One message to the broker's ingest, numbered; False (and the events
+        counted lost) when its queue is full."""
+        header = dict(header, pid=self.pid, seq=self.sent + 1)
+        frames = [msgpack.packb(header)] if arr is None else batch.pack(header, arr)
         try:
             self.push.send_multipart(frames, flags=zmq.NOBLOCK)
-            return True
         except zmq.Again:
-            self.state.collector_lost += n_events
-            self.state.unsent_collector_lost += n_events
+            n = 0 if arr is None else len(arr)
+            self.state.collector_lost += n
+            self.state.unsent_collector_lost += n
             return False
+        self.sent += 1
+        return True
 
     def _send_header(self, header: dict) -> bool:
-        return self._send([msgpack.packb(header)], 0)
+        return self._send(header)
 
     def drain(self) -> int:
         """Read and ship everything in the ring; returns samples decoded."""
@@ -407,7 +423,7 @@ class Collector:
             n = len(arr)
             total += n
             self.state.received[source] = self.state.received.get(source, 0) + n
-            self._send(batch.pack({"kind": "samples", "cpu": self.cpu, "source": source}, arr), n)
+            self._send({"kind": "samples", "cpu": self.cpu, "source": source}, arr)
         if self.state.unsent_collector_lost and self._send_header(
                 {"kind": "lost", "cpu": self.cpu, "count": self.state.unsent_collector_lost,
                  "source": "collector", "time": self.state.watermark}):
@@ -418,9 +434,14 @@ class Collector:
 
     def _tick(self) -> None:
         """After a drain's batches: this CPU's events stamped before the read are all
-        sent. The broker releases a window once every CPU's tick has passed it, so a
-        tick goes after the batches it covers (PUSH keeps order), never with one."""
-        self._send_header({"kind": "tick", "cpu": self.cpu, "watermark": self.state.watermark})
+        sent. The broker releases a window once every CPU's tick has passed it; a
+        tick names the last message it covers (``seq``), and the broker holds it
+        until that message is in. A tick the queue cannot take is superseded."""
+        try:
+            self.ticks.send(msgpack.packb({"kind": "tick", "cpu": self.cpu, "pid": self.pid, "seq": self.sent,
+                                           "watermark": self.state.watermark}), zmq.NOBLOCK)
+        except zmq.Again:  # no broker connected: the next read ticks again
+            pass
 
     def _forget_closed(self) -> None:
         """After a ring read: records of closed events are all read, and so are
@@ -432,7 +453,7 @@ class Collector:
         self.decoder.clear_limits()
 
     def stats(self) -> dict:
-        return {"kind": "stats", "cpu": self.cpu, "pid": os.getpid(),
+        return {"kind": "stats", "cpu": self.cpu, "pid": self.pid,
                 "received": dict(self.state.received), "lost": self.state.lost,
                 "collector_lost": self.state.collector_lost,
                 "watermark": self.state.watermark,
@@ -505,6 +526,7 @@ class Collector:
                 log(f"bpf: {exc}")
         self._release_ring()
         self.push.close(0)
+        self.ticks.close(0)
 
 
 def serve(collectors: list[Collector], stop: list[bool]) -> None:

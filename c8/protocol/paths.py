@@ -18,6 +18,10 @@ def ingest(rd: str) -> str:
     return os.path.join(rd, "ingest.sock")
 
 
+def ticks(rd: str) -> str:
+    return os.path.join(rd, "ticks.sock")
+
+
 def plan(rd: str) -> str:
     return os.path.join(rd, "plan.sock")
 

@@ -18,7 +18,7 @@ from c8.host.tracefs import find_tracefs
 log = logging.getLogger("c8.supervisor.cleanup")
 
 PROBE_GROUP = "c8probes"
-SOCKETS = ("sensor.sock", "ingest.sock", "plan.sock", "bpf.sock")
+SOCKETS = ("sensor.sock", "ingest.sock", "ticks.sock", "plan.sock", "bpf.sock")
 PROBE_FILES = ("kprobe_events", "uprobe_events")
 
 
