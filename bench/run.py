@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_bpf  # noqa: E402
 import bench_c8ctl  # noqa: E402
 import bench_cost  # noqa: E402
 import bench_export  # noqa: E402
@@ -32,7 +33,7 @@ import bench_sustained  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("sustained", "storm", "cost", "overhead", "latency", "pushdown", "names", "decode", "c8ctl",
+ORDER = ("sustained", "bpf", "storm", "cost", "overhead", "latency", "pushdown", "names", "decode", "c8ctl",
          "replay", "export")
 
 
@@ -48,7 +49,7 @@ def decode(quick: bool) -> dict:
             "notes": [ln for ln in r.stdout.splitlines() if ln.startswith("ring content")]}
 
 
-MODULES = {"sustained": bench_sustained, "storm": bench_storm, "overhead": bench_overhead,
+MODULES = {"sustained": bench_sustained, "bpf": bench_bpf, "storm": bench_storm, "overhead": bench_overhead,
            "latency": bench_latency, "pushdown": bench_pushdown, "names": bench_names, "c8ctl": bench_c8ctl,
            "replay": bench_replay, "export": bench_export}
 

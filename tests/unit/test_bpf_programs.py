@@ -164,3 +164,34 @@ def test_exec_records_are_keyed_by_process_the_rest_by_thread():
         for sc in scs:
             for prog in (programs.enter_program(fam, sc, MAPS), programs.exit_program(fam, sc, MAPS)):
                 assert _process_keyed(disassemble(prog.assemble())) == (fam == "exec"), prog.name
+
+
+TASK_MAPS = programs.MapFds(perf=101, pending=102, scratch=-1, config=104, ignore=105, counters=106,
+                            per_task=True)
+
+
+def test_per_task_programs_build_in_place_and_mark_the_record_last():
+    """The task-storage form: the enter gets (creating) this thread's record, writes
+    the tag last (pending) and saves nothing in a map; the exit gets it without
+    creating, outputs, then clears the tag. No HASH update or delete (lookups: config, ignored tgids, counters)."""
+    for fam, scs in programs.FAMILIES.items():
+        tag = records.RECORDS[fam][0]
+        for sc in scs:
+            enter = programs.enter_program(fam, sc, TASK_MAPS)
+            _check(enter.assemble(), enter.name)
+            ins = disassemble(enter.assemble())
+            calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
+            assert 156 in calls and not {2, 3, 25} & set(calls), sc.name
+            get = calls.index(156)
+            assert [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 4][0] == 1, sc.name  # F_CREATE
+            tag_stores = [i for i, (op, d, _s, off, imm) in enumerate(ins)
+                          if op == 0x62 and d == 8 and off == 0 and imm & 0xFFFFFFFF == tag]
+            assert len(tag_stores) == 1 and tag_stores[0] > get, sc.name
+            exit_ = programs.exit_program(fam, sc, TASK_MAPS)
+            _check(exit_.assemble(), exit_.name)
+            ins = disassemble(exit_.assemble())
+            calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
+            assert calls[:2] == [158, 156] and 25 in calls and not {2, 3} & set(calls), sc.name
+            clear = [i for i, (op, d, _s, off, imm) in enumerate(ins) if op == 0x62 and d == 8 and off == 0 and imm == 0]
+            out = max(i for i, x in enumerate(ins) if x[0] == 0x85 and x[4] == 25)
+            assert len(clear) == 1 and clear[0] > out, sc.name

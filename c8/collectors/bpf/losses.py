@@ -8,7 +8,10 @@ counts, on each CPU, the records of that family that never reached a ring:
   empty (-ENOENT) or its BPF-output event is not enabled there. A full ring
   (-ENOSPC) is not counted: the kernel writes PERF_RECORD_LOST into the ring for
   that record, reported with source ``kernel``;
-- ``update``: saving a syscall's record in the pending HASH failed (map full);
+- ``update``: a syscall's record had nowhere to wait for its exit: the kernel
+  gave no task storage for the thread (out of memory, or another program of
+  the sensor held this CPU's storage lock), or, on kernels without it, the
+  pending HASH was full;
 - ``stale``: a sys_exit found a saved record of another syscall of the family,
   whose own exit was never seen: that record is dropped.
 

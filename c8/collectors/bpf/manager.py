@@ -75,8 +75,13 @@ def _close(fd: int) -> None:
 class BpfManager:
     """Owner of the eBPF programs and maps of one sensor (see the module docstring)."""
 
-    def __init__(self, run_dir: str, attach_cpu: int = 0, n_cpus: int | None = None):
+    def __init__(self, run_dir: str, attach_cpu: int = 0, n_cpus: int | None = None,
+                 per_task: bool | None = None):
         self.run_dir = run_dir
+        # Records wait in task storage where the kernel lets tracepoint programs have
+        # it, else in a HASH (c8.collectors.bpf.programs). None: find out at the first
+        # family; True/False: that form only (tests of each).
+        self.per_task = per_task
         self.attach_cpu = attach_cpu
         self.n_cpus = n_cpus or maps.possible_cpus()
         self._perf_map = maps.create_perf_array(self.n_cpus)
@@ -176,19 +181,38 @@ class BpfManager:
     def _load(self, name: str) -> _Family:
         if name not in rec.RECORDS:
             raise FamilyError(f"unknown bpf family {name!r}; known: {', '.join(rec.RECORDS)}")
+        if name == programs.EXIT_FAMILY or self.per_task is False:
+            return self._load_as(name, per_task=False)
+        try:
+            fam = self._load_as(name, per_task=True)
+        except (FamilyError, sc.BpfError) as exc:
+            if self.per_task:
+                raise
+            fam = self._load_as(name, per_task=False)  # what this kernel lacks, if that was all
+            log.info("bpf: records wait in a HASH: per-thread storage failed (%s)", exc)
+            self.per_task = False
+            return fam
+        self.per_task = True
+        return fam
+
+    def _load_as(self, name: str, per_task: bool) -> _Family:
         dt = rec.RECORDS[name][1]
         short = name[:6]
         fds: list[int] = []
         try:
-            fds.append(maps.create_pending(dt.itemsize, f"c8_{short}_pend"))
-            fds.append(maps.create_scratch(programs.scratch_size(name), f"c8_{short}_scr"))
+            if per_task:
+                fds.append(maps.create_task_records(programs.scratch_size(name), f"c8_{short}_task"))
+                fds.append(-1)  # built where it waits: no scratch
+            else:
+                fds.append(maps.create_pending(dt.itemsize, f"c8_{short}_pend"))
+                fds.append(maps.create_scratch(programs.scratch_size(name), f"c8_{short}_scr"))
             fds.append(maps.create_config(flt.CONFIG_SIZE, f"c8_{short}_cfg"))
             fds.append(maps.create_tgid_set(f"c8_{short}_ign"))
         except sc.BpfError:
             for fd in fds:
                 _close(fd)
             raise
-        fam = _Family(name, programs.MapFds(self._perf_map, *fds, counters=self._counters))
+        fam = _Family(name, programs.MapFds(self._perf_map, *fds, counters=self._counters, per_task=per_task))
         try:
             maps.config_write(fam.maps.config, bytes(flt.CONFIG_SIZE))
             if name == programs.EXIT_FAMILY:

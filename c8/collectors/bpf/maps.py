@@ -2,9 +2,10 @@
 
 - PERF_EVENT_ARRAY (cpu -> BPF-output perf fd), one per sensor, sized to the
   possible CPUs; collectors store their ring's event in it (:func:`perf_array_set`).
-- HASH keyed by pid_tgid: a syscall's record between its enter and its exit.
-- PERCPU_ARRAY of one entry: scratch for building a record (larger than the
-  512-byte stack).
+- TASK_STORAGE: each thread's record of the syscall it is in, between its
+  enter and its exit (kernels with task storage for tracepoint programs: 6.x).
+  Elsewhere a HASH keyed by pid_tgid holds them, built in a PERCPU_ARRAY of one
+  entry (scratch: larger than the 512-byte stack).
 - ARRAY of one entry: a family's filter configuration, written by the manager.
 - HASH u32 -> u8: a set of tgids whose activity is ignored.
 - PERCPU_ARRAY u32 -> u64, one per sensor: the programs' failure counters
@@ -52,6 +53,29 @@ def perf_array_clear(map_fd: int, cpu: int) -> bool:
 def create_pending(value_size: int, name: str) -> int:
     """HASH pid_tgid (u64) -> record: a syscall between enter and exit."""
     return sc.map_create(sc.MAP_TYPE_HASH, 8, value_size, PENDING_ENTRIES, name)
+
+
+def create_task_records(value_size: int, name: str) -> int:
+    """TASK_STORAGE of one ``value_size`` record per thread (created by its first
+    enter, freed with the thread). The kernel wants the key and value types in BTF."""
+    btf = sc.btf_load(_storage_btf(value_size))
+    try:
+        return sc.map_create(sc.MAP_TYPE_TASK_STORAGE, 4, value_size, 0, name, flags=sc.F_NO_PREALLOC,
+                             btf=(btf, 1, 3))
+    finally:
+        os.close(btf)  # the map keeps its own reference
+
+
+def _storage_btf(value_size: int) -> bytes:
+    """BTF of three types: 1 ``int`` (the key: a pidfd from user space), 2 ``char``,
+    3 ``char[value_size]`` (the record). include/uapi/linux/btf.h."""
+    strings = b"\0int\0char\0"
+    kind_int, kind_array, signed = 1, 3, 1
+    types = (struct.pack("<IIII", 1, kind_int << 24, 4, (signed << 24) | 32)
+             + struct.pack("<IIII", 5, kind_int << 24, 1, 8)
+             + struct.pack("<IIIIII", 0, kind_array << 24, 0, 2, 1, value_size))
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings
 
 
 def create_scratch(value_size: int, name: str) -> int:

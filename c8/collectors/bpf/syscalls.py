@@ -21,12 +21,16 @@ MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 OBJ_GET_INFO_BY_FD = 15
+BTF_LOAD = 18
 
 # map types
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERF_EVENT_ARRAY = 4
 MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_TASK_STORAGE = 29
+
+F_NO_PREALLOC = 1  # map_flags
 
 # program types
 PROG_TYPE_TRACEPOINT = 5
@@ -74,13 +78,30 @@ def _name(name: str) -> bytes:
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               name: str = "", flags: int = 0) -> int:
-    """Create a map; returns its fd (close-on-exec, as every bpf fd is)."""
+               name: str = "", flags: int = 0, btf: tuple[int, int, int] | None = None) -> int:
+    """Create a map; returns its fd (close-on-exec, as every bpf fd is). ``btf``:
+    (BTF fd, key type id, value type id), which some map types require."""
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
     # inner_map_fd u32 @20, numa_node u32 @24, map_name[16] @28
     attr[28:28 + len(_name(name))] = _name(name)
+    if btf is not None:  # btf_fd @48, btf_key_type_id @52, btf_value_type_id @56
+        struct.pack_into("<III", attr, 48, *btf)
     return bpf(MAP_CREATE, attr, f"BPF_MAP_CREATE({name or map_type})")
+
+
+def btf_load(blob: bytes) -> int:
+    """Load type information (a BTF blob); returns its fd. A refusal names the
+    kernel's reason from its log."""
+    data = ctypes.create_string_buffer(blob, len(blob))
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    # btf @0, btf_log_buf @8, btf_size @16, btf_log_size @20, btf_log_level @24
+    struct.pack_into("<QQIII", attr, 0, ctypes.addressof(data), ctypes.addressof(log), len(blob), len(log), 1)
+    try:
+        return bpf(BTF_LOAD, attr, "BPF_BTF_LOAD")
+    except BpfError as exc:
+        raise BpfError(exc.errno, f"BPF_BTF_LOAD ({log.value.decode(errors='replace').strip()[-200:]})") from None
 
 
 def _elem_attr(map_fd: int, key: ctypes.Array, value: ctypes.Array | None,
