@@ -376,6 +376,24 @@ PROCESS_SOURCES = ("task:task_newtask", "bpf:exec", "bpf:exit", "sched:sched_pro
 # mkdir/rmdir: CREATED/DESTROYED; attach: which container a pid moved into (runc's
 # helper, docker exec), applied in time order with the process events
 CGROUP_SOURCES = ("cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir", "cgroup:cgroup_attach_task")
+# The window's category of cgroup mkdirs and rmdirs: merged by time like any event,
+# turned into CREATED/DESTROYED at release in that order (Broker._cgroup_changes),
+# never published. Applied as they arrived, a mkdir read late from one CPU after the
+# container's rmdir from another gave it a second life: a second CREATED.
+CGROUP_CHANGES = "cgroup_changes"
+
+
+def cgroup_changes(raw: np.ndarray, made: bool) -> np.ndarray:
+    """A cgroup_mkdir (``made``) or cgroup_rmdir batch as CGROUP_CHANGES rows."""
+    out = np.empty(len(raw), [("sensor_monotime_nanos", "<u8"), ("cpu", "<u4"), ("process_pid", "<i4"),
+                              ("process_tid", "<i4"), ("made", "?"), ("path", raw["path"].dtype)])
+    out["sensor_monotime_nanos"] = raw["time"]
+    out["cpu"] = raw["cpu"]
+    out["process_pid"] = raw["pid"]
+    out["process_tid"] = raw["tid"]
+    out["made"] = made
+    out["path"] = raw["path"]
+    return out
 
 
 # The sources of each kind, where a category's kinds come from different sources:

@@ -302,37 +302,45 @@ class Broker:
 
     # -- containers ---------------------------------------------------------------------
     def _container_cgroup(self, source: str, raw: np.ndarray):
-        """CREATED / DESTROYED from cgroup mkdir/rmdir of a container's cgroup.
-
-        Attaches only move pids between containers: they are queued and applied
-        in time order with the process events at release (Identity.stamp).
-        """
-        ct = self.containers
+        """Cgroup events at ingest: attaches only move pids between containers and
+        are queued, applied in time order with the process events at release
+        (Identity.stamp); mkdirs and rmdirs wait in the merger like any event
+        (catalog.CGROUP_CHANGES) for :meth:`_cgroup_changes`."""
         if source == "cgroup:cgroup_attach_task":
             for t, pid, path in zip(raw["time"].tolist(), raw["tp_pid"].tolist(), raw["dst_path"].tolist(),
                                     strict=True):
-                ct.queue_attach(t, pid, path.decode(errors="replace"))
+                self.containers.queue_attach(t, pid, path.decode(errors="replace"))
             return []
-        created = source == "cgroup:cgroup_mkdir"
-        rows = []
-        for i, (path, pid) in enumerate(zip(raw["path"].tolist(), raw["pid"].tolist(), strict=True)):
+        return [(catalog.CGROUP_CHANGES, catalog.cgroup_changes(raw, source == "cgroup:cgroup_mkdir"))]
+
+    def _cgroup_changes(self, window: dict[str, np.ndarray]) -> None:
+        """CREATED / DESTROYED from a window's mkdirs and rmdirs of containers' own
+        cgroups, applied in time order, added to its container events."""
+        changes = window.pop(catalog.CGROUP_CHANGES, None)
+        if changes is None:
+            return
+        ct = self.containers
+        hits = []
+        for i, (made, path, pid) in enumerate(zip(changes["made"].tolist(), changes["path"].tolist(),
+                                                   changes["process_pid"].tolist(), strict=True)):
             path = path.decode(errors="replace")
-            hit = ct.on_cgroup_mkdir(path, pid, self._argv_of) if created else ct.on_cgroup_rmdir(path)
+            hit = ct.on_cgroup_mkdir(path, pid, self._argv_of) if made else ct.on_cgroup_rmdir(path)
             if hit is not None:
-                rows.append((i, hit))
-        if not rows:
-            return []
-        out = schema.empty("container", len(rows))
-        idx = np.array([i for i, _ in rows])
-        sub = raw[idx]
-        out["sensor_monotime_nanos"] = sub["time"]
-        out["cpu"] = sub["cpu"]
-        out["process_pid"] = sub["pid"]
-        out["process_tid"] = sub["tid"]
-        out["kind"] = schema.kind_code("container", "CREATED" if created else "DESTROYED")
-        out["container"] = [hit[0] for _, hit in rows]
-        out["runtime"] = [hit[1].encode() for _, hit in rows]
-        return [("container", out)]
+                hits.append((i, hit))
+        if not hits:
+            return
+        sub = changes[np.array([i for i, _ in hits])]
+        out = schema.empty("container", len(hits))
+        for name in ("sensor_monotime_nanos", "cpu", "process_pid", "process_tid"):
+            out[name] = sub[name]
+        out["kind"] = np.where(sub["made"], schema.kind_code("container", "CREATED"),
+                               schema.kind_code("container", "DESTROYED"))
+        out["container"] = [hit[0] for _, hit in hits]
+        out["runtime"] = [hit[1].encode() for _, hit in hits]
+        if "container" in window:  # none come from elsewhere before identity; kept in time order if so
+            out = rows.concat([window["container"], out])
+            out = rows.take(out, np.argsort(out["sensor_monotime_nanos"], kind="stable"))
+        window["container"] = out
 
     def _argv_of(self, pid: int) -> list[str]:
         """The command line a process's exec recorded (split at spaces)."""
@@ -347,6 +355,7 @@ class Broker:
             return
         follow = "cgroup:cgroup_attach_task" in self.planner.plan["tracepoints"]
         cwd = window.pop(catalog.FD_CHANGES, None)            # chdir, fchdir, dup2: for the paths stage only
+        self._cgroup_changes(window)                          # CREATED, DESTROYED: in time order
         self.identity.stamp(window, follow_attaches=follow)  # who, as of each event's time
         self.fd_paths.apply(window, cwd)                      # relative and fd-only names, from the stream
         self.sequence.number(window)                          # gap-free, across categories

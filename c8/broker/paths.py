@@ -135,11 +135,15 @@ _KEY = np.frombuffer(os.urandom(8 * 66), np.uint64) | np.uint64(1)
 def _unique_rows(pids: np.ndarray, dirfds: np.ndarray, follow: np.ndarray, names: np.ndarray):
     """(first row of each distinct (pid, dirfd, follow, name), group of each row, rows
     whose group's first row differs from them). A keyed 64-bit hash per row and
-    np.unique on it: 3-10 times faster than np.unique on the rows themselves."""
+    np.unique on it: 3-10 times faster than np.unique on the rows themselves.
+    Only the words up to the batch's longest name are hashed and compared (a
+    21-byte name is 3 of a 256-byte column's 32: 208 -> 40 ns an event)."""
     n, width = len(names), names.dtype.itemsize
     padded = -(-width // 8) * 8
     raw = np.ascontiguousarray(names if padded == width else names.astype(f"S{padded}"))
     words = raw.view(np.uint64).reshape(n, -1)
+    used = np.flatnonzero(np.bitwise_or.reduce(words, axis=0))
+    words = words[:, : int(used[-1]) + 1 if len(used) else 1]  # NUL words past every name: equal
     key = np.resize(_KEY[2:], words.shape[1])
     with np.errstate(over="ignore"):
         h = (words * key).sum(axis=1, dtype=np.uint64)
@@ -147,7 +151,7 @@ def _unique_rows(pids: np.ndarray, dirfds: np.ndarray, follow: np.ndarray, names
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
     rep = first[inverse]
-    odd = (names != names[rep]) | (pids != pids[rep]) | (dirfds != dirfds[rep]) | (follow != follow[rep])
+    odd = (words != words[rep]).any(axis=1) | (pids != pids[rep]) | (dirfds != dirfds[rep]) | (follow != follow[rep])
     return first, inverse, odd
 
 

@@ -153,3 +153,33 @@ def test_a_batch_that_fails_to_build_is_reported_lost(tmp_path):
     lost = b.merger.release(0, flush=True)["lost"]
     assert lost["count"].tolist() == [7] and lost["source"].tolist() == [b"broker"]
     assert b.counts["lost_broker"] == 7
+
+
+def test_a_mkdir_read_after_the_containers_rmdir_is_applied_before_it(tmp_path):
+    """Cgroup mkdirs and rmdirs are applied in time order at release, not as they
+    arrive: a mkdir that one CPU's collector sends after another CPU's rmdir of the
+    same container (a busy host) makes no second life. One CREATED, one DESTROYED,
+    in time order (CI once saw CREATED, RUNNING, CREATED, EXITED, DESTROYED)."""
+    from c8 import schema
+    from c8.broker.main import Broker
+    from c8.protocol import batch as wire
+
+    cid = "c1d97cf26b2b" + "0" * 52
+    b = Broker(child_config(run_dir=str(tmp_path), sensor_id_file=str(tmp_path / "id")))
+
+    def cgroup(source: str, cpu: int, times: list[int], path: str) -> None:
+        raw = np.zeros(len(times), [("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4"),
+                                    ("root", "<i4"), ("id", "<u8"), ("level", "<i4"), ("path", "S256")])
+        raw["time"], raw["cpu"], raw["pid"], raw["tid"], raw["path"] = times, cpu, 31508, 31508, path.encode()
+        b._ingest([bytes(f) for f in wire.pack({"kind": "samples", "cpu": cpu, "source": source}, raw)])
+
+    cgroup("cgroup:cgroup_mkdir", 0, [1000], f"/{cid}")           # the first hierarchy
+    cgroup("cgroup:cgroup_rmdir", 1, [5000, 5001], f"/{cid}")     # arrives first ...
+    cgroup("cgroup:cgroup_mkdir", 0, [1600, 1700], f"/{cid}")     # ... of what came before it
+    window = b.merger.release(0, flush=True)
+    b._cgroup_changes(window)
+    assert catalog.CGROUP_CHANGES not in window
+    ev = window["container"]
+    assert ev["kind"].tolist() == [schema.kind_code("container", "CREATED"),
+                                   schema.kind_code("container", "DESTROYED")]
+    assert ev["sensor_monotime_nanos"].tolist() == [1000, 5000] and ev["container"][0] == ev["container"][1] > 0

@@ -246,3 +246,17 @@ def test_hash_collisions_resolve_each_name_on_its_own(monkeypatch):
     names = np.array([b"/etc/../etc/shadow", b"/tmp//x", b"/etc/../etc/shadow", b"rel"], "S256")
     got = paths.resolve(np.full(4, 2 ** 22 + 12345), np.full(4, -100), names)
     assert got.tolist() == [b"/etc/shadow", b"/tmp/x", b"/etc/shadow", b""]
+
+
+def test_rows_are_told_apart_by_every_byte_up_to_the_longest_name(monkeypatch):
+    """Only the words up to the batch's longest name are hashed and compared: names
+    that differ in their last byte, or only in length, are still told apart, with
+    every row colliding (zero key) and with a real key."""
+    names = np.array([b"/tmp/abcdefgh-1", b"/tmp/abcdefgh-2", b"/tmp/abcdefgh", b"/tmp/abcdefgh-1",
+                      b"/tmp/abcdefgh-1/x" * 3], "S256")
+    pids, dirfds, follow = np.full(5, 7, np.int64), np.full(5, -100, np.int64), np.zeros(5, bool)
+    first, inverse, odd = paths._unique_rows(pids, dirfds, follow, names)
+    assert len(first) == 4 and inverse[0] == inverse[3] and not odd.any()
+    monkeypatch.setattr(paths, "_KEY", np.zeros(66, np.uint64))
+    first, inverse, odd = paths._unique_rows(pids, dirfds, follow, names)
+    assert len(first) == 1 and odd.tolist() == [False, True, True, False, True]
