@@ -30,7 +30,7 @@ NR = {
     "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260,
     "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45, "sendmsg": 46,
     "recvmsg": 47, "bind": 49, "listen": 50, "accept4": 288, "recvmmsg": 299,
-    "sendmmsg": 307,
+    "sendmmsg": 307, "execve": 59, "execveat": 322,
 }
 
 FILE_KIND_BY_NR = {
@@ -108,8 +108,6 @@ def build_newtask(raw: np.ndarray) -> Built:
     return [("process", out)]
 
 
-NR_EXECVEAT = 322  # x86_64
-
 
 def build_exec_bpf(raw: np.ndarray) -> Built:
     ok = raw[raw["ret"] == 0]
@@ -124,7 +122,7 @@ def exec_filenames(raw: np.ndarray) -> np.ndarray:
     AT_EMPTY_PATH): fexecve of a memfd, a runtime re-executing its cloned binary)
     named as the kernel names it, /dev/fd/<fd>."""
     names = raw["filename"]
-    by_fd = (raw["nr"] == NR_EXECVEAT) & (names == b"")
+    by_fd = (raw["nr"] == NR["execveat"]) & (names == b"")
     if not by_fd.any():
         return names
     names = names.copy()
