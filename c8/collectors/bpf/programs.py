@@ -15,10 +15,10 @@ Each syscall of a family gets two tracepoint programs:
   entry failed, and is written only up to the name's end.
 
 Per-thread storage costs a pointer chase where a HASH costs a hashed update,
-lookup and delete a call (file opens: 481 ns of program time a call against
-551, and 7% more opens a second: bench/bench_bpf.py). On a kernel without task storage for tracepoint
-programs (before 6.x) the manager loads the same programs in their ``hash``
-form: the record is built in a per-CPU scratch buffer and saved in a pending
+lookup and delete a call (file opens: 488 ns of program time a call against
+543, and 5% more opens a second: bench/bench_bpf.py). On a kernel without
+task storage for tracepoint programs (before 6.x) the manager loads the same
+programs in their ``hash`` form: the record is built in a per-CPU scratch buffer and saved in a pending
 HASH keyed by pid_tgid, which the exit looks up and deletes. There the exec
 family's records are keyed by the process (tgid in both halves): a thread
 other than the leader that execs successfully returns as the leader (the
