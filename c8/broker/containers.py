@@ -190,6 +190,9 @@ _ORDER = {
 _ALL = ("runc", "crun", "docker", "docker-api", "containerd", "storage")
 
 
+DISCOVER_AT_BIRTH_EVERY = 0.5  # s: a new container reads the runtimes' roots at most this often
+
+
 class ContainerTable:
     """Known containers, each with a small integer index (0 = host).
 
@@ -272,6 +275,12 @@ class ContainerTable:
         entry = _Entry(container_id, runtime, self.clock(), pod_uid=pod_uid)
         self._entries[index] = entry
         self._by_id[container_id] = index
+        if self.discover_roots and entry.first_seen - self._last_discovery >= DISCOVER_AT_BIRTH_EVERY:
+            # The runtime that made it (podman with its own --root, conmon) may name a root
+            # not known yet, and may be gone within a second: read it now, before the
+            # lookup (the worker runs them in turn). Waiting for refresh's period missed
+            # short podman runs on a loaded host: never named.
+            self._discover(0.0)
         self._enrich(entry)
         return index
 

@@ -366,3 +366,23 @@ def test_hostile_runc_state_gives_unknown_never_an_exception(tmp_path, monkeypat
     assert t.table([index]) == {index: t.row(index)}
     t.refresh()
     assert t.stats()["lookup_failed"] >= 1 and t.stats()["unnamed"] == 3
+
+
+def test_a_new_container_reads_the_runtimes_roots_while_they_run(host):
+    """A podman with a storage root nobody knew (``--root``) runs a container: its
+    first mkdir makes the table read the runtimes' command lines at once, not at
+    refresh's next period (a short run on a loaded host was gone by then, and the
+    container was never named), then look the container up. At most every
+    DISCOVER_AT_BIRTH_EVERY seconds."""
+    from c8.broker import containers
+
+    proc, roots = host
+    clock = Clock()
+    t = ContainerTable(proc, Roots(docker=[], docker_sockets=[]), discover_roots=True, clock=clock, **inline())
+    assert t.row(t.on_cgroup_mkdir(f"/docker/{A}")[0])[1] == ""  # docker's root is still unknown
+    storage = roots.storage[0]
+    write(f"{proc}/77/cmdline", f"podman\0--root\0{storage}\0run\0busybox\0")
+    write(f"{proc}/77/status", "Uid:\t0\t0\t0\t0\n")
+    clock.now += containers.DISCOVER_AT_BIRTH_EVERY
+    index, runtime, cid = t.on_cgroup_mkdir(f"/libpod_parent/libpod-{B}")
+    assert (cid, runtime) == (B, "podman") and t.row(index)[:2] == (B, "pod1")
