@@ -225,18 +225,24 @@ int main(void) { printf("%d\n", open(name, O_RDONLY)); return 0; }
 """
 
 
-def test_a_record_holds_only_its_names_bytes_and_a_name_unread_at_entry_is_read_at_exit(cap, tmp_path):
-    target = tmp_path / "target-of-an-unfaulted-name"
-    target.write_text("x")
+def _open_unfaulted(target, workdir) -> subprocess.Popen:
+    """Build and run a program that opens ``target`` by a name not yet faulted in
+    (UNFAULTED_OPEN); it prints open's return."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         pytest.fail("this test needs gcc")
-    src = tmp_path / "unfaulted.c"
+    src = workdir / "unfaulted.c"
     src.write_text(UNFAULTED_OPEN)
-    binary = tmp_path / "unfaulted"
+    binary = workdir / "unfaulted"
     subprocess.run([gcc, "-O0", "-fno-toplevel-reorder", f'-DNAME="{target}"', "-o", str(binary), str(src)],
                    check=True)
-    p = subprocess.Popen([str(binary)], preexec_fn=_pin, stdout=subprocess.PIPE)
+    return subprocess.Popen([str(binary)], preexec_fn=_pin, stdout=subprocess.PIPE)
+
+
+def test_a_record_holds_only_its_names_bytes_and_a_name_unread_at_entry_is_read_at_exit(cap, tmp_path):
+    target = tmp_path / "target-of-an-unfaulted-name"
+    target.write_text("x")
+    p = _open_unfaulted(target, tmp_path)
     out, _ = p.communicate(timeout=30)
     assert int(out) >= 0
     want = str(target).encode()
@@ -521,6 +527,33 @@ def test_prefix_filter_drops_in_kernel(manager, cap, tmp_path):
         got = [r["filename"] for r in cap.of(p.pid, "open")]
         assert set(got) == want and len(got) == len(want)  # the interpreter's own opens too
         assert all(r["ret"] == -2 for r in cap.of(p.pid, "open"))
+    finally:
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+
+
+def test_a_name_unread_at_entry_is_filtered_at_exit(manager, cap, tmp_path):
+    # The enter cannot read these names (UNFAULTED_OPEN), so its filter lets them
+    # pass; the exit reads them and must filter them: only the kept one arrives.
+    keep, other = tmp_path / "keep", tmp_path / "other"
+    keep.mkdir()
+    other.mkdir()
+    st = manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES}
+                       | {"open": {"filter": {"prefixes": [str(keep) + "/"],
+                                              "ignore_tgids": [os.getpid()]}}})
+    assert st["open"] == {"loaded": True, "error": None}
+    try:
+        runs = {}
+        for d in (keep, other):
+            (d / "target").write_text("x")
+            p = _open_unfaulted(d / "target", d)
+            out, _ = p.communicate(timeout=30)
+            assert int(out) >= 0
+            runs[d] = p.pid
+        cap.wait(lambda: all(cap.of(pid, "exit") for pid in runs.values()))
+        kept = cap.of(runs[keep], "open")
+        assert [r["filename"] for r in kept] == [str(keep / "target").encode()], kept
+        assert kept[0]["ret"] >= 0
+        assert cap.of(runs[other], "open") == []  # nor the loader's own opens
     finally:
         manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
 

@@ -12,7 +12,7 @@ Each syscall of a family gets two tracepoint programs:
   recvfrom's source, recvmsg's msg_name), write it into this CPU's perf ring
   with bpf_perf_event_output and unmark it. A record of one name
   (``name_len`` in its layout) has that name read again here when the read at
-  entry failed, and is written only up to the name's end.
+  entry failed (and then filtered), and is written only up to the name's end.
 
 Per-thread storage costs a pointer chase where a HASH costs a hashed update,
 lookup and delete a call (file opens: 488 ns of program time a call against
@@ -29,7 +29,9 @@ survives the exec.)
 Family ``exit`` has one program on sched:sched_process_exit that reads the
 raw wait status from ``current->exit_code`` (offset from BTF) and outputs at
 once. A user string that cannot be read (page not present) leaves its field
-empty; the record is kept, and such a name is not filtered (the filter widens).
+empty and passes the enter's name filter. A record of one name has it read
+again at exit, when the kernel has faulted it in, and filtered there; a name
+still unreadable is kept unfiltered (the filter only widens).
 
 Every record that passed the filters and still does not reach the ring is
 counted in the per-CPU counters map (:mod:`c8.collectors.bpf.losses`): a failed
@@ -225,6 +227,7 @@ DEFAULTS = {"dirfd": AT_FDCWD, "olddirfd": AT_FDCWD, "newdirfd": AT_FDCWD,
             "owner_uid": rec.NO_ID, "owner_gid": rec.NO_ID, "fd": -1}
 
 EXIT_FAMILY = "exit"
+NAME_FILTERED = ("open", "file1", "file2", "exec")  # families the name patterns apply to
 EXEC_FAMILY = "exec"
 EXIT_TRACEPOINT = "sched:sched_process_exit"
 
@@ -477,7 +480,7 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
         p.ldx(W, R2, R9, flt.OFF_FLAGS_MASK).ldx(W, R3, R8, rec.offset(dt, "flags"))
         p.alu("and", R3, R2).jmp("jeq", R3, None, 0, out)
         p.label(skip)
-    if family in ("open", "file1", "file2", "exec"):
+    if family in NAME_FILTERED:
         if names:
             _name_filter(p, names, save if argv is None else "argv", drop)
         else:  # fchmod/fchown: no name to match; a name filter drops them
@@ -583,6 +586,11 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
             _read_msghdr_addr(p, dt, "emit")
     if "name_len" in dt.names and any(isinstance(s, Str) for s in sc.fields.values()):
         _read_name_again(p, dt, "emit")
+        if family in NAME_FILTERED:  # the enter let it pass unread: filter it now
+            p.st(W, FP, KEY0, 0)
+            _lookup(p, maps.config, KEY0, "emit")
+            p.mov(R9, R0)
+            _name_filter(p, [rec.offset(dt, "filename")], "emit", "delete")
     p.label("emit")
     _output(p, maps.perf, (dt, "filename") if "name_len" in dt.names else dt.itemsize)
     _count_failure(p, maps, family, losses.OUTPUT, "delete")
