@@ -276,8 +276,10 @@ class Broker:
         # The sensor never reports itself; dropped before numbering keeps the sequence gap-free.
         own_sorted = np.sort(np.fromiter(self.own_pids, np.int32))
         pids = raw["pid"]
-        at = np.searchsorted(own_sorted, pids).clip(max=len(own_sorted) - 1)
-        own = own_sorted[at] == pids  # membership without np.isin's per-call set-up
+        if len(own_sorted):  # membership without np.isin's per-call set-up
+            own = own_sorted[np.searchsorted(own_sorted, pids).clip(max=len(own_sorted) - 1)] == pids
+        else:
+            own = np.zeros(len(pids), bool)
         if own.any():
             raw = rows.take(raw, ~own)
             if not len(raw):

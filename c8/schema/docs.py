@@ -59,8 +59,10 @@ Notes:
   in memory, as for a program's first opens right after exec: an eBPF program
   may not fault a page in) is read again at syscall exit, once the kernel has
   faulted it in to copy the name (bench/bench_names.py: 138 of 9,300 opens of
-  fresh processes were empty before, none now). Opens and one-name file calls
-  put only the name's bytes in the ring. A name still unreadable (a bad
+  fresh processes were empty before, none now), and the in-kernel name filter
+  is applied to it there, so a subscription's `filename` narrowing holds for
+  these opens too. Opens and one-name file calls put only the name's bytes in
+  the ring. A name still unreadable (a bad
   pointer) arrives empty with `path_status` unreadable, never silently.
 - Network `port` is in host order, `port_raw` as stored in the sockaddr
   (network order). An ATTEMPT carries the address the process passed; accept
