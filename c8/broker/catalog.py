@@ -63,9 +63,11 @@ class Source:
     kernel_fields: dict[str, str] = field(default_factory=dict)
 
 
-def base(category: str, raw: np.ndarray, kind: str | np.ndarray) -> np.ndarray:
-    """A schema batch with the sample header copied from a raw array."""
-    out = schema.empty(category, len(raw))
+def base(category: str, raw: np.ndarray, kind: str | np.ndarray,
+         widths: dict[str, int] | None = None) -> np.ndarray:
+    """A schema batch with the sample header copied from a raw array (``widths``:
+    string fields held narrower, schema.empty)."""
+    out = schema.empty(category, len(raw), widths)
     out["sensor_monotime_nanos"] = raw["time"]
     out["cpu"] = raw["cpu"]
     out["process_pid"] = raw["pid"]
@@ -170,10 +172,28 @@ def build_sys_exit(raw: np.ndarray) -> Built:
 
 
 # -- file ----------------------------------------------------------------------
+# The names of a file row, 256 bytes each as declared: a batch holds each only as
+# wide as its longest value (c8.schema.rows), which cuts an open's row from 1,667
+# bytes to 475 (names under 32 bytes) for every later stage. Only the paths stage
+# writes names after the build, and it widens first.
+FILE_NAMES = ("filename", "path", "oldname", "oldpath", "newname")
+
+
+def file_base(raw: np.ndarray, kind: str | np.ndarray, **names: np.ndarray) -> np.ndarray:
+    """base() for a file batch holding ``names`` (field -> values); each name field
+    only as wide as its values, the ones not given at the narrowest."""
+    declared = schema.dtype("file")
+    widths = {n: rows.width_for(rows.used_width(names[n]) if n in names else 0, declared[n].itemsize)
+              for n in FILE_NAMES}
+    out = base("file", raw, kind, widths)
+    for n, values in names.items():
+        out[n] = values
+    return out
+
+
 def build_open(raw: np.ndarray) -> Built:
-    out = base("file", raw, "OPEN")
-    out["filename"] = raw["filename"]
-    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], open_follows(raw["flags"]))
+    path = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], open_follows(raw["flags"]))
+    out = file_base(raw, "OPEN", filename=raw["filename"], path=path)
     out["dirfd"] = raw["dirfd"]
     out["path_status"] = paths.status(raw["dirfd"], raw["filename"], out["path"])
     out["open_flags"] = raw["flags"]
@@ -241,9 +261,8 @@ def file2_oldpath(raw: np.ndarray, kinds: np.ndarray, newpath: np.ndarray) -> np
 def build_file1(raw: np.ndarray) -> Built:
     kinds = _kinds_by_nr(raw["nr"], FILE_KINDS)
     raw, kinds = _only_known(raw, kinds)
-    out = base("file", raw, kinds)
-    out["filename"] = raw["filename"]
-    out["path"] = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], file1_follows(raw["nr"], raw["flags"]))
+    path = paths.resolve(raw["pid"], raw["dirfd"], raw["filename"], file1_follows(raw["nr"], raw["flags"]))
+    out = file_base(raw, kinds, filename=raw["filename"], path=path)
     out["dirfd"] = raw["dirfd"]
     out["path_status"] = paths.status(raw["dirfd"], raw["filename"], out["path"])
     out["open_mode"] = raw["mode"]
@@ -257,15 +276,13 @@ def build_file1(raw: np.ndarray) -> Built:
 def build_file2(raw: np.ndarray) -> Built:
     kinds = _kinds_by_nr(raw["nr"], FILE_KINDS)
     raw, kinds = _only_known(raw, kinds)
-    out = base("file", raw, kinds)
-    out["oldname"] = raw["oldname"]
-    out["newname"] = raw["newname"]
-    out["filename"] = raw["newname"]  # the path the operation made, for globs
-    out["path"] = paths.resolve(raw["pid"], raw["newdirfd"], raw["newname"])
+    path = paths.resolve(raw["pid"], raw["newdirfd"], raw["newname"])
+    # filename: the path the operation made, for globs
+    out = file_base(raw, kinds, oldname=raw["oldname"], newname=raw["newname"], filename=raw["newname"],
+                    path=path, oldpath=file2_oldpath(raw, kinds, path))
     out["dirfd"] = raw["newdirfd"]
     out["olddirfd"] = raw["olddirfd"]
     out["path_status"] = paths.status(raw["newdirfd"], raw["newname"], out["path"])
-    out["oldpath"] = file2_oldpath(raw, kinds, out["path"])
     out["syscall"] = raw["nr"]
     out["ret"] = raw["ret"]
     return [("file", out)]
@@ -281,12 +298,11 @@ FD_CHANGES = "fd_changes"
 def build_cwd(raw: np.ndarray) -> Built:
     """Successful chdir/fchdir: chdir's name resolved like an open's, fchdir's fd in ``dirfd``."""
     ok = raw[raw["ret"] == 0]
-    out = base("file", ok, "OPEN")
-    out["filename"] = ok["filename"]
+    path = paths.resolve(ok["pid"], ok["dirfd"], ok["filename"], np.ones(len(ok), bool))
+    out = file_base(ok, "OPEN", filename=ok["filename"], path=path)
     out["dirfd"] = ok["dirfd"]
     out["syscall"] = ok["nr"]
     out["ret"] = paths.AT_FDCWD  # the descriptor it sets: the cwd
-    out["path"] = paths.resolve(ok["pid"], ok["dirfd"], ok["filename"], np.ones(len(ok), bool))
     out["path_status"] = paths.status(ok["dirfd"], ok["filename"], out["path"])
     return [(FD_CHANGES, out)]
 
@@ -294,7 +310,7 @@ def build_cwd(raw: np.ndarray) -> Built:
 def build_dup(raw: np.ndarray) -> Built:
     """dup2/dup3 at entry (their arguments say it all; a failure is rare: oldfd not open):
     ``newfd`` names what ``oldfd`` names, close-on-exec with dup3's O_CLOEXEC."""
-    out = base("file", raw, "OPEN")
+    out = file_base(raw, "OPEN")
     out["dirfd"] = raw["oldfd"].astype(np.int64).astype(np.int32)
     out["ret"] = raw["newfd"].astype(np.int64).astype(np.int32)
     out["syscall"] = raw["__syscall_nr"]

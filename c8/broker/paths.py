@@ -199,6 +199,7 @@ def symlink_targets(pids: np.ndarray, links: np.ndarray, targets: np.ndarray,
 # -- paths from the event stream (release stage, after identity) ------------------
 O_CLOEXEC = 0o2000000
 _NR_FD_ONLY = np.array([33, 81, 91, 93, 292])  # dup2, fchdir, fchmod, fchown, dup3: no name, the fd itself
+_TWO_NAMES = np.array([schema.kind_code("file", k) for k in ("RENAME", "LINK", "SYMLINK")])
 _NR_CWD = np.array([80, 81])              # chdir, fchdir (rows of catalog.build_cwd)
 _NR_FOLLOWING = np.array([90, 92, 268])   # chmod, chown, fchmodat: follow the last symlink
 _MAX_CHAIN = 64                           # openat(fd of an openat(fd of ...)) depth resolved per window
@@ -260,13 +261,16 @@ class FromStream:
         births = {child: (t, parent) for t, kind, parent, child in events if kind == b"fork"}
         index = _DefIndex(fb)
         try:
-            self._resolve(fb, index, births)
+            fb = self._resolve(fb, index, births)
         except Exception:  # a bug here must not stop the pipeline: the window keeps /proc's paths
             self.failures += 1
             log.exception("resolving the paths of a window of %d file events failed", len(fb))
         self._learn(fb, index, events)
-        if cwd is not None and len(cwd) and "file" in window:
-            window["file"] = rows.take(fb, files)
+        if cwd is not None and len(cwd):
+            if "file" in window:
+                window["file"] = rows.take(fb, files)
+        else:
+            window["file"] = fb
 
     # -- lookups ----------------------------------------------------------------------
     def _bases(self, fb, index, rows, fds, births):
@@ -304,15 +308,21 @@ class FromStream:
         return -1, self.table.get(pid, fd) or b""
 
     # -- resolution ---------------------------------------------------------------------
-    def _resolve(self, fb, index, births) -> None:
+    def _resolve(self, fb, index, births) -> np.ndarray:
+        """Write the paths the stream knows; returns the batch written (its path
+        fields widened to the schema's first when they were held narrower)."""
         names, dirfds = fb["filename"], fb["dirfd"].astype(np.int64)
         first = first_bytes(names)
         fd_only = (first == 0) & (dirfds >= 0) & np.isin(fb["syscall"], _NR_FD_ONLY)
         rel = (first != 0) & (first != ord("/"))
         uses = np.flatnonzero(rel | fd_only)
+        kinds = fb["kind"]
+        if len(uses) or np.isin(kinds, _TWO_NAMES).any():
+            fb = rows.widen(fb, schema.dtype("file"), ("path", "oldpath"))
         if len(uses):
             self._resolve_path(fb, index, births, uses, fd_only[uses])
         self._resolve_oldpath(fb, index, births)
+        return fb
 
     def _resolve_path(self, fb, index, births, uses, fd_only) -> None:
         base_row, base_text = self._bases(fb, index, uses, fb["dirfd"][uses].astype(np.int64), births)

@@ -17,6 +17,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from c8 import schema
+from c8.schema import rows
+
 LINEAGE_DEPTH = 16  # ancestors named per event, parent first
 
 
@@ -92,39 +95,32 @@ def columns(category: str, array: np.ndarray, **extra: Any) -> dict:
 
     Byte-string columns travel cut to the longest value of the batch (most of
     a 256-byte path column is NUL padding): ``dtypes`` names the type on the
-    wire, ``widths`` the declared width a decoder pads them back to.
+    wire, ``widths`` the declared width a decoder pads them back to: the
+    schema's (a batch may hold a field narrower, c8.schema.rows), else the
+    array's. A cut column is read straight from the rows at its narrow width.
     """
+    declared = schema.dtype(category) if category in schema.CATEGORIES else array.dtype
     cols = {}
     types = {}
     widths = {}
     for name in array.dtype.names:
-        col = np.ascontiguousarray(array[name])
-        types[name] = _format(array.dtype.fields[name][0])  # subarrays keep their shape
-        if col.dtype.kind == "S" and col.dtype.itemsize >= NARROW_MIN_WIDTH:
-            used = max(_used_width(col), 1)
-            if used < col.dtype.itemsize:
-                widths[name] = col.dtype.itemsize
-                col = col.astype(f"S{used}")
-                types[name] = col.dtype.str
-        cols[name] = col.tobytes()
+        fdt = array.dtype.fields[name][0]
+        types[name] = _format(fdt)  # subarrays keep their shape
+        if fdt.kind == "S":
+            width = declared.fields[name][0].itemsize if name in declared.names else fdt.itemsize
+            if width >= NARROW_MIN_WIDTH:
+                used = max(rows.used_width(array[name]), 1)
+                if used < width:
+                    widths[name] = width
+                    types[name] = np.dtype(f"S{used}").str
+                    cols[name] = rows.field(array, name, f"S{used}").tobytes()
+                    continue
+        cols[name] = array[name].tobytes()
     return {"type": "batch", "category": category, "n": len(array),
             "columns": cols, "dtypes": types, "widths": widths, **extra}
 
 
 NARROW_MIN_WIDTH = 16  # narrower string columns are sent as they are
-
-
-def _used_width(col: np.ndarray) -> int:
-    """Bytes up to the last non-NUL byte of any value of a contiguous ``S`` column."""
-    n, w = len(col), col.dtype.itemsize
-    if n == 0:
-        return 0
-    if w % 8 == 0:  # OR the rows together 8 bytes at a time
-        seen = np.bitwise_or.reduce(col.view(np.uint64).reshape(n, w // 8), axis=0).view(np.uint8)
-    else:
-        seen = col.view(np.uint8).reshape(n, w).any(axis=0)
-    nz = np.flatnonzero(seen)
-    return int(nz[-1]) + 1 if len(nz) else 0
 
 
 def decode_columns(msg: dict) -> np.ndarray:

@@ -253,16 +253,18 @@ def field_types(category: str) -> dict[str, str]:
     return {f.name: f.dtype for f in fields(category)}
 
 
-def empty(category: str, n: int) -> np.ndarray:
-    """A batch of n events with every field zero, credentials -1."""
-    a = np.empty(n, dtype(category))
-    rows.fill(a, _blank(category))
+def empty(category: str, n: int, widths: dict[str, int] | None = None) -> np.ndarray:
+    """A batch of n events with every field zero, credentials -1; ``widths``: string
+    fields held narrower than declared (c8.schema.rows)."""
+    dt = rows.with_widths(dtype(category), widths) if widths else dtype(category)
+    a = np.empty(n, dt)
+    rows.fill(a, _blank(dt))
     return a
 
 
 @functools.cache
-def _blank(category: str) -> np.ndarray:
-    a = np.zeros(1, dtype(category))
+def _blank(dt: np.dtype) -> np.ndarray:
+    a = np.zeros(1, dt)
     for name in ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid"):
         a[name] = -1
     a.flags.writeable = False

@@ -4,9 +4,13 @@ numpy copies structured rows field by field (a file event has ~40 fields):
 concatenating, sorting or masking a batch that way costs 4-6 times a plain
 copy of the same bytes. Viewing rows as opaque fixed-size blobs (``np.void``)
 lets numpy move them whole; the result is viewed back with the batch's dtype.
+
+String fields may be narrower in a batch than the schema declares (below).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -37,3 +41,65 @@ def copy(arr: np.ndarray) -> np.ndarray:
 def fill(arr: np.ndarray, row: np.ndarray) -> None:
     """Set every row of ``arr`` to ``row`` (a one-row batch of the same dtype)."""
     _opaque(arr)[:] = _opaque(row)[0]
+
+
+# -- narrow string fields ---------------------------------------------------------
+# A batch may hold a string field narrower than the schema declares (a file row's
+# five 256-byte names are mostly NUL padding): every value fits, the wire declares
+# the schema's width, and a client sees the declared dtype. Rows that carry
+# fewer bytes are cheaper in every stage after them (the merge, masks, encoding).
+MIN_WIDTH = 8
+
+
+def field(arr: np.ndarray, name: str, fmt) -> np.ndarray:
+    """Field ``name`` of a structured array read as ``fmt``: a strided view, no copy."""
+    dt = arr.dtype
+    one = np.dtype({"names": [name], "formats": [fmt], "offsets": [dt.fields[name][1]],
+                    "itemsize": dt.itemsize})
+    return arr.view(one)[name]
+
+
+def used_width(col: np.ndarray) -> int:
+    """Bytes up to the last non-NUL byte of any value of an ``S`` array, read in
+    place (a field of a batch is a strided view: nothing is copied)."""
+    n, w = len(col), col.dtype.itemsize
+    if n == 0 or w == 0:
+        return 0
+    unit = np.dtype(np.uint64) if w % 8 == 0 else np.dtype(np.uint8)  # OR 8 bytes at a time
+    words = np.lib.stride_tricks.as_strided(col[:1].view(unit), (n, w // unit.itemsize),
+                                            (col.strides[0], unit.itemsize), writeable=False)
+    seen = (np.bitwise_or.reduce(words, axis=0) if unit.itemsize == 8 else words.max(axis=0)).view(np.uint8)
+    nz = np.flatnonzero(seen)
+    return int(nz[-1]) + 1 if len(nz) else 0
+
+
+def width_for(used: int, declared: int) -> int:
+    """The width a string field gets in a batch: its longest value, rounded up to a
+    power of two (a workload's batches then share a dtype and concatenate as
+    whole rows), at most the declared width."""
+    return min(declared, max(MIN_WIDTH, 1 << max(used - 1, 0).bit_length()))
+
+
+def with_widths(dtype: np.dtype, widths: dict[str, int]) -> np.dtype:
+    """``dtype`` with the named string fields at the given widths."""
+    return _with_widths(dtype, tuple(sorted(widths.items())))
+
+
+@functools.cache
+def _with_widths(dtype: np.dtype, widths: tuple) -> np.dtype:
+    w = dict(widths)
+    return np.dtype([(n, f"S{w[n]}" if n in w else dtype.fields[n][0]) for n in dtype.names])
+
+
+def widen(arr: np.ndarray, declared: np.ndarray | np.dtype, names: tuple[str, ...]) -> np.ndarray:
+    """``arr``, or a copy of it with the named fields at their declared widths
+    (``declared``: the schema dtype), before a stage writes values of any length there."""
+    declared = np.dtype(declared)
+    short = {n: declared.fields[n][0].itemsize for n in names
+             if arr.dtype.fields[n][0].itemsize < declared.fields[n][0].itemsize}
+    if not short:
+        return arr
+    out = np.empty(len(arr), with_widths(arr.dtype, short))
+    for n in arr.dtype.names:
+        out[n] = arr[n]
+    return out

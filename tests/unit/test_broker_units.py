@@ -183,3 +183,83 @@ def test_a_mkdir_read_after_the_containers_rmdir_is_applied_before_it(tmp_path):
     assert ev["kind"].tolist() == [schema.kind_code("container", "CREATED"),
                                    schema.kind_code("container", "DESTROYED")]
     assert ev["sensor_monotime_nanos"].tolist() == [1000, 5000] and ev["container"][0] == ev["container"][1] > 0
+
+
+# -- file rows held narrow ------------------------------------------------------------
+class Recording:
+    """A broker socket that keeps what it sends (the subscriber's side of the wire)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames, flags=0):
+        self.sent.append([bytes(f) for f in frames])
+
+    def send(self, data, flags=0):
+        pass
+
+
+def _open_records(pid: int, names: list[bytes], t0: int) -> np.ndarray:
+    """bpf:open records as the collectors send them."""
+    from c8.collectors.bpf import records
+    rdt = records.RECORDS["open"][1]
+    raw = np.zeros(len(names), [("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4"),
+                                *[(n, rdt.fields[n][0]) for n in rdt.names]])
+    raw["time"] = t0 + np.arange(len(names))
+    raw["pid"] = raw["tid"] = pid
+    raw["filename"] = names
+    raw["dirfd"], raw["nr"], raw["ret"] = -100, 257, -2
+    return raw
+
+
+def test_every_name_length_reaches_a_subscriber_whole(tmp_path):
+    """File rows hold each name only as wide as its batch needs (catalog.file_base): two
+    collector batches of different name widths, merged into one window, then sent.
+    Every name and path from 1 to 255 bytes arrives exactly, at the declared dtype."""
+    import msgpack
+
+    from c8.broker.main import Broker
+    from c8.protocol import batch as wire
+
+    b = Broker(child_config(run_dir=str(tmp_path), sensor_id_file=str(tmp_path / "id")))
+    b.own_pids = set()
+    b.control = Recording()
+    b.listeners = {b"u": b.control}
+    b._handle([b"u\x00peer", msgpack.packb({"id": 1, "command": "subscribe", "properties": {
+        "events": {"file": {"filter": 'kind == "OPEN"'}}}})])
+    b._send_ready_replies(float("inf"))
+    short = [b"/" + b"s" * (k % 7) for k in range(50)]  # held 8 bytes wide
+    long = [b"/" + b"x" * k for k in range(254)]          # up to 256
+    for cpu, names in ((0, short), (1, long)):
+        raw = _open_records(1, names, 1000 + 10_000 * cpu)
+        b._ingest([bytes(f) for f in wire.pack({"kind": "samples", "cpu": cpu, "source": "bpf:open"}, raw)])
+    b._release(0, flush=True)
+    got = []
+    for frames in b.control.sent:
+        msg = msgpack.unpackb(frames[-1], raw=False, strict_map_key=False)
+        for part in msg.get("batches", []) if isinstance(msg, dict) else []:
+            if part.get("category") == "file":
+                got.append(wire.decode_columns(part))
+    assert got, b.control.sent
+    events = np.concatenate(got)
+    assert events.dtype == schema.dtype("file")
+    assert events["filename"].tolist() == short + long
+    assert events["path"].tolist() == short + long  # init's root is /
+
+
+def test_narrow_rows_concatenate_and_widen_without_losing_a_byte():
+    from c8.schema import rows
+    declared = schema.dtype("file")
+    a = catalog.file_base(_open_records(1, [b"/a"], 1), "OPEN", filename=np.array([b"/a"]))
+    c = catalog.file_base(_open_records(1, [b"/" + b"b" * 100], 2), "OPEN",
+                          filename=np.array([b"/" + b"b" * 100]))
+    assert a.dtype["filename"].itemsize == rows.MIN_WIDTH and c.dtype["filename"].itemsize == 128
+    assert a.dtype["oldname"].itemsize == rows.MIN_WIDTH and a.dtype["process_exec_filename"].itemsize == 256
+    both = rows.concat([a, c])
+    assert both["filename"].tolist() == [b"/a", b"/" + b"b" * 100]
+    wide = rows.widen(both, declared, ("path", "oldpath"))
+    assert wide.dtype["path"].itemsize == 256 and wide.dtype["filename"].itemsize == 128
+    assert wide.tobytes() != both.tobytes() and all(
+        (wide[n] == both[n]).all() for n in both.dtype.names)
+    assert rows.widen(wide, declared, ("path",)) is wide  # already wide: no copy
+    assert [rows.width_for(u, 256) for u in (0, 1, 8, 9, 16, 17, 200, 256)] == [8, 8, 8, 16, 16, 32, 256, 256]

@@ -371,7 +371,7 @@ def test_kernel_filter_holds_when_columns_truncate(text, full):
         assert kernel_eval(flt, {"filename": full}), (flt, full)
 
 
-@given(st.lists(st.binary(max_size=12), min_size=1, max_size=20), st.binary(max_size=10))
+@given(st.lists(st.binary(max_size=12), min_size=1, max_size=20), st.binary(max_size=14))
 def test_prefix_like_reads_only_the_prefix_bytes_and_agrees_with_numpy(values, prefix):
     """``like "<prefix>*"`` compares each value's first len(prefix) bytes only; it
     agrees with np.char.startswith on any bytes (NULs, short values, long prefixes)."""

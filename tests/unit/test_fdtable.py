@@ -184,6 +184,24 @@ def test_rename_oldpath_and_symlink_target(stage):
     assert fb["oldpath"].tolist() == [b"/var/spool/cron/crontabs/tmp.X", b"/var/spool/target"]
 
 
+def test_a_batch_holding_narrow_names_is_widened_before_paths_are_written(stage):
+    # as catalog.file_base builds them: each name only as wide as the build saw
+    stage.apply({"file": files((1, 50, "OPEN", b"/usr/lib/x86_64-linux-gnu", AT_FDCWD, 3, O_DIRECTORY))})
+    full = files((2, 50, "OPEN", b"libc.so.6", 3, 4, 0),
+                 (3, 50, "RENAME", b"b", 3, 0, 0, 264))
+    full["olddirfd"][1] = 3
+    full["oldname"][1] = b"a"
+    narrow = schema.empty("file", 2, {n: 16 for n in ("filename", "path", "oldname", "oldpath", "newname")})
+    for n in full.dtype.names:
+        narrow[n] = full[n]
+    window = {"file": narrow}
+    stage.apply(window)
+    fb = window["file"]
+    assert fb["path"].tolist() == [b"/usr/lib/x86_64-linux-gnu/libc.so.6", b"/usr/lib/x86_64-linux-gnu/b"]
+    assert fb["oldpath"][1] == b"/usr/lib/x86_64-linux-gnu/a"
+    assert fb.dtype["path"] == fb.dtype["oldpath"] == schema.dtype("file")["path"]
+
+
 def test_a_storm_reopening_one_fd_learns_it_once(stage):
     n = 50_000
     fb = files(*[(i, 7, "OPEN", b"/tmp/a%d" % (i % 3), AT_FDCWD, 3, 0) for i in range(1, 4)])
