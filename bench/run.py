@@ -23,6 +23,7 @@ import bench_bpf  # noqa: E402
 import bench_c8ctl  # noqa: E402
 import bench_cost  # noqa: E402
 import bench_export  # noqa: E402
+import bench_files  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_names  # noqa: E402
 import bench_overhead  # noqa: E402
@@ -33,7 +34,7 @@ import bench_sustained  # noqa: E402
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("sustained", "bpf", "storm", "cost", "overhead", "latency", "pushdown", "names", "decode", "c8ctl",
+ORDER = ("sustained", "bpf", "files", "storm", "cost", "overhead", "latency", "pushdown", "names", "decode", "c8ctl",
          "replay", "export")
 
 
@@ -49,7 +50,7 @@ def decode(quick: bool) -> dict:
             "notes": [ln for ln in r.stdout.splitlines() if ln.startswith("ring content")]}
 
 
-MODULES = {"sustained": bench_sustained, "bpf": bench_bpf, "storm": bench_storm, "overhead": bench_overhead,
+MODULES = {"sustained": bench_sustained, "bpf": bench_bpf, "files": bench_files, "storm": bench_storm, "overhead": bench_overhead,
            "latency": bench_latency, "pushdown": bench_pushdown, "names": bench_names, "c8ctl": bench_c8ctl,
            "replay": bench_replay, "export": bench_export}
 
