@@ -62,8 +62,8 @@ Notes:
   fresh processes were empty before, none now), and the in-kernel name filter
   is applied to it there, so a subscription's `filename` narrowing holds for
   these opens too. Opens and one-name file calls put only the name's bytes in
-  the ring. A name still unreadable (a bad
-  pointer) arrives empty with `path_status` unreadable, never silently.
+  the ring. A name still unreadable (a bad pointer) arrives empty with
+  `path_status` unreadable, never silently.
 - Network `port` is in host order, `port_raw` as stored in the sockaddr
   (network order). An ATTEMPT carries the address the process passed; accept
   and recv* learn theirs at return, so only their RESULT carries the peer.

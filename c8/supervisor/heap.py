@@ -4,8 +4,9 @@ A broker window or a collector drain allocates arrays of megabytes (1,500 file
 events are 2.5 MB a copy) and frees them milliseconds later. glibc serves
 blocks that large with fresh mmaps, or trims the heap under them when they are
 freed, so each new array is faulted in again a page at a time: in the broker
-that cost more than filling the rows (bench/bench_broker.py's file case: 1.8 µs
-an event with glibc's defaults, 1.25 µs with these; the same peak RSS).
+that cost more than filling the rows (bench/bench_files.py's pipeline with
+names at the schema's width: 1.8 µs an event with glibc's defaults, 1.25 µs
+with these; the same peak RSS).
 
 Raising the mmap and trim thresholds keeps up to ``TRIM`` bytes of freed heap
 mapped per process, well inside the sensor's memory limit. One arena: ZeroMQ's
