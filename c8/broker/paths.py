@@ -99,7 +99,9 @@ class _Batch:
 
 def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.ndarray | None = None,
             proc: str = "/proc", max_resolve: int = MAX_RESOLVE) -> np.ndarray:
-    """Canonical absolute paths for ``names`` (an ``S<n>`` column), same width.
+    """Canonical absolute paths for ``names`` (an ``S<n>`` column), as wide as a
+    path field (``PATH_WIDTH``) or the names, whichever is wider: a name held
+    narrow (c8.schema.rows) can resolve to a longer path.
 
     ``dirfds``: the dirfd each name is relative to (``AT_FDCWD``: the cwd), or
     the fd itself for an empty name. ``follow``: where the call follows a
@@ -108,7 +110,7 @@ def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.
     """
     n = len(names)
     if n == 0:
-        return names.copy()
+        return np.zeros(0, f"S{max(names.dtype.itemsize, PATH_WIDTH)}")
     pids = np.asarray(pids).astype(np.int64)
     dirfds = np.asarray(dirfds).astype(np.int64)
     follow = np.zeros(n, bool) if follow is None else np.asarray(follow, bool)
@@ -119,12 +121,15 @@ def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.
         rows = zip(pids[first].tolist(), dirfds[first].tolist(), follow[first].tolist(),
                    names[first].tolist(), strict=True)
         found = [batch.one(p, d, nm, f) for p, d, f, nm in rows]
-        out = np.array(found, dtype=names.dtype)[inverse]  # cut at the field's width
+        out = np.array(found, dtype=f"S{max(names.dtype.itemsize, PATH_WIDTH)}")[inverse]  # cut there
         for i in np.flatnonzero(odd).tolist():  # hash collisions: each row on its own
             out[i] = batch.one(int(pids[i]), int(dirfds[i]), names[i].tobytes().rstrip(b"\0"), bool(follow[i]))
     finally:
         batch.close()
     return out
+
+
+PATH_WIDTH = schema.dtype("file")["path"].itemsize
 
 
 # Keyed per sensor run: names are chosen by monitored processes, so they must not

@@ -21,6 +21,7 @@ import numpy as np
 
 from c8.collectors import perf
 from c8.collectors.tracefs import CHARS, DATA_LOC, REL_LOC, EventFormat
+from c8.schema import rows
 
 HEADER = [("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4")]
 DEFAULT_STRING_WIDTH = 256
@@ -264,6 +265,8 @@ class Decoder:
             short = sizes < width
             if short.any():  # a record shorter than what was gathered: zero the rest
                 b[np.arange(width) >= sizes[:, None]] = 0
+            if "name_len" in dt.names:  # one name, last: only as wide as the longest
+                dt = _one_name_narrow(dt, width)
             if width >= dt.itemsize:
                 rec = b[:, : dt.itemsize].copy().reshape(-1).view(dt)
             else:
@@ -277,3 +280,21 @@ class Decoder:
                 arr[column_name(n)] = rec[n]
             out.append((f"bpf:{name}", arr))
         return out
+
+
+def _one_name_narrow(dt: np.dtype, width: int) -> np.dtype:
+    """A one-name record's layout (``filename`` last, ``name_len`` its bytes) with the
+    name only as wide as ``width`` bytes of record hold, rounded up as
+    c8.schema.rows does: a 21-byte path costs 32 bytes, not 256, in the batch
+    the broker gets and in every copy on the way (the broker widens paths it
+    writes; clients see the declared width)."""
+    off = dt.fields["filename"][1]
+    full = dt.fields["filename"][0].itemsize
+    if off + full != dt.itemsize:
+        raise AssertionError(f"{dt}: the name is not the record's last field")
+    w = rows.width_for(max(width - off, 0), full)
+    if w >= full:
+        return dt
+    return np.dtype({"names": list(dt.names), "offsets": [dt.fields[n][1] for n in dt.names],
+                     "formats": [f"S{w}" if n == "filename" else dt.fields[n][0] for n in dt.names],
+                     "itemsize": off + w})

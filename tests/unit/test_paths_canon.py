@@ -159,6 +159,17 @@ def test_resolve_batch_of_live_process(tmp_path, monkeypatch):
         os.close(ffd)
 
 
+def test_a_name_held_narrow_resolves_to_a_path_at_full_width(tmp_path, monkeypatch):
+    """A collector sends a short name narrow (8 bytes here); its path, relative to a
+    long cwd, is longer than that and arrives whole, as wide as a path field."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    got = paths.resolve(np.array([os.getpid()]), np.array([-100]), np.array([b"f"], "S8"))
+    assert got.dtype == np.dtype(f"S{paths.PATH_WIDTH}")
+    assert got.tolist() == [os.fsencode(os.path.realpath(deep)) + b"/f"]
+
+
 def test_resolve_exited_process():
     """Nothing can be asked of a gone pid: absolute names as text, relative ones unknown."""
     gone = 2 ** 22 + 12345  # above pid_max's default: never a live pid here

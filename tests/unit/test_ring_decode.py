@@ -197,6 +197,29 @@ def test_bpf_records_that_end_early_read_as_zeros_past_their_end():
     assert arr["after"].tolist() == [0, 0, 0]
 
 
+def test_one_name_records_arrive_only_as_wide_as_their_longest_name():
+    """A record ending with its one name (``name_len`` in its layout) is decoded with
+    the name field as wide as the batch's longest name needs (rounded up to a power
+    of two), never cutting one: a 256-byte name still arrives whole."""
+    dt = np.dtype([("tag", "<u4"), ("fd", "<i4"), ("name_len", "<u4"), ("_pad", "<u4"), ("filename", "S256")])
+    decode.register_bpf_record(10, "onename", dt)
+
+    def batch(names):
+        data = b""
+        for i, name in enumerate(names):
+            rec = np.zeros(1, dt)
+            rec["tag"], rec["fd"], rec["name_len"], rec["filename"] = 10, i, len(name) + 1, name
+            data += sample(BPF_ID, 9, 9, i, 1, rec.tobytes()[: 16 + min(len(name) + 1, 256)])
+        [(src, arr)] = make_decoder().decode(buf_of(data), check_walk(data).samples)
+        assert src == "bpf:onename" and arr["fd"].tolist() == list(range(len(names)))
+        assert arr["filename"].tolist() == names
+        return arr.dtype["filename"].itemsize
+
+    assert batch([b"/a", b"/tmp/" + b"x" * 20]) == 32
+    assert batch([b"/a"]) == 8
+    assert batch([b"/a", b"/" + b"y" * 255]) == 256
+
+
 class FakeRing(ring.Ring):
     """A ring over an anonymous mapping laid out as the kernel's (metadata page + data)."""
 
