@@ -97,6 +97,9 @@ class _Batch:
         return pathcanon.lexical(full)
 
 
+PATH_WIDTH = schema.dtype("file")["path"].itemsize  # what resolve returns at least
+
+
 def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.ndarray | None = None,
             proc: str = "/proc", max_resolve: int = MAX_RESOLVE) -> np.ndarray:
     """Canonical absolute paths for ``names`` (an ``S<n>`` column), as wide as a
@@ -127,9 +130,6 @@ def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.
     finally:
         batch.close()
     return out
-
-
-PATH_WIDTH = schema.dtype("file")["path"].itemsize
 
 
 # Keyed per sensor run: names are chosen by monitored processes, so they must not

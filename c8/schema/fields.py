@@ -262,7 +262,7 @@ def empty(category: str, n: int, widths: dict[str, int] | None = None) -> np.nda
     return a
 
 
-@functools.cache
+@functools.lru_cache(maxsize=rows.LAYOUTS_KEPT)
 def _blank(dt: np.dtype) -> np.ndarray:
     a = np.zeros(1, dt)
     for name in ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid"):

@@ -85,7 +85,12 @@ def with_widths(dtype: np.dtype, widths: dict[str, int]) -> np.dtype:
     return _with_widths(dtype, tuple(sorted(widths.items())))
 
 
-@functools.cache
+# Batch layouts kept: the widths follow monitored processes' name lengths, so the
+# cache is bounded (powers of two from 8 to 256 over five names would be 7,776).
+LAYOUTS_KEPT = 256
+
+
+@functools.lru_cache(maxsize=LAYOUTS_KEPT)
 def _with_widths(dtype: np.dtype, widths: tuple) -> np.dtype:
     w = dict(widths)
     return np.dtype([(n, f"S{w[n]}" if n in w else dtype.fields[n][0]) for n in dtype.names])

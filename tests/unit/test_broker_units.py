@@ -186,19 +186,6 @@ def test_a_mkdir_read_after_the_containers_rmdir_is_applied_before_it(tmp_path):
 
 
 # -- file rows held narrow ------------------------------------------------------------
-class Recording:
-    """A broker socket that keeps what it sends (the subscriber's side of the wire)."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send_multipart(self, frames, flags=0):
-        self.sent.append([bytes(f) for f in frames])
-
-    def send(self, data, flags=0):
-        pass
-
-
 def _open_records(pid: int, names: list[bytes], t0: int) -> np.ndarray:
     """bpf:open records as the collectors send them."""
     from c8.collectors.bpf import records
@@ -212,19 +199,16 @@ def _open_records(pid: int, names: list[bytes], t0: int) -> np.ndarray:
     return raw
 
 
-def test_every_name_length_reaches_a_subscriber_whole(tmp_path):
+def test_every_name_length_reaches_a_subscriber_whole(broker):
     """File rows hold each name only as wide as its batch needs (catalog.file_base): two
     collector batches of different name widths, merged into one window, then sent.
     Every name and path from 1 to 255 bytes arrives exactly, at the declared dtype."""
     import msgpack
 
-    from c8.broker.main import Broker
     from c8.protocol import batch as wire
 
-    b = Broker(child_config(run_dir=str(tmp_path), sensor_id_file=str(tmp_path / "id")))
+    b = broker
     b.own_pids = set()
-    b.control = Recording()
-    b.listeners = {b"u": b.control}
     b._handle([b"u\x00peer", msgpack.packb({"id": 1, "command": "subscribe", "properties": {
         "events": {"file": {"filter": 'kind == "OPEN"'}}}})])
     b._send_ready_replies(float("inf"))
@@ -263,3 +247,18 @@ def test_narrow_rows_concatenate_and_widen_without_losing_a_byte():
         (wide[n] == both[n]).all() for n in both.dtype.names)
     assert rows.widen(wide, declared, ("path",)) is wide  # already wide: no copy
     assert [rows.width_for(u, 256) for u in (0, 1, 8, 9, 16, 17, 200, 256)] == [8, 8, 8, 16, 16, 32, 256, 256]
+
+
+def test_batch_layouts_kept_are_bounded_whatever_names_processes_choose():
+    """Name lengths are the monitored processes' choice, and each mix of widths is a
+    layout: every one of the 7,776 mixes is made, and the caches stay bounded."""
+    import itertools
+
+    from c8.schema import rows
+    widths = [8, 16, 32, 64, 128, 256]
+    for combo in itertools.product(widths, repeat=len(catalog.FILE_NAMES)):
+        a = schema.empty("file", 1, dict(zip(catalog.FILE_NAMES, combo, strict=True)))
+        assert a["uid"][0] == -1 and a.dtype["path"].itemsize == combo[1]
+    from c8.schema.fields import _blank
+    assert rows._with_widths.cache_info().currsize <= rows.LAYOUTS_KEPT
+    assert _blank.cache_info().currsize <= rows.LAYOUTS_KEPT

@@ -8,38 +8,14 @@ zmq I/O is needed to drive ``_handle``); parse_request is fuzzed on its own.
 from __future__ import annotations
 
 import msgpack
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from c8.broker.main import Broker
 from c8.protocol import control, errors
-from c8.supervisor.config import child_config
+from tests.unit.conftest import RecordingSocket
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
-
-
-class RecordingSocket:
-    """Stands in for the ROUTER and PUB sockets: keeps what is sent."""
-
-    def __init__(self):
-        self.sent: list[list[bytes]] = []
-
-    def send_multipart(self, frames, flags=0):
-        self.sent.append([bytes(f) for f in frames])
-
-    def send(self, data, flags=0):
-        self.sent.append([bytes(data)])
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(child_config(run_dir=str(tmp_path / "run"), sensor_id_file=str(tmp_path / "sensor_id")))
-    b.control = RecordingSocket()
-    b.plan_pub = RecordingSocket()
-    b.listeners = {b"u": b.control}
-    return b
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
