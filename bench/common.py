@@ -352,14 +352,16 @@ class Counter:
             self.lost = dict(sub.lost)
         self.cpu = time.thread_time() - t0
 
-    def settle(self, quiet: float = 1.5, timeout: float = 120.0, broker: bool = False) -> int:
+    def settle(self, quiet: float = 1.5, timeout: float = 120.0, broker: bool = False,
+               expected: int | None = None) -> int:
         """Wait until our count and (with ``broker``) the broker's published count
-        have not moved for ``quiet`` seconds; our count. Pass broker=False when
-        the subscription sees the whole busy machine (never quiet)."""
+        have not moved for ``quiet`` seconds, or our count reached ``expected``;
+        our count. Pass broker=False when the subscription sees the whole busy
+        machine (never quiet)."""
         deadline = time.monotonic() + timeout
         last, since = None, time.monotonic()
         client = Client(self.run_dir, timeout=10)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (expected is None or self.count < expected):
             try:
                 published = client.status()["counts"]["published"] if broker else None
             except Exception:  # a busy broker: ask again

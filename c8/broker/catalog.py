@@ -254,7 +254,9 @@ def file2_oldpath(raw: np.ndarray, kinds: np.ndarray, newpath: np.ndarray) -> np
     out = paths.resolve(raw["pid"], raw["olddirfd"], raw["oldname"], link_follow)
     sym = kinds == schema.kind_code("file", "SYMLINK")
     if sym.any():
-        out[sym] = paths.symlink_targets(raw["pid"][sym], newpath[sym], raw["oldname"][sym])
+        targets = paths.symlink_targets(raw["pid"][sym], newpath[sym], raw["oldname"][sym])
+        out = out.astype(f"S{max(out.dtype.itemsize, targets.dtype.itemsize)}")  # resolve's width is its own
+        out[sym] = targets
     return out
 
 

@@ -32,6 +32,7 @@ event's time. ``path_status`` tells which answer an event carries
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -97,14 +98,12 @@ class _Batch:
         return pathcanon.lexical(full)
 
 
-PATH_WIDTH = schema.dtype("file")["path"].itemsize  # what resolve returns at least
-
-
 def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.ndarray | None = None,
             proc: str = "/proc", max_resolve: int = MAX_RESOLVE) -> np.ndarray:
-    """Canonical absolute paths for ``names`` (an ``S<n>`` column), as wide as a
-    path field (``PATH_WIDTH``) or the names, whichever is wider: a name held
-    narrow (c8.schema.rows) can resolve to a longer path.
+    """Canonical absolute paths for ``names`` (an ``S<n>`` column), as wide as
+    the longest of them: a name can resolve to a longer path, and most paths
+    are far shorter than a path field (c8.schema.rows). A caller that writes
+    other values into the result widens it first.
 
     ``dirfds``: the dirfd each name is relative to (``AT_FDCWD``: the cwd), or
     the fd itself for an empty name. ``follow``: where the call follows a
@@ -113,7 +112,7 @@ def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.
     """
     n = len(names)
     if n == 0:
-        return np.zeros(0, f"S{max(names.dtype.itemsize, PATH_WIDTH)}")
+        return np.zeros(0, f"S{rows.MIN_WIDTH}")
     pids = np.asarray(pids).astype(np.int64)
     dirfds = np.asarray(dirfds).astype(np.int64)
     follow = np.zeros(n, bool) if follow is None else np.asarray(follow, bool)
@@ -121,14 +120,18 @@ def resolve(pids: np.ndarray, dirfds: np.ndarray, names: np.ndarray, follow: np.
     SLOW.new_batch()
     batch = _Batch(proc, max_resolve)
     try:
-        rows = zip(pids[first].tolist(), dirfds[first].tolist(), follow[first].tolist(),
-                   names[first].tolist(), strict=True)
-        found = [batch.one(p, d, nm, f) for p, d, f, nm in rows]
-        out = np.array(found, dtype=f"S{max(names.dtype.itemsize, PATH_WIDTH)}")[inverse]  # cut there
-        for i in np.flatnonzero(odd).tolist():  # hash collisions: each row on its own
-            out[i] = batch.one(int(pids[i]), int(dirfds[i]), names[i].tobytes().rstrip(b"\0"), bool(follow[i]))
+        rows_in = zip(pids[first].tolist(), dirfds[first].tolist(), follow[first].tolist(),
+                      names[first].tolist(), strict=True)
+        found = [batch.one(p, d, nm, f) for p, d, f, nm in rows_in]
+        # hash collisions: each row on its own
+        alone = {i: batch.one(int(pids[i]), int(dirfds[i]), names[i].tobytes().rstrip(b"\0"), bool(follow[i]))
+                 for i in np.flatnonzero(odd).tolist()}
     finally:
         batch.close()
+    longest = max(map(len, itertools.chain(found, alone.values())), default=0)
+    out = np.array(found, dtype=f"S{max(longest, 1)}")[inverse]
+    for i, path in alone.items():
+        out[i] = path
     return out
 
 
@@ -197,8 +200,7 @@ def symlink_targets(pids: np.ndarray, links: np.ndarray, targets: np.ndarray,
     full = np.where(rel, np.where(np.char.str_len(links) > 0, joined, b""), targets)
     width = max(targets.dtype.itemsize, full.dtype.itemsize)
     full = full.astype(f"S{width}")
-    out = resolve(pids, np.full(n, AT_FDCWD), full, np.ones(n, bool), proc, max_resolve)
-    return out.astype(targets.dtype)
+    return resolve(pids, np.full(n, AT_FDCWD), full, np.ones(n, bool), proc, max_resolve)
 
 
 # -- paths from the event stream (release stage, after identity) ------------------

@@ -384,7 +384,7 @@ def rows_to_batch(category: str, rows: pa.Table, narrow: bool = True,
     """Capture rows of one category as the broker's structured array and batch table.
 
     ``narrow``: each string column only as wide as its longest value (at most the
-    declared width), as the wire sends them before a client pads them back: the
+    declared width), as the wire sends them and a client decodes them: the
     filter masks scan less; the values are the same."""
     declared = schema.dtype(category)
     n = rows.num_rows

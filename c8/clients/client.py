@@ -239,7 +239,9 @@ class Subscription:
                 return
 
     def batches(self, timeout: float | None = None, idle: float | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
-        """(category, structured array, container table) per batch; see ``windows``."""
+        """(category, structured array, container table) per batch; see ``windows``.
+        The array has the category's fields and types (c8.schema), each string
+        field only as wide as the batch's longest value."""
         for window in self.windows(timeout, idle):
             yield from window
 

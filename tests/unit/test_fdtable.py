@@ -202,6 +202,21 @@ def test_a_batch_holding_narrow_names_is_widened_before_paths_are_written(stage)
     assert fb.dtype["path"] == fb.dtype["oldpath"] == schema.dtype("file")["path"]
 
 
+def test_a_relative_symlink_target_held_narrow_resolves_whole(stage):
+    """symlinkat("x", dirfd, "link"): the target's name is held 8 bytes wide in the
+    batch; its path, from the link's directory, is longer and arrives whole."""
+    stage.apply({"file": files((1, 51, "OPEN", b"/var/spool/cron", AT_FDCWD, 3, O_DIRECTORY))})
+    full = files((2, 51, "SYMLINK", b"link", 3, 0, 0, 266))
+    full["oldname"] = b"x"
+    narrow = schema.empty("file", 1, {n: 8 for n in ("filename", "path", "oldname", "oldpath", "newname")})
+    for n in full.dtype.names:
+        narrow[n] = full[n]
+    window = {"file": narrow}
+    stage.apply(window)
+    assert window["file"]["path"][0] == b"/var/spool/cron/link"
+    assert window["file"]["oldpath"][0] == b"/var/spool/cron/x"
+
+
 def test_a_storm_reopening_one_fd_learns_it_once(stage):
     n = 50_000
     fb = files(*[(i, 7, "OPEN", b"/tmp/a%d" % (i % 3), AT_FDCWD, 3, 0) for i in range(1, 4)])
