@@ -158,7 +158,10 @@ def live(sensor: c.BenchSensor, rate: int, secs: float, who: str, jq: bool = Fal
         argv = [sys.executable, "-m", "c8.clients.c8ctl", "--run-dir", sensor.run_dir, "subscribe", "--spec", f.name]
     else:
         argv = [sys.executable, os.path.abspath(__file__), "--old-c8ctl", sensor.run_dir, f.name]
-    ctl = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=c.ROOT)
+    # Ctrl-C as a terminal sends it; a shell starts background jobs with SIGINT ignored,
+    # and a benchmark run that way must not pass that on to the c8ctl it stops with one
+    ctl = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=c.ROOT,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pipe = ctl.stdout
     if jq:
         jqp = subprocess.Popen(["jq", "-c", "."], stdin=pipe, stdout=subprocess.PIPE)
