@@ -270,3 +270,23 @@ def test_rows_are_told_apart_by_every_byte_up_to_the_longest_name(monkeypatch):
     monkeypatch.setattr(paths, "_KEY", np.zeros(66, np.uint64))
     first, inverse, odd = paths._unique_rows(pids, dirfds, follow, names)
     assert len(first) == 1 and odd.tolist() == [False, True, True, False, True]
+
+
+@pytest.mark.parametrize("width", [5, 21, 32, 256, 600])
+@pytest.mark.parametrize("strided", [False, True])
+def test_rows_group_as_their_values_do_at_any_width_and_layout(width, strided):
+    """Grouping equals grouping the (pid, dirfd, follow, name) tuples, for names of odd
+    widths, names longer than 64 words, and a name column read from record rows."""
+    rng = np.random.default_rng(width)
+    n = 400
+    values = [bytes(rng.integers(97, 100, rng.integers(0, width + 1))) for _ in range(n)]
+    rec = np.zeros(n, [("k", "u1"), ("name", f"S{width}"), ("pid", "<i8")])
+    rec["name"] = values
+    names = rec["name"] if strided else np.ascontiguousarray(rec["name"])
+    pids = rng.integers(1, 3, n).astype(np.int64)
+    dirfds = rng.choice([-100, 3], n).astype(np.int64)
+    follow = rng.integers(0, 2, n).astype(bool)
+    first, inverse, odd = paths._unique_rows(pids, dirfds, follow, names)
+    keys = list(zip(pids.tolist(), dirfds.tolist(), follow.tolist(), names.tolist(), strict=True))
+    assert not odd.any() and len(first) == len(set(keys))
+    assert all(keys[first[inverse[i]]] == keys[i] for i in range(n))
