@@ -12,7 +12,7 @@ counts the events of the loop's pid with Subscription.batches(). perf record
 gets ``-m <ring_pages>`` and the same kernel filter. For opens it records the
 two tracepoints c8's eBPF programs run at, sys_enter_openat and
 sys_exit_openat, of the loop's pid (two records an open, no names: perf cannot
-read them); an open counts as captured when both of its records are. The
+read them), and its share is the records captured over two an open. The
 table gives, per case, the highest rate of c8 events (for opens: opens) at
 which each delivered >= 99.9%.
 

@@ -287,7 +287,7 @@ def _one_name_narrow(dt: np.dtype, width: int) -> np.dtype:
     name only as wide as ``width`` bytes of record hold, rounded up as
     c8.schema.rows does: a 21-byte path costs 32 bytes, not 256, in the batch
     the broker gets and in every copy on the way (the broker widens paths it
-    writes; clients see the declared width)."""
+    writes)."""
     off = dt.fields["filename"][1]
     full = dt.fields["filename"][0].itemsize
     if off + full != dt.itemsize:

@@ -131,14 +131,31 @@ def decode_columns(msg: dict) -> np.ndarray:
 
     A string column cut on the wire stays as narrow as the batch's longest
     value (``widths`` in the message names the schema's width): values and
-    comparisons are the same, and a batch of file events takes 194 bytes a
-    row, not 1,667, so decoding one is three times faster (47 ns an event
-    against 145 padded back). ``c8.schema.rows.widen`` gives the schema's
-    widths to a caller that writes longer values into a batch.
+    comparisons are the same, and a file row takes about 200 bytes, not
+    1,667 (bench/bench_files.py: 47 ns an event to decode, 138 padded back).
+    ``c8.schema.rows.widen`` gives the schema's widths to a caller that
+    writes longer values into a batch.
+
+    Every column must hold exactly ``n`` values of its type, checked before
+    the rows are made: what a message makes is bounded by the bytes it
+    brought (a fleet stream's messages come from other hosts). ValueError
+    names what is wrong.
     """
     n = msg["n"]
-    types = msg["dtypes"]
-    out = np.empty(n, [(name, t) for name, t in types.items()])
-    for name, t in types.items():
-        out[name] = np.frombuffer(msg["columns"][name], dtype=t, count=n)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"batch message: n {n!r} is not a row count")
+    cols = {}
+    for name, t in msg["dtypes"].items():
+        try:
+            dt = np.dtype(t)
+        except TypeError as exc:
+            raise ValueError(f"batch message: column {name!r} has no type {t!r}") from exc
+        buf = msg["columns"][name]
+        if dt.hasobject or len(buf) != n * dt.itemsize:
+            raise ValueError(f"batch message: column {name!r} holds {len(buf)} bytes, "
+                             f"not {n} values of {t}")
+        cols[name] = np.frombuffer(buf, dtype=dt, count=n)
+    out = np.empty(n, list(msg["dtypes"].items()))
+    for name, col in cols.items():
+        out[name] = col
     return out

@@ -73,10 +73,10 @@ def used_width(col: np.ndarray) -> int:
         return 0
     if w <= STR_LEN_WIDTH:
         return int(np.char.str_len(col).max())
-    if col.strides[0] == w:
+    if w % 8:  # no whole words to read in place
+        col = np.ascontiguousarray(col)
+    if col.flags.c_contiguous:
         return _last_used(_or_rows(col))
-    if w % 8:
-        return _last_used(_or_rows(np.ascontiguousarray(col)))
     # numpy's 2-D reduce is slow over strided rows (16 ns a row for a 32-byte field
     # of a file row), a 1-D reduce down each 8-byte word is not (4 ns)
     words = np.lib.stride_tricks.as_strided(col[:1].view(np.uint64), (n, w // 8), (col.strides[0], 8),
@@ -89,7 +89,7 @@ def used_widths(arr: np.ndarray, names) -> dict[str, int]:
     """:func:`used_width` of each named ``S`` field of a batch. Rows that lie
     back to back are read in one pass for all of them (a file row's eight
     string fields: 24 ns a row, where one field at a time took 100)."""
-    if not len(arr) or not names or arr.strides[0] != arr.dtype.itemsize:
+    if not len(arr) or not names or not arr.flags.c_contiguous:
         return {n: used_width(arr[n]) for n in names}
     seen = _or_rows(arr)
     fields = arr.dtype.fields

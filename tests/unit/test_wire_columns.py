@@ -2,6 +2,7 @@
 
 import msgpack
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,3 +54,20 @@ def test_a_message_without_widths_still_decodes():
     msg["dtypes"]["path"] = "|S256"
     del msg["widths"]["path"]
     assert wire.decode_columns(msg)["path"].tolist() == [b"/bin/sh"] * 2
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda m: m.update(n=10**12), "not 1000000000000 values"),  # rows the columns do not hold
+    (lambda m: m.update(n=-1), "not a row count"),
+    (lambda m: m["dtypes"].update(t="|O"), "'t' holds"),        # objects from bytes
+    (lambda m: m["dtypes"].update(t="no such type"), "no type"),
+    (lambda m: m["columns"].update(comm=b"x"), "'comm' holds"),  # a short column
+])
+def test_a_message_that_does_not_hold_its_rows_is_refused_by_name(change, what):
+    """A column must hold exactly n values of its type, checked before any rows are
+    made: a message claiming 10**12 rows is refused, not allocated."""
+    arr = np.zeros(2, DT)
+    msg = msgpack.unpackb(msgpack.packb(wire.columns("file", arr), use_bin_type=True), raw=False)
+    change(msg)
+    with pytest.raises(ValueError, match=what):
+        wire.decode_columns(msg)
