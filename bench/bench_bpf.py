@@ -1,9 +1,11 @@
 """What the eBPF programs cost the monitored process, per call, in each form.
 
 The open family is loaded as the sensor loads it, with a user's filter
-(``filename like "/tmp/c8open*"``: every call of the loop passes), once with
-records waiting in task storage (this kernel's form) and once in a pending
-HASH (the form of kernels without task storage for tracepoint programs).
+(``filename like "/tmp/c8open*"``: every call of the loop passes): records
+waiting in task storage and written to BPF ring buffers (this kernel's form),
+waiting in a pending HASH (kernels without task storage for tracepoint
+programs), and in task storage written through perf output (the form before
+ring buffers, and of kernels before 5.8).
 An unpaced open+close loop pinned to one CPU runs for ``seconds`` under each,
 and bare (no program) as the anchor. The kernel's own accounting
 (kernel.bpf_stats_enabled: run_time_ns / run_cnt per program) gives the
@@ -22,9 +24,9 @@ import time
 
 import common as c
 
-from c8.collectors import perf, ring
+from c8.collectors import perf, ring, ringbuf
 from c8.collectors.bpf import maps
-from c8.collectors.bpf.manager import BpfManager
+from c8.collectors.bpf.manager import PERF, RINGBUF, BpfManager
 
 PATH = "/tmp/c8open-bpf-bench"
 
@@ -51,10 +53,17 @@ def _loop(rate: float, seconds: float) -> float:
     return done / secs
 
 
-def _under(per_task: bool, rate: float, seconds: float) -> dict:
-    with tempfile.TemporaryDirectory() as run_dir, BpfManager(run_dir, per_task=per_task) as m:
-        fd = perf.open_bpf_output(c.STORM_CPU, wakeup_watermark=perf.PAGE_SIZE)
-        rg = ring.Ring(perf.mmap_ring(fd, c.RING_PAGES))
+def _under(per_task: bool, output: str, rate: float, seconds: float) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir, BpfManager(
+            run_dir, per_task=per_task, output=output, ring_size=c.RING_PAGES * perf.PAGE_SIZE) as m:
+        if output == RINGBUF:
+            out = m.output_for(c.STORM_CPU)
+            os.close(out.fd)
+            fd = out.ring
+            rg = ringbuf.RingBuffer(fd, out.ring_size)
+        else:
+            fd = perf.open_bpf_output(c.STORM_CPU, wakeup_watermark=perf.PAGE_SIZE)
+            rg = ring.Ring(perf.mmap_ring(fd, c.RING_PAGES))
         stop = threading.Event()
 
         def drain() -> None:
@@ -64,8 +73,11 @@ def _under(per_task: bool, rate: float, seconds: float) -> dict:
 
         reader = threading.Thread(target=drain, daemon=True)
         try:
-            perf.enable(fd)
-            maps.perf_array_set(m.map_fd, c.STORM_CPU, fd)
+            if output == RINGBUF:
+                maps.ring_array_set(m.map_fd, c.STORM_CPU, fd)
+            else:
+                perf.enable(fd)
+                maps.perf_array_set(m.map_fd, c.STORM_CPU, fd)
             st = m.apply({"open": {"filter": {"prefixes": ["/tmp/c8open"], "ignore_tgids": [os.getpid()]}}})
             if not st["open"]["loaded"]:
                 raise RuntimeError(st["open"]["error"])
@@ -78,7 +90,8 @@ def _under(per_task: bool, rate: float, seconds: float) -> dict:
             if reader.is_alive():
                 reader.join()
             rg.close()
-            os.close(fd)
+            if output == PERF:
+                os.close(fd)  # (a RingBuffer closes its own)
     ns = sum(t - before.get(k, (0, 0))[0] for k, (t, _n) in after.items())
     calls = max(n - before.get(k, (0, 0))[1] for k, (_t, n) in after.items())  # the enter program's runs
     return {"rate": rate, "ns_per_call": ns / calls if calls else 0.0}
@@ -94,13 +107,18 @@ def run(quick: bool = False) -> dict:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write("1")
         bare = _loop(2.0 * _loop(5_000_000, 0.2), seconds)  # the loop's own pace, then as many calls
-        task = _under(True, bare, seconds)
-        hashed = _under(False, bare, seconds)
+        task = _under(True, RINGBUF, bare, seconds)
+        hashed = _under(False, RINGBUF, bare, seconds)
+        perf_out = _under(True, PERF, bare, seconds)
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(stats_was)
         os.unlink(PATH)
     rows = [
+        ("eBPF open programs, ns a call (ring buffer / perf output)", round(task["ns_per_call"]),
+         round(perf_out["ns_per_call"]), c.fmt_ratio(task["ns_per_call"], perf_out["ns_per_call"]), "< 1"),
+        ("open+close loop, calls/s (ring buffer / perf output)", round(task["rate"]), round(perf_out["rate"]),
+         c.fmt_ratio(task["rate"], perf_out["rate"]), ">= 1"),
         ("eBPF open programs, ns a call (task storage / HASH)", round(task["ns_per_call"]),
          round(hashed["ns_per_call"]), c.fmt_ratio(task["ns_per_call"], hashed["ns_per_call"]), "< 1"),
         ("open+close loop, calls/s (task storage / HASH)", round(task["rate"]), round(hashed["rate"]),
@@ -110,8 +128,10 @@ def run(quick: bool = False) -> dict:
     ]
     notes = [f"enter+exit programs of openat, filter filename like /tmp/c8open* (every call passes); "
              f"loop unpaced on CPU {c.STORM_CPU} for {seconds:.0f} s per form; a thread reads the "
-             f"{c.RING_PAGES}-page ring; times from kernel.bpf_stats_enabled"]
-    return {"title": "eBPF programs: cost a call, task storage vs HASH", "rows": rows, "notes": notes}
+             f"{c.RING_PAGES}-page ring; times from kernel.bpf_stats_enabled; task storage "
+             f"and ring buffers unless named"]
+    return {"title": "eBPF programs: cost a call, ring buffer vs perf output, task storage vs HASH",
+            "rows": rows, "notes": notes}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ gather masked past their length. No Python object is made per event.
 
 Samples of the BPF-output event carry records written by the sensor's eBPF
 programs: a u32 tag first, then the layout registered for that tag with
-:func:`register_bpf_record`. They decode to source ``bpf:<name>``.
+:func:`register_bpf_record`. They decode to source ``bpf:<name>``. The same
+records read from a BPF ring buffer (:mod:`c8.collectors.ringbuf`) come with
+their time and pid_tgid before them instead of a sample header
+(:meth:`Decoder.decode_ringbuf`).
 
 A payload field whose name is a header field (``pid`` of sched_process_exec)
 is renamed ``tp_<name>`` (see :func:`column_name`).
@@ -22,6 +25,8 @@ import numpy as np
 from c8.collectors import perf
 from c8.collectors.tracefs import CHARS, DATA_LOC, REL_LOC, EventFormat
 from c8.schema import rows
+
+PREFIX_SIZE = 16  # c8.collectors.bpf.records.PREFIX_SIZE: time, pid_tgid
 
 HEADER = [("time", "<u8"), ("cpu", "<u4"), ("pid", "<i4"), ("tid", "<i4")]
 DEFAULT_STRING_WIDTH = 256
@@ -194,19 +199,16 @@ class Decoder:
             if tp is not None:
                 out.append((tp.source, self._decode_tp(buf, u64, pos, tp)))
             elif sid in self._bpf_ids:
-                out.extend(self._decode_bpf(buf, u64, pos))
+                slots = pos >> 3
+                pidtid = u64[slots + 2]
+                head = (u64[slots + 3], u64[slots + 4] & np.uint64(0xFFFFFFFF),
+                        (pidtid & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32),
+                        (pidtid >> np.uint64(32)).astype(np.uint32).view(np.int32))
+                raw_size = (u64[slots + 5] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+                out.extend(self._decode_bpf(buf, pos + perf.SAMPLE_RAW_OFF, raw_size, head))
             else:
                 self.unknown += len(pos)
         return out
-
-    @staticmethod
-    def _header(u64: np.ndarray, pos: np.ndarray, arr: np.ndarray) -> None:
-        slots = pos >> 3
-        pidtid = u64[slots + 2]
-        arr["pid"] = (pidtid & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
-        arr["tid"] = (pidtid >> np.uint64(32)).astype(np.uint32).view(np.int32)
-        arr["time"] = u64[slots + 3]
-        arr["cpu"] = u64[slots + 4] & np.uint64(0xFFFFFFFF)
 
     def _decode_tp(self, buf: np.ndarray, u64: np.ndarray, pos: np.ndarray,
                    tp: _Tracepoint) -> np.ndarray:
@@ -242,11 +244,30 @@ class Decoder:
         b[np.arange(w) >= length[:, None]] = 0
         return b.reshape(-1).view(f"S{w}")
 
-    def _decode_bpf(self, buf: np.ndarray, u64: np.ndarray,
-                    pos: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        raw_start = pos + perf.SAMPLE_RAW_OFF
-        raw_size = (u64[(pos >> 3) + 5] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        tags = buf[raw_start[:, None] + np.arange(4)].copy().view("<u4")[:, 0]
+    def decode_ringbuf(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                       cpu: int) -> list[tuple[str, np.ndarray]]:
+        """Arrays ``(source, array)`` of the eBPF records of one CPU's ring buffer
+        (:meth:`c8.collectors.ringbuf.RingBuffer.read`): each is the prefix (time,
+        pid_tgid: ``records.PREFIX``) then the record. In ring order per source."""
+        whole = lengths >= PREFIX_SIZE
+        if not whole.all():  # not written by the sensor's programs
+            self.unknown_bpf += int((~whole).sum())
+            starts, lengths = starts[whole], lengths[whole]
+        if len(starts) == 0:
+            return []
+        u64 = buf[: len(buf) & ~7].view("<u8")
+        slots = starts >> 3  # records start 8-aligned
+        pidtid = u64[slots + 1]
+        head = (u64[slots], np.full(len(starts), cpu, np.uint32),
+                (pidtid >> np.uint64(32)).astype(np.uint32).view(np.int32),
+                (pidtid & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32))
+        return self._decode_bpf(buf, starts + PREFIX_SIZE, lengths - PREFIX_SIZE, head)
+
+    def _decode_bpf(self, buf: np.ndarray, raw_start: np.ndarray, raw_size: np.ndarray,
+                    head: tuple[np.ndarray, ...]) -> list[tuple[str, np.ndarray]]:
+        """Records of ``raw_size`` bytes at ``raw_start``; ``head``: their time, cpu,
+        pid and tid."""
+        tags = _gather(buf, raw_start, 4).view("<u4")[:, 0]
         tags = np.where(raw_size >= 4, tags, np.uint32(0xFFFFFFFF))
         out = []
         for tag in np.unique(tags).tolist():
@@ -256,7 +277,6 @@ class Decoder:
                 self.unknown_bpf += int(sel.sum())
                 continue
             name, dt = reg
-            p = pos[sel]
             sizes = raw_size[sel]
             # Records may end early (a one-name record ends with its name): gather
             # only up to the longest of them, the rest of the layout is zeros.
@@ -270,12 +290,13 @@ class Decoder:
             if width >= dt.itemsize:
                 rec = b[:, : dt.itemsize].copy().reshape(-1).view(dt)
             else:
-                whole = np.zeros((len(p), dt.itemsize), np.uint8)
+                whole = np.zeros((len(sizes), dt.itemsize), np.uint8)
                 whole[:, :width] = b
                 rec = whole.reshape(-1).view(dt)
             names = [n for n in dt.names if n != "tag"]
-            arr = np.empty(len(p), HEADER + [(column_name(n), dt.fields[n][0]) for n in names])
-            self._header(u64, p, arr)
+            arr = np.empty(len(sizes), HEADER + [(column_name(n), dt.fields[n][0]) for n in names])
+            for field, values in zip(("time", "cpu", "pid", "tid"), head, strict=True):
+                arr[field] = values[sel]
             for n in names:
                 arr[column_name(n)] = rec[n]
             out.append((f"bpf:{name}", arr))

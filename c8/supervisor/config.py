@@ -170,6 +170,7 @@ KEYS: dict[str, Key] = {
         Key("alert_output.outputs", [{"type": "stdout", "enabled": True}], cv.alert_outputs),
         Key("run_dir", "/var/run/capsule8", cv.path),
         Key("ring_pages", 256, cv.power_of_two),
+        Key("bpf_output", "auto", cv.bpf_output),  # auto: BPF ring buffers where the kernel has them
         Key("max_collectors", 8, cv.positive_int),  # collector processes; more CPUs share them
         Key("string_width", 256, cv.positive_int),
         Key("merge_holdback", "0ms", cv.duration),  # extra wait past the collectors' watermarks
@@ -326,6 +327,7 @@ class Config:
     alert_output: AlertOutputConfig
     run_dir: str
     ring_pages: int
+    bpf_output: str
     max_collectors: int
     string_width: int
     merge_holdback: float

@@ -213,6 +213,16 @@ def log_level(value: Any) -> str:
     raise ConvertError(value, "must be one of " + ", ".join(_LEVELS))
 
 
+_BPF_OUTPUTS = ("auto", "ringbuf", "perf")
+
+
+def bpf_output(value: Any) -> str:
+    """Where eBPF programs write: auto (ring buffers where the kernel has them), ringbuf, perf."""
+    if isinstance(value, str) and value.strip().lower() in _BPF_OUTPUTS:
+        return value.strip().lower()
+    raise ConvertError(value, "must be one of " + ", ".join(_BPF_OUTPUTS))
+
+
 def _output_name(value: Any) -> str:
     """An output's name: 1-64 printable characters."""
     if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():

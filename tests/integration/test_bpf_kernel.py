@@ -1,9 +1,11 @@
 """The eBPF capture layer against the real kernel: every family loads, attaches,
-and writes exact, complete records for real workloads into a perf ring.
+and writes exact, complete records for real workloads into its CPU's ring: a
+BPF ring buffer (this kernel), or a perf ring (kernels before 5.8; forced here).
 
-The ring reader here is deliberately minimal and independent of
-c8.collectors.ring/decode: a BPF-output event on one CPU, mmapped, walked in
-Python. Workloads run in children pinned to that CPU.
+The ring readers here are deliberately minimal and independent of
+c8.collectors.ring/ringbuf/decode: the CPU's ring buffer, or a BPF-output event
+on the CPU, mmapped and walked in Python. Workloads run in children pinned to
+that CPU.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ pytestmark = pytest.mark.root
 if os.geteuid() != 0:
     pytest.skip("needs root (CAP_BPF, CAP_PERFMON)", allow_module_level=True)
 
-from c8.collectors.bpf import maps, records  # noqa: E402
-from c8.collectors.bpf.manager import BpfManager, fetch_map_fd  # noqa: E402
+from c8.collectors.bpf import maps, programs, records  # noqa: E402
+from c8.collectors.bpf.manager import PERF, RINGBUF, BpfManager, fetch_output  # noqa: E402
 from c8.supervisor.config import child_config  # noqa: E402
 
 CPU = 1 if os.cpu_count() and os.cpu_count() > 1 else 0
@@ -44,7 +46,8 @@ _libc.syscall.restype = ctypes.c_long
 class Ring:
     """A PERF_COUNT_SW_BPF_OUTPUT event on one CPU with its mmap ring (TID | RAW samples)."""
 
-    def __init__(self, cpu: int):
+    def __init__(self, cpu: int, output: int):
+        self.cpu, self.output = cpu, output
         attr = bytearray(128)
         # type SOFTWARE, size, config BPF_OUTPUT, period 1, sample_type TID|RAW, flags 0, wakeup 1
         struct.pack_into("<IIQQQQQI", attr, 0, 1, 128, 10, 1, (1 << 1) | (1 << 10), 0, 0, 1)
@@ -56,6 +59,13 @@ class Ring:
         self.size = PAGES * mmap.PAGESIZE
         self.mm = mmap.mmap(self.fd, (PAGES + 1) * mmap.PAGESIZE)
         self.lost = 0
+        self.plug()
+
+    def plug(self) -> None:
+        maps.perf_array_set(self.output, self.cpu, self.fd)
+
+    def unplug(self) -> bool:
+        return maps.perf_array_clear(self.output, self.cpu)
 
     def read(self) -> list[tuple[int, int, bytes]]:
         """(pid, tid, raw bytes) of every new sample."""
@@ -80,8 +90,57 @@ class Ring:
         return out
 
     def close(self) -> None:
+        self.unplug()
         self.mm.close()
         os.close(self.fd)
+
+
+class RingBuffer:
+    """The manager's BPF ring buffer of one CPU, plugged into its output array,
+    walked one record at a time: (header len/flags u32, pg_off u32, then the
+    record: time u64, pid_tgid u64, the layout of its tag)."""
+
+    def __init__(self, manager: BpfManager, cpu: int):
+        out = manager.output_for(cpu)
+        self.cpu, self.output, self.fd, self.size = cpu, out.fd, out.ring, out.ring_size
+        self.cons = mmap.mmap(self.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.data = mmap.mmap(self.fd, mmap.PAGESIZE + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ,
+                              offset=mmap.PAGESIZE)
+        self.lost = 0
+        self.times: list[int] = []
+        self.plug()
+
+    def plug(self) -> None:
+        maps.ring_array_set(self.output, self.cpu, self.fd)
+
+    def unplug(self) -> bool:
+        return maps.ring_array_clear(self.output, self.cpu)
+
+    def read(self) -> list[tuple[int, int, bytes]]:
+        """(pid, tid, record bytes) of every new record."""
+        prod = struct.unpack_from("<Q", self.data, 0)[0]
+        pos = struct.unpack_from("<Q", self.cons, 0)[0]
+        out = []
+        while pos < prod:
+            at = mmap.PAGESIZE + pos % self.size
+            word = struct.unpack_from("<I", self.data, at)[0]
+            if word & (1 << 31):
+                break  # not committed yet
+            n = word & 0x3FFFFFFF
+            body = self.data[at + 8: at + 8 + n]
+            t, pid_tgid = struct.unpack_from("<QQ", body)
+            self.times.append(t)
+            out.append((pid_tgid >> 32, pid_tgid & 0xFFFFFFFF, body[16:]))
+            pos += (n + 8 + 7) & ~7
+        struct.pack_into("<Q", self.cons, 0, pos)
+        return out
+
+    def close(self) -> None:
+        self.unplug()
+        self.cons.close()
+        self.data.close()
+        os.close(self.fd)
+        os.close(self.output)
 
 
 def decode(raw: bytes) -> tuple[str, np.void] | None:
@@ -124,15 +183,19 @@ class Capture:
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="module", params=["per_task", "hash"])
+@pytest.fixture(scope="module", params=["per_task", "hash", "hash-perf"])
 def manager(request, tmp_path_factory):
     """Every family loaded, in each form the programs take: records waiting in task
-    storage (this kernel) and in a HASH (kernels without task storage for
-    tracepoint programs; forced here)."""
-    m = BpfManager(str(tmp_path_factory.mktemp("run")), per_task=request.param == "per_task")
+    storage (this kernel) or in a HASH (kernels without task storage for
+    tracepoint programs, 5.8 to 6.x), written to BPF ring buffers, and in a
+    HASH written to perf rings (kernels before 5.8). The last two are forced here."""
+    per_task = request.param == "per_task"
+    output = PERF if request.param.endswith("perf") else RINGBUF
+    m = BpfManager(str(tmp_path_factory.mktemp("run")), per_task=per_task, output=output)
     st = m.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
     assert st == {f: {"loaded": True, "error": None} for f in FAMILIES}
-    assert all(m.family_maps(f).per_task == (request.param == "per_task") for f in FAMILIES if f != "exit")
+    assert all(m.family_maps(f).per_task == per_task for f in FAMILIES if f != "exit")
+    assert all(m.family_maps(f).ringbuf == (output == RINGBUF) for f in FAMILIES)
     yield m
     m.close()
 
@@ -148,14 +211,13 @@ def test_task_storage_is_found_on_this_kernel(tmp_path):
         assert m.apply({"open": {}}) == {"open": {"loaded": True, "error": None}}
         assert m.per_task and m.family_maps("open").per_task
         assert m.apply({"open": {}, "sock": {}})["sock"]["loaded"] and m.family_maps("sock").per_task
+        assert m.output.kind == RINGBUF and m.family_maps("open").ringbuf  # Linux 6.18 has them
 
 
 @pytest.fixture(scope="module")
 def ring(manager):
-    r = Ring(CPU)
-    maps.perf_array_set(manager.map_fd, CPU, r.fd)
+    r = RingBuffer(manager, CPU) if manager.output.kind == RINGBUF else Ring(CPU, manager.map_fd)
     yield r
-    maps.perf_array_clear(manager.map_fd, CPU)
     r.close()
 
 
@@ -589,22 +651,30 @@ def test_unknown_family_reports_error_others_keep_working(manager):
     manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
 
 
-def test_serve_hands_out_map_fd(manager):
+def test_serve_hands_out_the_output_of_a_cpu(manager):
+    """A collector without CAP_BPF gets the output map, and (ring buffers) the ring of
+    its CPU made by the manager, over bpf.sock; a CPU that does not exist is refused."""
     path = manager.serve()
     assert os.stat(path).st_mode & 0o777 == 0o600
-    fd = fetch_map_fd(manager.run_dir, timeout=5)
+    out = fetch_output(manager.run_dir, 0, timeout=5)
     try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
-        assert link == "anon_inode:bpf-map"
+        assert out.kind == manager.output.kind and out.ring_size == manager.output.ring_size
+        assert os.readlink(f"/proc/self/fd/{out.fd}") == "anon_inode:bpf-map"
         # the same map: an entry set through the received fd is visible through the owner's
-        r = Ring(0)
-        try:
-            maps.perf_array_set(fd, 0, r.fd)
-            assert maps.perf_array_clear(manager.map_fd, 0)
-        finally:
+        if out.kind == RINGBUF:
+            assert os.readlink(f"/proc/self/fd/{out.ring}") == "anon_inode:bpf-map"
+            maps.ring_array_set(out.fd, 0, out.ring)
+            assert maps.ring_array_clear(manager.map_fd, 0)
+        else:
+            r = Ring(0, out.fd)
+            assert r.unplug() and not maps.perf_array_clear(manager.map_fd, 0)
             r.close()
     finally:
-        os.close(fd)
+        for fd in (out.fd, out.ring):
+            if fd >= 0:
+                os.close(fd)
+    with pytest.raises(OSError, match="unexpected answer"):
+        fetch_output(manager.run_dir, manager.n_cpus, timeout=5)
 
 
 def test_openat2_fchmod_link_symlink(cap, tmp_path):
@@ -716,17 +786,18 @@ def _lost(losses, family: str, cause: str, cpu: int | None = CPU) -> int:
 
 
 def test_output_failures_are_counted_on_their_cpu(manager, ring, cap, tmp_path):
-    """With the CPU's PERF_EVENT_ARRAY slot empty, bpf_perf_event_output fails
-    (-ENOENT): each record is counted as lost on that CPU, and none is written."""
+    """With the CPU's output slot empty (no ring buffer in the array, or no perf
+    event), the output fails (-ENOENT): each record is counted as lost on that
+    CPU, and none is written."""
     prefix = str(tmp_path) + "/"
     _only_opens_under(manager, prefix)
     try:
         manager.losses()  # what came before this test
-        assert maps.perf_array_clear(manager.map_fd, CPU)
+        assert ring.unplug()
         try:
             p = run_child(OPEN_FILES, prefix, str(OPENS), str(NOBODY))
         finally:
-            maps.perf_array_set(manager.map_fd, CPU, ring.fd)
+            ring.plug()
         lost = manager.losses()
         assert _lost(lost, "open", "output") == OPENS, lost
         assert manager.loss_totals["open"]["output"] >= OPENS
@@ -739,6 +810,48 @@ def test_output_failures_are_counted_on_their_cpu(manager, ring, cap, tmp_path):
         manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
 
 
+def test_a_full_ring_is_counted_whole(manager, ring, cap, tmp_path):
+    """A ring nobody reads fills: every record that does not fit is counted, by the
+    programs for a ring buffer (the kernel counts nothing there) and by the kernel
+    for a perf ring (PERF_RECORD_LOST, source kernel): written + lost = calls."""
+    prefix = str(tmp_path) + "/"
+    _only_opens_under(manager, prefix)
+    calls = 3 * PAGES * mmap.PAGESIZE // 64  # far more than fit: a record is over 64 bytes
+    try:
+        cap.clear()
+        manager.losses()
+        ring.lost = 0
+        p = run_child(OPEN_FILES, prefix, str(calls), str(NOBODY))  # nobody reads meanwhile
+        written = len([raw for pid, _tid, raw in ring.read() if pid == p.pid and decode(raw)
+                       and decode(raw)[0] == "open"])
+        counted = _lost(manager.losses(), "open", "output")
+        assert 0 < written < calls
+        if manager.output.kind == RINGBUF:
+            assert written + counted == calls, (written, counted)
+        else:  # the kernel tells with the next record that fits, for the whole ring
+            run_child(OPEN_FILES, prefix, "1", str(NOBODY))
+            ring.read()
+            assert counted == 0 and written + ring.lost >= calls, (written, ring.lost)
+    finally:
+        manager.apply({f: {"filter": {"ignore_tgids": [os.getpid()]}} for f in FAMILIES})
+
+
+@pytest.mark.parametrize("manager", ["per_task", "hash"], indirect=True)
+def test_ring_buffer_records_carry_their_time_and_thread(manager, ring, cap, tmp_path):
+    """A ring buffer record has no sample header: the program writes the time
+    (CLOCK_MONOTONIC, the clock of perf samples) and pid_tgid before it."""
+    cap.clear()
+    ring.times.clear()
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    p = run_child(OPEN_FILES, str(tmp_path), "3")
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    got = [(pid, tid, t) for (pid, tid, raw), t in zip(ring.read(), ring.times, strict=True)
+           if pid == p.pid and decode(raw) and decode(raw)[0] == "open"
+           and str(tmp_path).encode() in bytes(decode(raw)[1]["filename"])]
+    assert len(got) == 3 and all(tid == p.pid and before < t < after for _, tid, t in got), got
+    assert [t for *_, t in got] == sorted(t for *_, t in got)
+
+
 @HASH_FORM
 def test_pending_map_full_is_counted(manager, cap, tmp_path):
     """A syscall whose record cannot be saved (pending HASH full: -E2BIG) is counted."""
@@ -749,7 +862,7 @@ def test_pending_map_full_is_counted(manager, cap, tmp_path):
     prefix = str(tmp_path) + "/"
     _only_opens_under(manager, prefix)
     pending = manager.family_maps("open").pending
-    value = bytes(records.RECORDS["open"][1].itemsize)
+    value = bytes(programs.pending_size("open"))
     keys = []
     try:
         while True:  # fill it with pid_tgids no thread has (tgids stop at 2^22)
@@ -791,7 +904,7 @@ def test_stale_record_is_counted(manager, cap, tmp_path):
         rec["tag"], rec["nr"] = records.RECORDS["open"][0], 9999  # no such syscall
         from c8.collectors.bpf import syscalls as sc
         sc.map_update(manager.family_maps("open").pending, struct.pack("<Q", (pid << 32) | pid),
-                      rec.tobytes())
+                      bytes(records.PREFIX_SIZE) + rec.tobytes())  # a value: prefix, record
         manager.losses()
         child.stdin.write(b"go\n")
         child.stdin.flush()
@@ -828,13 +941,15 @@ def test_a_record_left_pending_is_superseded_by_the_threads_next_enter(manager, 
         rec["name_len"] = len(b"/planted") + 1
         pidfd = os.pidfd_open(pid)
         try:
-            sc.map_update(task_map, struct.pack("<i", pidfd), rec.tobytes())
-            assert sc.map_lookup(task_map, struct.pack("<i", pidfd), rec.nbytes) == rec.tobytes()
+            value = bytes(records.PREFIX_SIZE) + rec.tobytes()  # the prefix, then the record
+            sc.map_update(task_map, struct.pack("<i", pidfd), value)
+            assert sc.map_lookup(task_map, struct.pack("<i", pidfd), len(value)) == value
             manager.losses()
             child.stdin.write(b"go\n")
             child.stdin.flush()
             assert child.stdout.readline() == b"opened\n"
-            left = np.frombuffer(sc.map_lookup(task_map, struct.pack("<i", pidfd), rec.nbytes), rec.dtype)
+            left = np.frombuffer(sc.map_lookup(task_map, struct.pack("<i", pidfd), len(value))
+                                 [records.PREFIX_SIZE:], rec.dtype)
             assert left["tag"][0] == 0 and b"planted" not in left.tobytes()  # cleared, not marked
         finally:
             os.close(pidfd)
@@ -850,8 +965,8 @@ def test_a_record_left_pending_is_superseded_by_the_threads_next_enter(manager, 
 
 
 def test_subscriber_hears_of_output_failures(tmp_path):
-    """End to end: records the kernel could not write (this CPU's PERF_EVENT_ARRAY
-    slot cleared behind the collector's back) reach the subscriber as ``lost``
+    """End to end: records the kernel could not write (this CPU's ring buffer taken
+    out of the output array behind the collector's back) reach the subscriber as ``lost``
     events of source ``ebpf:open`` on that CPU.
 
     The count is at least the workload's: the pushed-down prefix keeps other
@@ -868,11 +983,12 @@ def test_subscriber_hears_of_output_failures(tmp_path):
     try:
         spec = {"events": {"file": {"filter": f'filename like "{files}/*"'}}}
         with sensor.client.subscribe(spec) as sub:
-            fd = fetch_map_fd(sensor.run_dir)
+            out = fetch_output(sensor.run_dir, CPU)
             try:
-                assert maps.perf_array_clear(fd, CPU)  # the collector of CPU still holds its ring
+                assert maps.ring_array_clear(out.fd, CPU)  # the collector of CPU still holds its ring
             finally:
-                os.close(fd)
+                os.close(out.fd)
+                os.close(out.ring)
             run_child(OPEN_FILES, str(files), str(OPENS))
             lost, opens, cpus = 0, 0, set()
             deadline = time.monotonic() + 15

@@ -6,16 +6,20 @@ import pytest
 from c8.collectors.bpf import losses, programs, records
 from c8.collectors.bpf.asm import disassemble
 
-MAPS = programs.MapFds(perf=101, pending=102, scratch=103, config=104, ignore=105, counters=106)
+MAPS = programs.MapFds(output=101, pending=102, scratch=103, config=104, ignore=105, counters=106)
+PERF_MAPS = programs.MapFds(output=101, pending=102, scratch=103, config=104, ignore=105, counters=106,
+                            ringbuf=False)
+RINGBUF_OUTPUT, PERF_EVENT_OUTPUT = 130, 25
 JMP_CLASSES = (0x05, 0x06)
+OUTPUTS = pytest.mark.parametrize("maps", [MAPS, PERF_MAPS], ids=["ringbuf", "perf"])
 
 
-def _all_programs():
+def _all_programs(maps=MAPS):
     for fam, scs in programs.FAMILIES.items():
         for sc in scs:
-            yield programs.enter_program(fam, sc, MAPS)
-            yield programs.exit_program(fam, sc, MAPS)
-    yield programs.sched_exit_program(MAPS, exit_code_offset=1164)
+            yield programs.enter_program(fam, sc, maps)
+            yield programs.exit_program(fam, sc, maps)
+    yield programs.sched_exit_program(maps, exit_code_offset=1164)
 
 
 def _check(code: bytes, name: str) -> None:
@@ -35,27 +39,32 @@ def _check(code: bytes, name: str) -> None:
     assert ins[-1][0] == 0x95, f"{name}: does not end with exit"
 
 
-def test_every_program_assembles_with_sane_jumps():
+@OUTPUTS
+def test_every_program_assembles_with_sane_jumps(maps):
     names = set()
-    for p in _all_programs():
+    for p in _all_programs(maps):
         _check(p.assemble(), p.name)
         assert len(p.name) <= 15
         names.add(p.name)
     assert len(names) == 2 * sum(len(v) for v in programs.FAMILIES.values()) + 1
 
 
-def test_exit_programs_output_and_delete():
+@OUTPUTS
+def test_exit_programs_output_and_delete(maps):
+    out, other = ((RINGBUF_OUTPUT, PERF_EVENT_OUTPUT) if maps.ringbuf
+                  else (PERF_EVENT_OUTPUT, RINGBUF_OUTPUT))
     for fam, scs in programs.FAMILIES.items():
         for sc in scs:
-            ins = disassemble(programs.exit_program(fam, sc, MAPS).assemble())
+            ins = disassemble(programs.exit_program(fam, sc, maps).assemble())
             calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
-            assert 25 in calls and calls.index(25) < calls.index(3), sc.name  # output then delete
-            # size argument r5: the record size; for a record of one name (name_len),
-            # the bytes before the name plus name_len, bounded by the field's size
+            assert out in calls and other not in calls, sc.name
+            assert calls.index(out) < calls.index(3), sc.name  # output then delete
+            # the record's size, in r9: for a record of one name (name_len), the
+            # bytes before the name plus name_len, bounded by the field's size
             dt = records.RECORDS[fam][1]
-            size = [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 5]
+            size = [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 9]
             if "name_len" in dt.names:  # up to the next (u64 - 4) boundary: no kernel padding
-                added = [imm for op, d, _s, _o, imm in ins if op == 0x07 and d == 5]  # r5 += imm
+                added = [imm for op, d, _s, _o, imm in ins if op == 0x07 and d == 9]  # r9 += imm
                 assert size == [records.NAME_LEN, dt.itemsize], sc.name
                 assert added == [records.offset(dt, "filename") + 11, -4], sc.name
                 assert records.offset(dt, "filename") + records.NAME_LEN == dt.itemsize
@@ -68,7 +77,7 @@ def test_enter_programs_save_to_pending_and_never_output():
         for sc in scs:
             ins = disassemble(programs.enter_program(fam, sc, MAPS).assemble())
             calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
-            assert 2 in calls and 25 not in calls, sc.name
+            assert 2 in calls and PERF_EVENT_OUTPUT not in calls and RINGBUF_OUTPUT not in calls, sc.name
 
 
 def test_named_syscalls_have_name_filters_and_sock_has_none():
@@ -78,8 +87,8 @@ def test_named_syscalls_have_name_filters_and_sock_has_none():
 
 
 def test_scratch_has_slack_for_argv():
-    assert programs.scratch_size("exec") == records.RECORDS["exec"][1].itemsize + 1024
-    assert programs.scratch_size("open") == records.RECORDS["open"][1].itemsize
+    assert programs.scratch_size("exec") == records.PREFIX_SIZE + records.RECORDS["exec"][1].itemsize + 1024
+    assert programs.scratch_size("open") == records.PREFIX_SIZE + records.RECORDS["open"][1].itemsize
 
 
 @pytest.mark.parametrize("family", list(programs.FAMILIES))
@@ -116,12 +125,13 @@ def _after(ins, helper: int) -> list[tuple]:
     return ins[calls[0] + 1:]
 
 
-def test_exit_programs_count_failed_outputs_and_stale_records():
+@OUTPUTS
+def test_exit_programs_count_failed_outputs_and_stale_records(maps):
     for fam, scs in programs.FAMILIES.items():
         for sc in scs:
-            ins = disassemble(programs.exit_program(fam, sc, MAPS).assemble())
+            ins = disassemble(programs.exit_program(fam, sc, maps).assemble())
             assert _counted(ins) == [losses.index(fam, losses.OUTPUT), losses.index(fam, losses.STALE)]
-            after = _after(ins, 25)
+            after = _after(ins, RINGBUF_OUTPUT if maps.ringbuf else PERF_EVENT_OUTPUT)
             # output's result tested right away: zero (success) skips the count
             assert after[0][0] == 0x15 and after[0][1] == 0 and after[0][4] == 0, sc.name
             assert _counted(after)[0] == losses.index(fam, losses.OUTPUT)
@@ -166,7 +176,7 @@ def test_exec_records_are_keyed_by_process_the_rest_by_thread():
                 assert _process_keyed(disassemble(prog.assemble())) == (fam == "exec"), prog.name
 
 
-TASK_MAPS = programs.MapFds(perf=101, pending=102, scratch=-1, config=104, ignore=105, counters=106,
+TASK_MAPS = programs.MapFds(output=101, pending=102, scratch=-1, config=104, ignore=105, counters=106,
                             per_task=True)
 
 
@@ -181,7 +191,7 @@ def test_per_task_programs_build_in_place_and_mark_the_record_last():
             _check(enter.assemble(), enter.name)
             ins = disassemble(enter.assemble())
             calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
-            assert 156 in calls and not {2, 3, 25} & set(calls), sc.name
+            assert 156 in calls and not {2, 3, PERF_EVENT_OUTPUT, RINGBUF_OUTPUT} & set(calls), sc.name
             get = calls.index(156)
             assert [imm for op, d, _s, _o, imm in ins if op == 0xB7 and d == 4][0] == 1, sc.name  # F_CREATE
             tag_stores = [i for i, (op, d, _s, off, imm) in enumerate(ins)
@@ -191,7 +201,7 @@ def test_per_task_programs_build_in_place_and_mark_the_record_last():
             _check(exit_.assemble(), exit_.name)
             ins = disassemble(exit_.assemble())
             calls = [imm for op, _d, _s, _o, imm in ins if op == 0x85]
-            assert calls[:2] == [158, 156] and 25 in calls and not {2, 3} & set(calls), sc.name
+            assert calls[:2] == [158, 156] and RINGBUF_OUTPUT in calls and not {2, 3} & set(calls), sc.name
             clear = [i for i, (op, d, _s, off, imm) in enumerate(ins) if op == 0x62 and d == 8 and off == 0 and imm == 0]
-            out = max(i for i, x in enumerate(ins) if x[0] == 0x85 and x[4] == 25)
+            out = max(i for i, x in enumerate(ins) if x[0] == 0x85 and x[4] == RINGBUF_OUTPUT)
             assert len(clear) == 1 and clear[0] > out, sc.name

@@ -335,6 +335,7 @@ def test_every_key_loads_from_its_env_name():
                "limiter.duration": "10s", "limiter.max_retries": "6",
                "limiter.group_request_duration": "2s", "alert_output.outputs": "[{type: stdout}]",
                "run_dir": "/tmp/r", "ring_pages": "64", "max_collectors": "4", "string_width": "128",
+               "bpf_output": "Perf",
                "merge_holdback": "10ms", "subscriber_queue": "8", "detections.rules": "/r",
                "detections.fold_period": "2s",
                "listen_tcp": "", "curve_server_secret_key_file": "/k",
@@ -364,6 +365,14 @@ def test_as_dict_is_plain_and_frozen():
     assert c.alert_output.outputs[0]["type"] == "stdout"  # a copy
     with pytest.raises(AttributeError):
         c.cpu_limit = 9  # frozen
+
+
+def test_bpf_output_default_choices_and_bad():
+    assert load(environ={}).bpf_output == "auto"
+    assert load(environ={"CAPSULE8_BPF_OUTPUT": " RingBuf "}).bpf_output == "ringbuf"
+    with pytest.raises(ConfigError, match="bpf_output: 'kafka' from CAPSULE8_BPF_OUTPUT: "
+                                          "must be one of auto, ringbuf, perf"):
+        load(environ={"CAPSULE8_BPF_OUTPUT": "kafka"})
 
 
 def test_heartbeat_timeout_default_env_off_and_bad():

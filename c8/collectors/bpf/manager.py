@@ -1,13 +1,19 @@
 """Load, attach, filter and unload the sensor's eBPF program families.
 
-One :class:`BpfManager` (collector cpu0) owns the PERF_EVENT_ARRAY every
-program writes to, and each family's programs and maps. ``apply(plan["bpf"])``
+One :class:`BpfManager` (collector cpu0) owns the output map every program
+writes through, and each family's programs and maps. ``apply(plan["bpf"])``
 converges to the families listed: it loads new ones, rewrites filter maps,
 and unloads those no longer listed. A family that fails (the verifier refuses
 a program, BTF is missing) is reported with its error; the others keep
-working. Other collectors get the PERF_EVENT_ARRAY's fd over ``bpf.sock``
-(:meth:`BpfManager.serve`, :func:`fetch_map_fd`) and store their CPU's
-BPF-output event in it (:func:`c8.collectors.bpf.maps.perf_array_set`).
+working.
+
+The output map is an ARRAY_OF_MAPS of per-CPU BPF ring buffers where the kernel
+has them (5.8), else a PERF_EVENT_ARRAY (:class:`Output`). The manager makes
+every CPU's ring buffer (creating a map takes CAP_BPF, which only collector
+cpu0 keeps). Collectors get the output map, and their CPU's ring buffer, over
+``bpf.sock`` (:meth:`BpfManager.serve`, :func:`fetch_output`) and store that
+ring in it (:func:`c8.collectors.bpf.maps.ring_array_set`), or on older
+kernels their CPU's BPF-output perf event (:func:`c8.collectors.bpf.maps.perf_array_set`).
 
 Tracepoint events for attachment come from :mod:`c8.collectors.tracefs` and
 :mod:`c8.collectors.perf`: one event per tracepoint on one CPU with
@@ -35,6 +41,19 @@ from c8.protocol import paths
 log = logging.getLogger(__name__)
 
 CLOSE_THREADS = 32
+RINGBUF, PERF = "ringbuf", "perf"
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where the programs write: ``kind`` RINGBUF (``fd`` an ARRAY_OF_MAPS cpu ->
+    ring buffer of ``ring_size`` bytes; ``ring`` one CPU's ring buffer, as served
+    to its collector) or PERF (``fd`` a PERF_EVENT_ARRAY)."""
+
+    fd: int
+    kind: str
+    ring_size: int = 0
+    ring: int = -1
 
 
 class FamilyError(Exception):
@@ -76,7 +95,8 @@ class BpfManager:
     """Owner of the eBPF programs and maps of one sensor (see the module docstring)."""
 
     def __init__(self, run_dir: str, attach_cpu: int = 0, n_cpus: int | None = None,
-                 per_task: bool | None = None):
+                 per_task: bool | None = None, output: str | None = None,
+                 ring_size: int = perf.DEFAULT_RING_PAGES * perf.PAGE_SIZE):
         self.run_dir = run_dir
         # Records wait in task storage where the kernel lets tracepoint programs have
         # it, else in a HASH (c8.collectors.bpf.programs). None: find out at the first
@@ -84,11 +104,18 @@ class BpfManager:
         self.per_task = per_task
         self.attach_cpu = attach_cpu
         self.n_cpus = n_cpus or maps.possible_cpus()
-        self._perf_map = maps.create_perf_array(self.n_cpus)
+        # Ring buffers where the kernel has them (output None: find out; RINGBUF or
+        # PERF: that form only, for tests of each), else perf output.
+        self.output = _create_output(output, self.n_cpus, ring_size)
+        self._rings: list[int] = []  # cpu -> its ring buffer (RINGBUF)
         try:
+            if self.output.kind == RINGBUF:
+                for cpu in range(self.n_cpus):
+                    self._rings.append(maps.create_ringbuf(ring_size, f"c8_ring{cpu}"))
             self._counters = maps.create_counters(losses.ENTRIES)
         except BaseException:
-            _close(self._perf_map)
+            for fd in [self.output.fd, *self._rings]:
+                _close(fd)
             raise
         self._losses = losses.LossReader(self._counters, self.n_cpus)
         self._families: dict[str, _Family] = {}
@@ -101,8 +128,16 @@ class BpfManager:
 
     @property
     def map_fd(self) -> int:
-        """The PERF_EVENT_ARRAY (cpu -> BPF-output event) every program writes to."""
-        return self._perf_map
+        """The output map (cpu -> ring buffer, or cpu -> BPF-output event)."""
+        return self.output.fd
+
+    def output_for(self, cpu: int) -> Output:
+        """The output as a collector of ``cpu`` needs it (fds duplicated: the caller's
+        to close)."""
+        if not 0 <= cpu < self.n_cpus:
+            raise ValueError(f"cpu {cpu} is not a possible CPU (0-{self.n_cpus - 1})")
+        ring = os.dup(self._rings[cpu]) if self._rings else -1
+        return Output(os.dup(self.output.fd), self.output.kind, self.output.ring_size, ring)
 
     @property
     def families(self) -> list[str]:
@@ -196,7 +231,6 @@ class BpfManager:
         return fam
 
     def _load_as(self, name: str, per_task: bool) -> _Family:
-        dt = rec.RECORDS[name][1]
         short = name[:6]
         fds: list[int] = []
         try:
@@ -204,7 +238,7 @@ class BpfManager:
                 fds.append(maps.create_task_records(programs.scratch_size(name), f"c8_{short}_task"))
                 fds.append(-1)  # built where it waits: no scratch
             else:
-                fds.append(maps.create_pending(dt.itemsize, f"c8_{short}_pend"))
+                fds.append(maps.create_pending(programs.pending_size(name), f"c8_{short}_pend"))
                 fds.append(maps.create_scratch(programs.scratch_size(name), f"c8_{short}_scr"))
             fds.append(maps.create_config(flt.CONFIG_SIZE, f"c8_{short}_cfg"))
             fds.append(maps.create_tgid_set(f"c8_{short}_ign"))
@@ -212,7 +246,8 @@ class BpfManager:
             for fd in fds:
                 _close(fd)
             raise
-        fam = _Family(name, programs.MapFds(self._perf_map, *fds, counters=self._counters, per_task=per_task))
+        fam = _Family(name, programs.MapFds(self.output.fd, *fds, counters=self._counters, per_task=per_task,
+                                            ringbuf=self.output.kind == RINGBUF))
         try:
             maps.config_write(fam.maps.config, bytes(flt.CONFIG_SIZE))
             if name == programs.EXIT_FAMILY:
@@ -269,7 +304,7 @@ class BpfManager:
 
     # -- fd passing ----------------------------------------------------------------
     def serve(self) -> str:
-        """Hand the PERF_EVENT_ARRAY fd to every peer connecting to ``bpf.sock`` (background thread)."""
+        """Hand the output map to every peer connecting to ``bpf.sock`` (background thread)."""
         path = paths.bpf(self.run_dir)
         if self._server is not None:
             return path
@@ -301,14 +336,22 @@ class BpfManager:
                 continue
             except OSError:
                 return
-            with conn:
+            with conn:  # a peer asks for its CPU: "<cpu>"
+                out = None
                 try:
-                    socket.send_fds(conn, [b"bpf"], [self._perf_map])
-                except OSError as exc:
-                    log.warning("bpf.sock: sending the map fd failed: %s", exc)
+                    conn.settimeout(2.0)
+                    out = self.output_for(int(conn.recv(16).decode()))
+                    msg = f"{out.kind} {out.ring_size}".encode()
+                    socket.send_fds(conn, [msg], [out.fd] + ([out.ring] if out.ring >= 0 else []))
+                except (OSError, ValueError) as exc:
+                    log.warning("bpf.sock: sending the output failed: %s", exc)
+                finally:
+                    for fd in (out.fd, out.ring) if out is not None else ():
+                        if fd >= 0:
+                            _close(fd)
 
     def close(self) -> None:
-        """Stop serving, unload every family, close the PERF_EVENT_ARRAY."""
+        """Stop serving, unload every family, close the output map."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
@@ -324,10 +367,15 @@ class BpfManager:
             for fam in self._families.values():
                 fam.close()
             self._families.clear()
-        for attr in ("_perf_map", "_counters"):
-            if getattr(self, attr) >= 0:
-                _close(getattr(self, attr))
-                setattr(self, attr, -1)
+        if self.output.fd >= 0:
+            _close(self.output.fd)
+            self.output = Output(-1, self.output.kind, self.output.ring_size)
+        for fd in self._rings:
+            _close(fd)
+        self._rings.clear()
+        if self._counters >= 0:
+            _close(self._counters)
+            self._counters = -1
 
     def __enter__(self) -> BpfManager:
         return self
@@ -336,8 +384,22 @@ class BpfManager:
         self.close()
 
 
-def fetch_map_fd(run_dir: str, timeout: float = 5.0) -> int:
-    """The PERF_EVENT_ARRAY fd served on ``bpf.sock``, waiting up to ``timeout`` for the server."""
+def _create_output(kind: str | None, n_cpus: int, ring_size: int) -> Output:
+    if kind not in (None, RINGBUF, PERF):
+        raise ValueError(f"bpf output must be {RINGBUF!r} or {PERF!r}, not {kind!r}")
+    if kind in (None, RINGBUF):
+        try:
+            return Output(maps.create_ring_array(ring_size, n_cpus), RINGBUF, ring_size)
+        except sc.BpfError as exc:
+            if kind == RINGBUF:
+                raise
+            log.info("bpf: records go through perf rings: no BPF ring buffers here (%s)", exc)
+    return Output(maps.create_perf_array(n_cpus), PERF)
+
+
+def fetch_output(run_dir: str, cpu: int, timeout: float = 5.0) -> Output:
+    """The output for ``cpu``'s collector served on ``bpf.sock``, waiting up to
+    ``timeout`` for the server. Its fds are the caller's to close."""
     path = paths.bpf(run_dir)
     deadline = time.monotonic() + timeout
     while True:
@@ -345,10 +407,17 @@ def fetch_map_fd(run_dir: str, timeout: float = 5.0) -> int:
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
                 s.settimeout(max(0.1, deadline - time.monotonic()))
                 s.connect(path)
-                _msg, fds, _flags, _addr = socket.recv_fds(s, 16, 1)
-            if not fds:
-                raise OSError(f"{path}: peer sent no file descriptor")
-            return fds[0]
+                s.sendall(str(cpu).encode())
+                msg, fds, _flags, _addr = socket.recv_fds(s, 64, 2)
+            try:
+                kind, size = msg.decode().split()
+                if kind not in (RINGBUF, PERF) or len(fds) != (2 if kind == RINGBUF else 1):
+                    raise ValueError(kind)
+                return Output(fds[0], kind, int(size), fds[1] if kind == RINGBUF else -1)
+            except ValueError:
+                for fd in fds:
+                    os.close(fd)
+                raise OSError(f"{path}: unexpected answer {msg[:40]!r} with {len(fds)} fds") from None
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no bpf map server on {path} after {timeout}s") from None

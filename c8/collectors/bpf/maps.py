@@ -1,7 +1,10 @@
 """The sensor's eBPF maps: creation helpers and typed accessors.
 
-- PERF_EVENT_ARRAY (cpu -> BPF-output perf fd), one per sensor, sized to the
-  possible CPUs; collectors store their ring's event in it (:func:`perf_array_set`).
+- The programs' output, one per sensor, sized to the possible CPUs: an
+  ARRAY_OF_MAPS (cpu -> BPF ring buffer, Linux 5.8) where each collector stores
+  its CPU's ring (:func:`ring_array_set`), or on older kernels a
+  PERF_EVENT_ARRAY (cpu -> BPF-output perf fd) where it stores its perf ring's
+  event (:func:`perf_array_set`).
 - TASK_STORAGE: each thread's record of the syscall it is in, between its
   enter and its exit (kernels with task storage for tracepoint programs: 6.x).
   Elsewhere a HASH keyed by pid_tgid holds them, built in a PERCPU_ARRAY of one
@@ -47,6 +50,33 @@ def perf_array_set(map_fd: int, cpu: int, perf_fd: int) -> None:
 
 def perf_array_clear(map_fd: int, cpu: int) -> bool:
     """Remove ``cpu``'s output; records of that CPU are then dropped in the kernel."""
+    return sc.map_delete(map_fd, struct.pack("<I", cpu))
+
+
+def create_ringbuf(size: int, name: str = "c8_ring") -> int:
+    """A BPF ring buffer of ``size`` bytes (a power of two, at least a page)."""
+    return sc.map_create(sc.MAP_TYPE_RINGBUF, 0, 0, size, name)
+
+
+def create_ring_array(ring_size: int, n_cpus: int | None = None, name: str = "c8_rings") -> int:
+    """An ARRAY_OF_MAPS cpu -> BPF ring buffer of ``ring_size`` bytes (every ring
+    stored in it must have that size). Raises BpfError where the kernel has no
+    BPF ring buffers (before 5.8)."""
+    template = create_ringbuf(ring_size, "c8_ring_tmpl")
+    try:
+        return sc.map_create(sc.MAP_TYPE_ARRAY_OF_MAPS, 4, 4, n_cpus or possible_cpus(), name,
+                             inner_map_fd=template)
+    finally:
+        os.close(template)  # the outer map keeps what it needs of it
+
+
+def ring_array_set(map_fd: int, cpu: int, ring_fd: int) -> None:
+    """Make the ring buffer ``ring_fd`` the output of ``cpu``."""
+    sc.map_update(map_fd, struct.pack("<I", cpu), struct.pack("<I", ring_fd))
+
+
+def ring_array_clear(map_fd: int, cpu: int) -> bool:
+    """Remove ``cpu``'s ring; records of that CPU then fail their output (counted)."""
     return sc.map_delete(map_fd, struct.pack("<I", cpu))
 
 

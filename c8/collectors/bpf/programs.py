@@ -9,8 +9,8 @@ Each syscall of a family gets two tracepoint programs:
   unmarked, so nothing follows.
 - ``sys_exit_<name>``: find this thread's pending record, check it is this
   syscall's, set ``ret`` (and read what the kernel wrote back: accept's peer,
-  recvfrom's source, recvmsg's msg_name), write it into this CPU's perf ring
-  with bpf_perf_event_output and unmark it. A record of one name
+  recvfrom's source, recvmsg's msg_name), write it into this CPU's ring and
+  unmark it. A record of one name
   (``name_len`` in its layout) has that name read again here when the read at
   entry failed (and then filtered), and is written only up to the name's end.
 
@@ -33,14 +33,22 @@ empty and passes the enter's name filter. A record of one name has it read
 again at exit, when the kernel has faulted it in, and filtered there; a name
 still unreadable is kept unfiltered (the filter only widens).
 
+The output is this CPU's BPF ring buffer (bpf_ringbuf_output, Linux 5.8), or
+on older kernels this CPU's perf ring (bpf_perf_event_output). A ring buffer
+record carries its own time and pid_tgid: every record is built behind a
+16-byte prefix (``rec.PREFIX_SIZE``) that the exit program fills just before
+the output. Perf output costs about 350 ns a record against 25 for the ring
+buffer (measured here: docs/INTERNALS.md), and writes time, pid and CPU itself.
+
 Every record that passed the filters and still does not reach the ring is
 counted in the per-CPU counters map (:mod:`c8.collectors.bpf.losses`): a failed
-bpf_perf_event_output, a record that could not be saved (no task storage to
+output (a full ring buffer included), a record that could not be saved (no task storage to
 be had, the pending HASH full), a saved record whose exit never came.
 
-Register conventions: r6 ctx, r8 record, r9 filter config (enter programs).
+Register conventions: r6 ctx, r8 record (``PREFIX`` bytes into its map value),
+r9 filter config (enter programs).
 Stack: fp-8 u32 zero key, fp-16 pid_tgid, fp-24 tgid, fp-48..fp-33 scratch,
-fp-56 u32 counter key.
+fp-56 u32 counter key, fp-64 u32 cpu (the ring's key).
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ from c8.collectors.bpf.asm import (
     GET_CURRENT_TASK,
     GET_CURRENT_TASK_BTF,
     GET_CURRENT_UID_GID,
+    GET_SMP_PROCESSOR_ID,
+    KTIME_GET_NS,
     LOCAL_STORAGE_GET_F_CREATE,
     MAP_DELETE_ELEM,
     MAP_LOOKUP_ELEM,
@@ -79,6 +89,7 @@ from c8.collectors.bpf.asm import (
     R7,
     R8,
     R9,
+    RINGBUF_OUTPUT,
     SIZE_OF,
     TASK_STORAGE_GET,
     B,
@@ -95,7 +106,8 @@ MAX_ARGS = 64
 # (perf record, another tracer) tracing the same tracepoint while c8 runs.
 KEEP_EVENT = 1
 
-KEY0, PID_TGID, TGID, TMP, COUNTER_KEY = -8, -16, -24, -48, -56
+KEY0, PID_TGID, TGID, TMP, COUNTER_KEY, RING_KEY = -8, -16, -24, -48, -56, -64
+PREFIX = rec.PREFIX_SIZE
 
 
 def arg(i: int) -> int:
@@ -237,22 +249,29 @@ def family_names() -> list[str]:
 
 
 def scratch_size(family: str) -> int:
-    """Per-CPU scratch bytes: the record, plus slack for exec's bounded argv writes."""
+    """Bytes of the map value a record is built in: the ring buffer prefix, the
+    record, plus slack for exec's bounded argv writes."""
     dt = rec.RECORDS[family][1]
-    return dt.itemsize + (rec.ARGV_LEN if family == "exec" else 0)
+    return PREFIX + dt.itemsize + (rec.ARGV_LEN if family == "exec" else 0)
+
+
+def pending_size(family: str) -> int:
+    """Bytes of a pending HASH value (the HASH form): the prefix and the record."""
+    return PREFIX + rec.RECORDS[family][1].itemsize
 
 
 @dataclass
 class MapFds:
     """The maps one family's programs use."""
 
-    perf: int
+    output: int  # per CPU: ARRAY_OF_MAPS of ring buffers (ringbuf), else PERF_EVENT_ARRAY
     pending: int  # TASK_STORAGE (per_task) or HASH pid_tgid -> record
     scratch: int  # PERCPU_ARRAY the record is built in (the HASH form; -1 per task)
     config: int
     ignore: int
     counters: int  # the sensor's PERCPU_ARRAY of loss counters (losses.ENTRIES u64)
     per_task: bool = False
+    ringbuf: bool = True
 
 
 # -- building blocks ----------------------------------------------------------
@@ -275,18 +294,20 @@ def _count(p: Program, maps: MapFds, family: str, counter: int, done: str) -> No
     p.movi(R1, 1).atomic_add(DW, R0, 0, R1)
 
 
-ENOSPC = 28
+ENOSPC, ENOENT = 28, 2
+RB_NO_WAKEUP = 1  # bpf_ringbuf_output flags
 
 
 def _count_failure(p: Program, maps: MapFds, family: str, counter: int, ok: str) -> None:
     """Unless r0 == 0 (the helper just called succeeded): :func:`_count`; go on at ``ok``.
 
-    For an output, -ENOSPC is a full ring: the kernel counts that record itself and
-    reports it in the ring as PERF_RECORD_LOST (source kernel), so it is not counted
-    again here.
+    For a perf output, -ENOSPC is a full ring: the kernel counts that record itself
+    and reports it in the ring as PERF_RECORD_LOST (source kernel), so it is not
+    counted again here. A full ring buffer (-EAGAIN) is counted here: the kernel
+    keeps no count of it.
     """
     p.jmp("jeq", R0, None, 0, ok)
-    if counter == losses.OUTPUT:
+    if counter == losses.OUTPUT and not maps.ringbuf:
         p.jmp("jeq", R0, None, -ENOSPC, ok)
     _count(p, maps, family, counter, ok)
 
@@ -415,7 +436,7 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
         p.label(got)
     else:
         _lookup(p, maps.scratch, KEY0, out)
-    p.mov(R8, R0)
+    p.mov(R8, R0).addi(R8, PREFIX)
     _zero(p, R8, dt.itemsize)  # tag 0: not pending until the record is complete
     _header(p, None if maps.per_task else tag, nr_from_ctx=True)
     # uid equality (r0 = uid_gid from _header)
@@ -493,7 +514,8 @@ def enter_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     if maps.per_task:
         p.st(W, R8, 0, tag)  # pending: the exit outputs it
     else:
-        p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).mov(R3, R8).movi(R4, BPF_ANY)
+        p.ld_map_fd(R1, maps.pending).mov(R2, FP).addi(R2, PID_TGID).mov(R3, R8).addi(R3, -PREFIX)
+        p.movi(R4, BPF_ANY)
         p.call(MAP_UPDATE_ELEM)
         _count_failure(p, maps, family, losses.UPDATE, drop)
     p.label(drop)
@@ -521,24 +543,45 @@ def _read_name_again(p: Program, dt: np.dtype, done: str) -> None:
     _store_name_len(p, dt)  # then on at ``done``, defined by the caller next
 
 
-def _output(p: Program, perf_fd: int, size: int | tuple[np.dtype, str]) -> None:
-    """bpf_perf_event_output(ctx=r6, perf map, BPF_F_CURRENT_CPU, r8, size). A size
-    (dtype, field) is the record up to that string field plus its bytes (name_len)."""
-    p.mov(R1, R6).ld_map_fd(R2, perf_fd).ld_imm64(R3, BPF_F_CURRENT_CPU).mov(R4, R8)
+def _output(p: Program, maps: MapFds, size: int | tuple[np.dtype, str]) -> None:
+    """Write the record at r8 to this CPU's ring; r0 = the helper's result (0: written).
+
+    A size (dtype, field) is the record up to that string field plus its bytes
+    (name_len). Ring buffer records get their time and pid_tgid in the prefix
+    before r8; a CPU without a ring in the array gives -ENOENT, as an empty
+    PERF_EVENT_ARRAY slot does. Clobbers r1-r5, r9.
+    """
     if isinstance(size, int):
-        p.movi(R5, size)
+        p.movi(R9, size)
     else:
         dt, name = size
         ok, fits = p.fresh("size"), p.fresh("fits")
-        p.ldx(W, R5, R8, rec.offset(dt, "name_len")).jmp("jle", R5, None, rec.size(dt, name), ok)
-        p.movi(R5, rec.size(dt, name))  # bounds the verifier can see
+        p.ldx(W, R9, R8, rec.offset(dt, "name_len")).jmp("jle", R9, None, rec.size(dt, name), ok)
+        p.movi(R9, rec.size(dt, name))  # bounds the verifier can see
         p.label(ok)
-        # Up to where the kernel would pad (raw data plus its u32 size fill whole u64s):
-        # it pads with whatever the ring held before, so the record's own zeros go there.
-        p.addi(R5, rec.offset(dt, name) + 4 + 7).andi(R5, -8).addi(R5, -4)
-        p.jmp("jle", R5, None, dt.itemsize, fits).movi(R5, dt.itemsize)
+        # Up to where the perf ring would pad (raw data plus its u32 size fill whole
+        # u64s): it pads with whatever the ring held before, so the record's own
+        # zeros go there.
+        p.addi(R9, rec.offset(dt, name) + 4 + 7).andi(R9, -8).addi(R9, -4)
+        p.jmp("jle", R9, None, dt.itemsize, fits).movi(R9, dt.itemsize)
         p.label(fits)
-    p.call(PERF_EVENT_OUTPUT)
+    if not maps.ringbuf:
+        p.mov(R1, R6).ld_map_fd(R2, maps.output).ld_imm64(R3, BPF_F_CURRENT_CPU).mov(R4, R8)
+        p.mov(R5, R9).call(PERF_EVENT_OUTPUT)
+        return
+    done, ring = p.fresh("ring_none"), p.fresh("ring")
+    p.call(KTIME_GET_NS).stx(DW, R8, -PREFIX, R0)
+    p.call(GET_CURRENT_PID_TGID).stx(DW, R8, 8 - PREFIX, R0)
+    p.call(GET_SMP_PROCESSOR_ID).stx(W, FP, RING_KEY, R0)
+    p.ld_map_fd(R1, maps.output).mov(R2, FP).addi(R2, RING_KEY).call(MAP_LOOKUP_ELEM)
+    p.jmp("jne", R0, None, 0, ring)
+    p.movi(R0, -ENOENT).ja(done)
+    p.label(ring)
+    # No wakeup: collectors read their rings on a timer (c8.collectors.main.POLL_MS),
+    # as they read perf rings below their wakeup watermark; a wakeup costs an irq_work.
+    p.mov(R1, R0).mov(R2, R8).addi(R2, -PREFIX).mov(R3, R9).addi(R3, PREFIX).movi(R4, RB_NO_WAKEUP)
+    p.call(RINGBUF_OUTPUT)
+    p.label(done)
 
 
 def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
@@ -549,7 +592,7 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
     if maps.per_task:
         _task_record(p, maps, create=False)
         p.jmp("jeq", R0, None, 0, "out")
-        p.mov(R8, R0)
+        p.mov(R8, R0).addi(R8, PREFIX)
         p.ldx(W, R1, R8, 0).jmp("jne", R1, None, tag, "out", wide=False)  # nothing pending
     else:
         p.call(GET_CURRENT_PID_TGID)
@@ -557,7 +600,7 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
             _process_key(p, R0)
         p.stx(DW, FP, PID_TGID, R0)
         _lookup(p, maps.pending, PID_TGID, "out")
-        p.mov(R8, R0)
+        p.mov(R8, R0).addi(R8, PREFIX)
     # An entry left by another syscall of the family (missed exit): drop it, counted.
     # A successful execveat returns through sys_exit_execve (measured on 6.18: the exit
     # reports nr 59), so an execveat record ends there too: fexecve of a memfd (a
@@ -592,7 +635,7 @@ def exit_program(family: str, sc: Syscall, maps: MapFds) -> Program:
             p.mov(R9, R0)
             _name_filter(p, [rec.offset(dt, "filename")], "emit", "delete")
     p.label("emit")
-    _output(p, maps.perf, (dt, "filename") if "name_len" in dt.names else dt.itemsize)
+    _output(p, maps, (dt, "filename") if "name_len" in dt.names else dt.itemsize)
     _count_failure(p, maps, family, losses.OUTPUT, "delete")
     p.ja("delete")
     p.label("stale")
@@ -615,7 +658,7 @@ def sched_exit_program(maps: MapFds, exit_code_offset: int, group_dead_offset: i
     _ignore_check(p, maps.ignore, "out")
     p.st(W, FP, KEY0, 0)
     _lookup(p, maps.scratch, KEY0, "out")
-    p.mov(R8, R0)
+    p.mov(R8, R0).addi(R8, PREFIX)
     _zero(p, R8, dt.itemsize)
     _header(p, tag, nr_from_ctx=False)
     p.mov(R1, R7).rshi(R1, 32).stx(W, R8, rec.offset(dt, "tgid"), R1)
@@ -623,7 +666,7 @@ def sched_exit_program(maps: MapFds, exit_code_offset: int, group_dead_offset: i
     p.ldx(B, R1, R6, group_dead_offset).stx(B, R8, rec.offset(dt, "group_dead"), R1)
     p.call(GET_CURRENT_TASK).mov(R3, R0).addi(R3, exit_code_offset)
     p.mov(R1, R8).addi(R1, rec.offset(dt, "exit_code")).movi(R2, 4).call(PROBE_READ_KERNEL)
-    _output(p, maps.perf, dt.itemsize)
+    _output(p, maps, dt.itemsize)
     _count_failure(p, maps, EXIT_FAMILY, losses.OUTPUT, "out")
     p.label("out")
     p.movi(R0, KEEP_EVENT).exit()

@@ -24,6 +24,12 @@ TAG_BASE = 0xC8B00000
 HEADER = [("tag", "<u4"), ("nr", "<i4"), ("uid", "<u4"), ("gid", "<u4"), ("ret", "<i8")]
 HEADER_SIZE = 24
 
+# Before each record in its map value, and before it in a BPF ring buffer: the
+# time (CLOCK_MONOTONIC ns, as perf samples have it) and pid_tgid of the output,
+# which a perf ring's sample header carries instead.
+PREFIX = [("time", "<u8"), ("pid_tgid", "<u8")]
+PREFIX_SIZE = 16
+
 
 def _dtype(fields: list[tuple]) -> np.dtype:
     dt = np.dtype(HEADER + fields, align=True)
@@ -97,6 +103,8 @@ def _register() -> None:
         register = decode.register_bpf_record
     except (ImportError, AttributeError):
         return
+    if decode.PREFIX_SIZE != PREFIX_SIZE:
+        raise AssertionError("the decoder's ring buffer prefix differs from the programs'")
     for name, (tag, dt) in RECORDS.items():
         register(tag, name, dt)
 

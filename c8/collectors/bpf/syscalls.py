@@ -28,6 +28,8 @@ MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERF_EVENT_ARRAY = 4
 MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_ARRAY_OF_MAPS = 12
+MAP_TYPE_RINGBUF = 27
 MAP_TYPE_TASK_STORAGE = 29
 
 F_NO_PREALLOC = 1  # map_flags
@@ -78,11 +80,14 @@ def _name(name: str) -> bytes:
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               name: str = "", flags: int = 0, btf: tuple[int, int, int] | None = None) -> int:
+               name: str = "", flags: int = 0, btf: tuple[int, int, int] | None = None,
+               inner_map_fd: int = 0) -> int:
     """Create a map; returns its fd (close-on-exec, as every bpf fd is). ``btf``:
-    (BTF fd, key type id, value type id), which some map types require."""
+    (BTF fd, key type id, value type id), which some map types require;
+    ``inner_map_fd``: the template of a map of maps' values."""
     attr = ctypes.create_string_buffer(ATTR_SIZE)
-    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
+    struct.pack_into("<IIIIII", attr, 0, map_type, key_size, value_size, max_entries, flags,
+                     inner_map_fd)
     # inner_map_fd u32 @20, numa_node u32 @24, map_name[16] @28
     attr[28:28 + len(_name(name))] = _name(name)
     if btf is not None:  # btf_fd @48, btf_key_type_id @52, btf_value_type_id @56
