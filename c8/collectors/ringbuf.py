@@ -39,11 +39,15 @@ class RingBuffer:
         self.fd = fd
         self.size = size
         page = mmap.PAGESIZE
-        self._cons_mm = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         try:
-            self._prod_mm = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            self._cons_mm = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            try:
+                self._prod_mm = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            except BaseException:
+                self._cons_mm.close()
+                raise
         except BaseException:
-            self._cons_mm.close()
+            os.close(fd)
             raise
         self._cons = ctypes.c_uint64.from_buffer(self._cons_mm, 0)
         self._prod = np.frombuffer(self._prod_mm, np.uint64, count=1, offset=0)
@@ -63,6 +67,7 @@ class RingBuffer:
         n = prod - cons
         if n <= 0:
             return self.linear[:0], _EMPTY, _EMPTY
+        n = min(n, self.size)  # the kernel never lets it exceed the ring
         start = cons & (self.size - 1)
         buf = self.linear[:n]
         buf[:] = self.data[start:start + n]  # the second mapping holds the wrap

@@ -85,3 +85,35 @@ def test_records_built_to_mimic_a_chain_inside_a_payload_are_not_taken():
     starts, lengths, used = ringbuf.walk(buf, 0, size)
     assert starts.tolist() == [HEADER, 2 * HEADER + len(inner)] and lengths.tolist() == [len(inner), 24]
     assert used == len(buf)
+
+
+def test_records_decode_with_the_time_and_thread_the_program_wrote():
+    """What the exit program writes (time, pid_tgid, then an open record cut after
+    its name) decodes to the same columns a perf sample gives; a record too short
+    to hold the prefix is counted, not decoded."""
+    from c8.collectors.bpf import records
+    from c8.collectors.decode import Decoder
+
+    tag, dt = records.RECORDS["open"]
+    size = 1 << PAGE_SHIFT
+    out = bytearray()
+    names = [b"/etc/passwd", b"/tmp/" + b"x" * 100, b"/"]
+    for i, name in enumerate(names):
+        rec = np.zeros(1, dt)
+        rec["tag"], rec["nr"], rec["uid"], rec["ret"] = tag, 257, 1000 + i, 3 + i
+        rec["dirfd"], rec["flags"], rec["filename"], rec["name_len"] = -100, 0o2000000, name, len(name) + 1
+        body = (10**9 + i).to_bytes(8, "little") + ((4000 << 32) | (4000 + i)).to_bytes(8, "little") \
+            + rec.tobytes()[: records.offset(dt, "filename") + len(name) + 1]
+        out += _header(size, len(out), len(body)).to_bytes(8, "little") + body.ljust((len(body) + 7) & ~7, b"\xee")
+    out += _header(size, len(out), 8).to_bytes(8, "little") + bytes(8)  # not one of the programs'
+    buf = np.frombuffer(bytes(out), np.uint8)
+    starts, lengths, used = ringbuf.walk(buf, 0, size)
+    assert used == len(buf) and len(starts) == 4
+    dec = Decoder()
+    [(source, arr)] = dec.decode_ringbuf(buf, starts, lengths, cpu=1)
+    assert source == "bpf:open" and dec.unknown_bpf == 1
+    assert arr["time"].tolist() == [10**9, 10**9 + 1, 10**9 + 2]
+    assert arr["pid"].tolist() == [4000] * 3 and arr["tid"].tolist() == [4000, 4001, 4002]
+    assert arr["cpu"].tolist() == [1] * 3 and arr["uid"].tolist() == [1000, 1001, 1002]
+    assert arr["filename"].tolist() == names and arr["ret"].tolist() == [3, 4, 5]
+    assert arr["flags"].tolist() == [0o2000000] * 3 and arr["dirfd"].tolist() == [-100] * 3

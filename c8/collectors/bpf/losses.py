@@ -4,10 +4,11 @@ The programs of every family share one PERCPU_ARRAY of u64 counters
 (:func:`c8.collectors.bpf.maps.create_counters`); entry ``index(family, counter)``
 counts, on each CPU, the records of that family that never reached a ring:
 
-- ``output``: bpf_perf_event_output failed: the CPU's PERF_EVENT_ARRAY slot is
-  empty (-ENOENT) or its BPF-output event is not enabled there. A full ring
-  (-ENOSPC) is not counted: the kernel writes PERF_RECORD_LOST into the ring for
-  that record, reported with source ``kernel``;
+- ``output``: the output failed: the CPU has no ring buffer in the output array
+  (-ENOENT), its ring buffer is full (-EAGAIN), or (perf output) its
+  PERF_EVENT_ARRAY slot is empty or its BPF-output event is not enabled there.
+  A full perf ring (-ENOSPC) is not counted: the kernel writes PERF_RECORD_LOST
+  into the ring for that record, reported with source ``kernel``;
 - ``update``: a syscall's record had nowhere to wait for its exit: the kernel
   gave no task storage for the thread (out of memory, or another program of
   the sensor held this CPU's storage lock), or, on kernels without it, the
