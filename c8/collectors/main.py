@@ -524,6 +524,7 @@ class Collector:
                 "errors": dict(self.state.errors), "bpf": self.state.bpf,
                 "probes": self.state.probes, "generation": self.state.generation,
                 "unknown_samples": self.decoder.unknown, "unknown_bpf": self.decoder.unknown_bpf,
+                "bpf_output": self.bpf_output.kind if self.bpf_output is not None else None,
                 "ebpf_lost": self.bpf_mgr.loss_totals if self.bpf_mgr is not None else {}}
 
     def _kernel_lost(self, sources: list[Source] | None = None) -> int | None:

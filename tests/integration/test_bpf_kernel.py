@@ -983,6 +983,8 @@ def test_subscriber_hears_of_output_failures(tmp_path):
     try:
         spec = {"events": {"file": {"filter": f'filename like "{files}/*"'}}}
         with sensor.client.subscribe(spec) as sub:
+            # every collector says where its CPU's records go (c8ctl status)
+            assert {c.get("bpf_output") for c in sensor.status()["collectors"].values()} == {RINGBUF}
             out = fetch_output(sensor.run_dir, CPU)
             try:
                 assert maps.ring_array_clear(out.fd, CPU)  # the collector of CPU still holds its ring
