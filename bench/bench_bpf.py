@@ -74,10 +74,10 @@ def _under(per_task: bool, output: str, rate: float, seconds: float) -> dict:
         reader = threading.Thread(target=drain, daemon=True)
         try:
             if output == RINGBUF:
-                maps.ring_array_set(m.map_fd, c.STORM_CPU, fd)
+                maps.output_set(m.map_fd, c.STORM_CPU, fd)
             else:
                 perf.enable(fd)
-                maps.perf_array_set(m.map_fd, c.STORM_CPU, fd)
+                maps.output_set(m.map_fd, c.STORM_CPU, fd)
             st = m.apply({"open": {"filter": {"prefixes": ["/tmp/c8open"], "ignore_tgids": [os.getpid()]}}})
             if not st["open"]["loaded"]:
                 raise RuntimeError(st["open"]["error"])

@@ -57,7 +57,7 @@ def measure(execs: int, baseline: bool) -> dict:
         dec = Decoder(256)
         dec.add_bpf_output(perf.event_id(fd))
         perf.enable(fd)
-        maps.perf_array_set(mgr.map_fd, CPU, fd)
+        maps.output_set(mgr.map_fd, CPU, fd)
         pids: set[int] = set()
         arrays, raw_bytes = [], 0
         try:
@@ -70,7 +70,7 @@ def measure(execs: int, baseline: bool) -> dict:
                 raw_bytes += _raw_bytes(buf, recs.samples, pids)
                 arrays += [a for src, a in dec.decode(buf, recs.samples) if src == "bpf:open"]
         finally:
-            maps.perf_array_clear(mgr.map_fd, CPU)
+            maps.output_clear(mgr.map_fd, CPU)
             r.close()
             os.close(fd)
             mgr.close()

@@ -16,6 +16,7 @@ carries on.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import struct
@@ -340,8 +341,8 @@ class Collector:
             if not programs and BPF_OUTPUT in self.sources:
                 self._close(BPF_OUTPUT)
                 if self.bpf_output is not None:
-                    from c8.collectors.bpf.maps import perf_array_clear
-                    perf_array_clear(self.bpf_output.fd, self.cpu)
+                    from c8.collectors.bpf.maps import output_clear
+                    output_clear(self.bpf_output.fd, self.cpu)
             if not programs:
                 self._close_bpf_ring()
             self.state.errors.pop("bpf", None)
@@ -372,8 +373,9 @@ class Collector:
             else:
                 self.bpf_output = manager.fetch_output(self.run_dir, self.cpu)
         if self.bpf_output.kind == manager.RINGBUF:
-            if self.bpf_ring is None:
-                self.bpf_ring = ringbuf.RingBuffer(os.dup(self.bpf_output.ring), self.bpf_output.ring_size)
+            if self.bpf_ring is None:  # it takes the ring's fd (the reader closes it)
+                self.bpf_ring = ringbuf.RingBuffer(self.bpf_output.ring, self.bpf_output.ring_size)
+                self.bpf_output = dataclasses.replace(self.bpf_output, ring=-1)
             self._plug_ring(self.state.enabled)
             return
         if BPF_OUTPUT in self.sources:
@@ -385,7 +387,7 @@ class Collector:
             src = Source(BPF_OUTPUT, fd, perf.event_id(fd, BPF_OUTPUT))
             self.decoder.add_bpf_output(src.sample_id)
             self._set_enabled(src, self.state.enabled)
-            maps.perf_array_set(self.bpf_output.fd, self.cpu, fd)
+            maps.output_set(self.bpf_output.fd, self.cpu, fd)
         except Exception:
             if src is not None:
                 self.decoder.remove(src.sample_id)
@@ -401,9 +403,9 @@ class Collector:
         from c8.collectors.bpf import maps
         try:
             if on:
-                maps.ring_array_set(self.bpf_output.fd, self.cpu, self.bpf_ring.fd)
+                maps.output_set(self.bpf_output.fd, self.cpu, self.bpf_ring.fd)
             else:
-                maps.ring_array_clear(self.bpf_output.fd, self.cpu)
+                maps.output_clear(self.bpf_output.fd, self.cpu)
             self.bpf_ring_plugged = on
         except OSError as exc:
             self._error("bpf", f"ring buffer cpu{self.cpu}: {exc}")
@@ -416,7 +418,8 @@ class Collector:
             self.bpf_output = None
 
     def _close_bpf_ring(self) -> None:
-        """Unplug this CPU's ring buffer, ship what it holds, free it."""
+        """Unplug this CPU's ring buffer, ship what it holds, free it (and the output
+        map's fd)."""
         if self.bpf_ring is None:
             return
         self._plug_ring(False)
@@ -426,6 +429,7 @@ class Collector:
             log(f"ring buffer cpu{self.cpu}: {type(exc).__name__}: {exc}")
         self.bpf_ring.close()
         self.bpf_ring, self.bpf_ring_plugged = None, False
+        self._close_bpf_output()  # the next plug asks for the ring again
 
     # ---- data ------------------------------------------------------------
     def _send(self, header: dict, arr: np.ndarray | None = None) -> bool:

@@ -62,10 +62,10 @@ class Ring:
         self.plug()
 
     def plug(self) -> None:
-        maps.perf_array_set(self.output, self.cpu, self.fd)
+        maps.output_set(self.output, self.cpu, self.fd)
 
     def unplug(self) -> bool:
-        return maps.perf_array_clear(self.output, self.cpu)
+        return maps.output_clear(self.output, self.cpu)
 
     def read(self) -> list[tuple[int, int, bytes]]:
         """(pid, tid, raw bytes) of every new sample."""
@@ -111,10 +111,10 @@ class RingBuffer:
         self.plug()
 
     def plug(self) -> None:
-        maps.ring_array_set(self.output, self.cpu, self.fd)
+        maps.output_set(self.output, self.cpu, self.fd)
 
     def unplug(self) -> bool:
-        return maps.ring_array_clear(self.output, self.cpu)
+        return maps.output_clear(self.output, self.cpu)
 
     def read(self) -> list[tuple[int, int, bytes]]:
         """(pid, tid, record bytes) of every new record."""
@@ -663,11 +663,11 @@ def test_serve_hands_out_the_output_of_a_cpu(manager):
         # the same map: an entry set through the received fd is visible through the owner's
         if out.kind == RINGBUF:
             assert os.readlink(f"/proc/self/fd/{out.ring}") == "anon_inode:bpf-map"
-            maps.ring_array_set(out.fd, 0, out.ring)
-            assert maps.ring_array_clear(manager.map_fd, 0)
+            maps.output_set(out.fd, 0, out.ring)
+            assert maps.output_clear(manager.map_fd, 0)
         else:
             r = Ring(0, out.fd)
-            assert r.unplug() and not maps.perf_array_clear(manager.map_fd, 0)
+            assert r.unplug() and not maps.output_clear(manager.map_fd, 0)
             r.close()
     finally:
         for fd in (out.fd, out.ring):
@@ -987,7 +987,7 @@ def test_subscriber_hears_of_output_failures(tmp_path):
             assert {c.get("bpf_output") for c in sensor.status()["collectors"].values()} == {RINGBUF}
             out = fetch_output(sensor.run_dir, CPU)
             try:
-                assert maps.ring_array_clear(out.fd, CPU)  # the collector of CPU still holds its ring
+                assert maps.output_clear(out.fd, CPU)  # the collector of CPU still holds its ring
             finally:
                 os.close(out.fd)
                 os.close(out.ring)
@@ -1144,7 +1144,7 @@ def test_the_collectors_ring_reader_follows_a_small_ring_round_and_round(tmp_pat
         assert st["open"]["loaded"], st
         out = m.output_for(CPU)
         rb = ringbuf.RingBuffer(out.ring, size)
-        maps.ring_array_set(out.fd, CPU, out.ring)
+        maps.output_set(out.fd, CPU, out.ring)
         dec = Decoder()
         names, tids, through = [], set(), 0
         try:

@@ -12,8 +12,8 @@ has them (5.8), else a PERF_EVENT_ARRAY (:class:`Output`). The manager makes
 every CPU's ring buffer (creating a map takes CAP_BPF, which only collector
 cpu0 keeps). Collectors get the output map, and their CPU's ring buffer, over
 ``bpf.sock`` (:meth:`BpfManager.serve`, :func:`fetch_output`) and store that
-ring in it (:func:`c8.collectors.bpf.maps.ring_array_set`), or on older
-kernels their CPU's BPF-output perf event (:func:`c8.collectors.bpf.maps.perf_array_set`).
+ring in it (:func:`c8.collectors.bpf.maps.output_set`), or on older
+kernels their CPU's BPF-output perf event (:func:`c8.collectors.bpf.maps.output_set`).
 
 Tracepoint events for attachment come from :mod:`c8.collectors.tracefs` and
 :mod:`c8.collectors.perf`: one event per tracepoint on one CPU with

@@ -2,9 +2,9 @@
 
 - The programs' output, one per sensor, sized to the possible CPUs: an
   ARRAY_OF_MAPS (cpu -> BPF ring buffer, Linux 5.8) where each collector stores
-  its CPU's ring (:func:`ring_array_set`), or on older kernels a
+  its CPU's ring (:func:`output_set`), or on older kernels a
   PERF_EVENT_ARRAY (cpu -> BPF-output perf fd) where it stores its perf ring's
-  event (:func:`perf_array_set`).
+  event (:func:`output_set`).
 - TASK_STORAGE: each thread's record of the syscall it is in, between its
   enter and its exit (kernels with task storage for tracepoint programs: 6.x).
   Elsewhere a HASH keyed by pid_tgid holds them, built in a PERCPU_ARRAY of one
@@ -43,13 +43,15 @@ def create_perf_array(n_cpus: int | None = None, name: str = "c8_events") -> int
     return sc.map_create(sc.MAP_TYPE_PERF_EVENT_ARRAY, 4, 4, n, name)
 
 
-def perf_array_set(map_fd: int, cpu: int, perf_fd: int) -> None:
-    """Make ``perf_fd`` (a PERF_COUNT_SW_BPF_OUTPUT event on ``cpu``) the output of ``cpu``."""
-    sc.map_update(map_fd, struct.pack("<I", cpu), struct.pack("<I", perf_fd))
+def output_set(map_fd: int, cpu: int, fd: int) -> None:
+    """Make ``fd`` the output of ``cpu`` in an output map: a ring buffer in the ring
+    array, or a PERF_COUNT_SW_BPF_OUTPUT event on ``cpu`` in a PERF_EVENT_ARRAY."""
+    sc.map_update(map_fd, struct.pack("<I", cpu), struct.pack("<I", fd))
 
 
-def perf_array_clear(map_fd: int, cpu: int) -> bool:
-    """Remove ``cpu``'s output; records of that CPU are then dropped in the kernel."""
+def output_clear(map_fd: int, cpu: int) -> bool:
+    """Remove ``cpu``'s output; the programs' records on that CPU then fail their
+    output, counted (False: there was none)."""
     return sc.map_delete(map_fd, struct.pack("<I", cpu))
 
 
@@ -68,16 +70,6 @@ def create_ring_array(ring_size: int, n_cpus: int | None = None, name: str = "c8
                              inner_map_fd=template)
     finally:
         os.close(template)  # the outer map keeps what it needs of it
-
-
-def ring_array_set(map_fd: int, cpu: int, ring_fd: int) -> None:
-    """Make the ring buffer ``ring_fd`` the output of ``cpu``."""
-    sc.map_update(map_fd, struct.pack("<I", cpu), struct.pack("<I", ring_fd))
-
-
-def ring_array_clear(map_fd: int, cpu: int) -> bool:
-    """Remove ``cpu``'s ring; records of that CPU then fail their output (counted)."""
-    return sc.map_delete(map_fd, struct.pack("<I", cpu))
 
 
 def create_pending(value_size: int, name: str) -> int:
