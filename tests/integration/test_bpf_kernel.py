@@ -43,7 +43,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-class Ring:
+class _Output:
+    """A ring of ``cpu`` plugged into (and out of) the programs' ``output`` map."""
+
+    cpu: int
+    output: int
+    fd: int
+
+    def plug(self) -> None:
+        maps.output_set(self.output, self.cpu, self.fd)
+
+    def unplug(self) -> bool:
+        return maps.output_clear(self.output, self.cpu)
+
+
+class Ring(_Output):
     """A PERF_COUNT_SW_BPF_OUTPUT event on one CPU with its mmap ring (TID | RAW samples)."""
 
     def __init__(self, cpu: int, output: int):
@@ -60,12 +74,6 @@ class Ring:
         self.mm = mmap.mmap(self.fd, (PAGES + 1) * mmap.PAGESIZE)
         self.lost = 0
         self.plug()
-
-    def plug(self) -> None:
-        maps.output_set(self.output, self.cpu, self.fd)
-
-    def unplug(self) -> bool:
-        return maps.output_clear(self.output, self.cpu)
 
     def read(self) -> list[tuple[int, int, bytes]]:
         """(pid, tid, raw bytes) of every new sample."""
@@ -95,7 +103,7 @@ class Ring:
         os.close(self.fd)
 
 
-class RingBuffer:
+class RingBuffer(_Output):
     """The manager's BPF ring buffer of one CPU, plugged into its output array,
     walked one record at a time: (header len/flags u32, pg_off u32, then the
     record: time u64, pid_tgid u64, the layout of its tag)."""
@@ -109,12 +117,6 @@ class RingBuffer:
         self.lost = 0
         self.times: list[int] = []
         self.plug()
-
-    def plug(self) -> None:
-        maps.output_set(self.output, self.cpu, self.fd)
-
-    def unplug(self) -> bool:
-        return maps.output_clear(self.output, self.cpu)
 
     def read(self) -> list[tuple[int, int, bytes]]:
         """(pid, tid, record bytes) of every new record."""
